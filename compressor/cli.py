@@ -1,0 +1,187 @@
+"""The ``compress`` command.
+
+    compress MODEL --recipe RECIPE [--out DIR] ...   run a recipe (same as ``compress run``)
+    compress validate RECIPE                          check a recipe without running it
+    compress passes | targets                         list what exists, with config fields
+    compress demo                                     train a small model on bundled data, compress it
+
+Bad input ends with one line on stderr and exit code 2; a missed acceptance limit exits 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import CompressorError
+
+
+class _DefaultToRun(click.Group):
+    """``compress model.pt --recipe r.yaml`` means ``compress run model.pt --recipe r.yaml``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_DefaultToRun, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="compressor")
+def cli() -> None:
+    """compressor: compress trained image classifiers and prove it (accuracy, latency, size)."""
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(show_path=False)], force=True)
+    for noisy in ("nncf", "torch", "onnxscript", "onnx_ir"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path), required=False)
+@click.option("--recipe", "-r", required=True, help="recipe file, or the name of a shipped recipe")
+@click.option("--out", "-o", type=click.Path(path_type=Path), help="output directory [compress-out/MODEL-RECIPE]")
+@click.option("--arch", help="architecture of a state dict, e.g. torchvision:resnet50")
+@click.option("--num-classes", type=int, help="class count for --arch")
+@click.option("--trust-model", is_flag=True, help="allow loading a pickled nn.Module (runs code from the file)")
+@click.option("--data", "data_root", help="data directory (overrides the recipe's data.root)")
+@click.option("--threads", type=int, help="threads for every runtime [all cores]")
+@click.option("--eval-limit", type=int, help="evaluate on a class-balanced subset of this many images")
+@click.option("--no-cache", is_flag=True, help="run every pass even if a cached output exists")
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="pass cache [~/.cache/compressor/passes]")
+@click.option("--quiet", "-q", is_flag=True, help="no progress display")
+@click.option("--verbose", "-v", count=True, help="log more (-vv for debug)")
+def run(model: Path | None, recipe: str, out: Path | None, arch: str | None, num_classes: int | None,
+        trust_model: bool, data_root: str | None, threads: int | None, eval_limit: int | None, no_cache: bool,
+        cache_dir: Path | None, quiet: bool, verbose: int) -> int:
+    """Compress MODEL with RECIPE: passes, engines, measurements, report."""
+    from .hooks import ProgressHook
+    from .job import JobOptions, run_job
+    from .recipe import load_recipe
+    from .report import print_table
+
+    _setup_logging(verbose)
+    rec, rec_path = load_recipe(recipe)
+    model = model or (Path(rec.model.path) if rec.model.path else None)
+    if model is None:
+        raise click.UsageError("give a MODEL file (or model.path in the recipe)")
+    for name, value in (("--threads", threads), ("--eval-limit", eval_limit), ("--num-classes", num_classes)):
+        if value is not None and value < 1:
+            raise click.BadParameter(f"must be at least 1, got {value}", param_hint=name)
+    hooks = [] if quiet else [ProgressHook()]
+    options = JobOptions(out_dir=out, arch=arch, num_classes=num_classes, trust_model=trust_model,
+                         data_root=data_root, threads=threads, eval_limit=eval_limit, cache_dir=cache_dir,
+                         use_cache=not no_cache, hooks=hooks)
+    job = run_job(model, rec, rec_path, options)
+    print_table(job.report)
+    click.echo(f"wrote {job.out_dir}/report.md, {job.out_dir}/report.json and {len(job.report['engines'])} engine(s)")
+    return job.exit_code
+
+
+@cli.command()
+@click.argument("recipe")
+def validate(recipe: str) -> int:
+    """Check a recipe: schema, pass/target configs and the chain of forms."""
+    from .job import guess_form
+    from .recipe import load_recipe
+
+    rec, path = load_recipe(recipe)
+    form = guess_form(Path(rec.model.path)) if rec.model.path else None
+    from .artifact import Form
+
+    forms = rec.check(form or Form.TORCH)
+    chain = " -> ".join(f.value for f in forms)
+    steps = ", ".join(p.name for p in rec.build_passes()) or "none"
+    tgts = ", ".join(t.name for t in rec.build_targets())
+    click.echo(f"ok: {path} ({rec.name}): passes {steps}; targets {tgts}; forms {chain}")
+    return 0
+
+
+def _fields(config_cls: Any) -> list[str]:
+    out = []
+    for name, f in config_cls.model_fields.items():
+        ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+        default = f.get_default(call_default_factory=True)
+        desc = f" - {' '.join(f.description.split())}" if f.description else ""
+        out.append(f"{name}: {ann} = {default!r}{desc}")
+    return out
+
+
+@cli.command(name="passes")
+def list_passes() -> int:
+    """List the registered passes with their config fields."""
+    from .registry import passes
+
+    for name, cls in passes().items():
+        consumes = ", ".join(sorted(f.value for f in cls.consumes))
+        produces = cls.produces.value if cls.produces else "depends on config"
+        click.echo(f"{name}: {cls.summary}")
+        click.echo(f"  takes: {consumes}; gives: {produces}{'; needs calibration data' if cls.needs_data else ''}")
+        for line in _fields(cls.Config):
+            click.echo(f"    {line}")
+    return 0
+
+
+@cli.command(name="targets")
+def list_targets() -> int:
+    """List the registered targets, whether each can run here (and why not), and config fields."""
+    from .registry import targets
+
+    for name, cls in targets().items():
+        avail = cls.availability()
+        state = "available" if avail.ok else "NOT available"
+        click.echo(f"{name}: {cls.summary}")
+        click.echo(f"  {state} here: {avail.reason}")
+        click.echo(f"  takes: {', '.join(sorted(f.value for f in cls.consumes))}")
+        for line in _fields(cls.Config):
+            click.echo(f"    {line}")
+    return 0
+
+
+@cli.command()
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("compress-out/demo"), show_default=True)
+@click.option("--epochs", type=int, default=8, show_default=True)
+@click.option("--threads", type=int, help="threads [all cores]")
+@click.option("--quiet", "-q", is_flag=True)
+def demo(out: Path, epochs: int, threads: int | None, quiet: bool) -> int:
+    """Train a small torchvision classifier on scikit-learn's bundled digits, then compress it."""
+    from .demo import run_demo
+    from .report import print_table
+
+    _setup_logging(0)
+    job = run_demo(out, epochs=epochs, threads=threads, quiet=quiet)
+    print_table(job.report)
+    click.echo(f"wrote {job.out_dir}/report.md and {job.out_dir}/report.json")
+    return job.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        rv = cli.main(args=argv, prog_name="compress", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        msg = " ".join(exc.format_message().split())
+        click.echo(f"error: {msg} (see compress --help)", err=True)
+        return 2
+    except CompressorError as exc:
+        click.echo(f"error: {exc.one_line()}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    return rv if isinstance(rv, int) else 0
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""Image data: ImageFolder trees, CIFAR-10 by name, and an embedded default (scikit-learn digits).
+
+A :class:`ImageSource` lists samples of one split lazily (file paths or in-memory arrays) so a
+50,000-image training tree costs a directory scan, and only the calibration subset is decoded.
+:func:`preprocess` turns uint8 images into the model's float input with the recipe's or the
+model's preprocessing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from .artifact import Preprocessing
+from .errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
+
+
+class CalibrationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    split: str = "train"
+    samples: int = Field(default=300, ge=1, le=100_000, description="class-balanced calibration images")
+    seed: int = 0
+
+
+class EvaluationDataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    split: str = "test"
+    limit: int | None = Field(default=None, ge=1, description="evaluate on a class-balanced subset of this size")
+    seed: int = 0
+
+
+class DataConfig(BaseModel):
+    """Where images come from. ``source`` is a name (cifar10, digits) or ``folder``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["folder", "cifar10", "digits"] = "folder"
+    root: str | None = Field(default=None, description="directory with train/ and test/ (relative to the recipe)")
+    download: bool = Field(default=True, description="cifar10: download when not found locally and the network allows")
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    evaluation: EvaluationDataConfig = Field(default_factory=EvaluationDataConfig)
+
+
+@dataclass
+class ImageSource:
+    """One split: either file paths (decoded on demand) or an in-memory uint8 array (N, H, W, C)."""
+
+    name: str
+    classes: list[str]
+    labels: np.ndarray
+    paths: list[Path] | None = None
+    arrays: np.ndarray | None = None
+    fingerprint: str = ""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def balanced_indices(self, count: int, seed: int) -> np.ndarray:
+        """``count`` indices with classes as equal as possible, drawn with ``seed``, in a stable order."""
+        rng = np.random.default_rng(seed)
+        count = min(count, len(self))
+        by_class = [np.flatnonzero(self.labels == c) for c in range(len(self.classes))]
+        by_class = [rng.permutation(ix) for ix in by_class if len(ix)]
+        picked: list[int] = []
+        rank = 0
+        while len(picked) < count:
+            for ix in by_class:
+                if rank < len(ix) and len(picked) < count:
+                    picked.append(int(ix[rank]))
+            rank += 1
+        return np.sort(np.asarray(picked, dtype=np.int64))
+
+    def load_images(self, indices: np.ndarray, size: tuple[int, int], color: str) -> np.ndarray:
+        """uint8 images (N, H, W, C) resized to ``size`` (height, width)."""
+        if self.arrays is not None:
+            return _resize_stack(self.arrays[indices], size, color)
+        from PIL import Image
+
+        assert self.paths is not None
+        out = np.empty((len(indices), size[0], size[1], 3 if color == "RGB" else 1), np.uint8)
+        for row, i in enumerate(indices):
+            path = self.paths[int(i)]
+            try:
+                with Image.open(path) as img:
+                    img = img.convert(color)
+                    if img.size != (size[1], size[0]):
+                        img = img.resize((size[1], size[0]), Image.BILINEAR)
+                    arr = np.asarray(img)
+            except Exception as exc:
+                raise DataError(f"cannot read image {path}: {exc}") from exc
+            out[row] = arr.reshape(out.shape[1:])
+        return out
+
+
+def _resize_stack(images: np.ndarray, size: tuple[int, int], color: str) -> np.ndarray:
+    from PIL import Image
+
+    if images.ndim == 3:
+        images = images[..., None]
+    out = []
+    for arr in images:
+        img = Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr)
+        img = img.convert(color)
+        if img.size != (size[1], size[0]):
+            img = img.resize((size[1], size[0]), Image.BILINEAR)
+        out.append(np.asarray(img).reshape(size[0], size[1], -1))
+    return np.stack(out)
+
+
+def preprocess(images: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """uint8 (N, H, W, C) -> float32 (N, C, H, W): scale, then per-channel mean/std."""
+    x = images.astype(np.float32) * np.float32(prep.scale)
+    channels = x.shape[-1]
+    mean = np.asarray(prep.mean[:channels], np.float32)
+    std = np.asarray(prep.std[:channels], np.float32)
+    x = (x - mean) / std
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+# ---------------------------------------------------------------------- sources
+
+
+def scan_image_folder(root: Path, split_name: str) -> ImageSource:
+    """An ImageFolder split: ``root/<class>/<image>``, classes in sorted order (torchvision's)."""
+    if not root.is_dir():
+        raise DataError(f"data directory not found: {root}")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root} has no class subdirectories (expected ImageFolder layout root/<class>/<image>)")
+    paths: list[Path] = []
+    labels: list[int] = []
+    h = hashlib.sha256()
+    for label, cls in enumerate(classes):
+        files = sorted(
+            e.name
+            for e in os.scandir(root / cls)
+            if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES
+        )
+        for name in files:
+            paths.append(root / cls / name)
+            labels.append(label)
+            h.update(f"{cls}/{name}\n".encode())
+    if not paths:
+        raise DataError(f"{root} has class directories but no images")
+    return ImageSource(
+        name=split_name, classes=classes, labels=np.asarray(labels), paths=paths, fingerprint=h.hexdigest()[:16]
+    )
+
+
+def _split_dirs(root: Path) -> dict[str, Path]:
+    return {e.name: Path(e.path) for e in os.scandir(root) if e.is_dir() and e.name in ("train", "test", "val")}
+
+
+def digits_source(split: str) -> ImageSource:
+    """scikit-learn's bundled handwritten digits (1,797 8x8 images), split 75/25, stratified, seeded."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.clip(digits.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    idx_train, idx_test = train_test_split(
+        np.arange(len(images)), test_size=0.25, random_state=0, stratify=digits.target
+    )
+    idx = {"train": idx_train, "test": idx_test}.get(split)
+    if idx is None:
+        raise DataError(f"the digits data set has splits train and test, not {split!r}")
+    idx = np.sort(idx)
+    return ImageSource(
+        name=f"digits/{split}",
+        classes=[str(c) for c in digits.target_names],
+        labels=digits.target[idx].astype(np.int64),
+        arrays=images[idx],
+        fingerprint=f"sklearn-digits-{split}-{len(idx)}",
+    )
+
+
+def _cifar10_source(root: Path | None, split: str, download: bool) -> ImageSource:
+    candidates = [root] if root else _default_roots("cifar10")
+    for cand in candidates:
+        if cand is None:
+            continue
+        if (cand / split).is_dir():
+            return scan_image_folder(cand / split, f"cifar10/{split}")
+        if (cand / "cifar-10-batches-py").is_dir():
+            return _cifar10_torchvision(cand, split, download=False)
+    target = root or _cache_root() / "cifar10"
+    if download:
+        try:
+            return _cifar10_torchvision(target, split, download=True)
+        except Exception as exc:  # no network, mostly
+            raise DataError(
+                f"CIFAR-10 not found locally (looked in {', '.join(str(c) for c in candidates if c)}) and the "
+                f"download failed ({type(exc).__name__}): give data.root or --data DIR"
+            ) from exc
+    raise DataError(f"CIFAR-10 not found in {', '.join(str(c) for c in candidates if c)}: give data.root or --data DIR")
+
+
+def _cifar10_torchvision(root: Path, split: str, download: bool) -> ImageSource:
+    from torchvision.datasets import CIFAR10
+
+    if split not in ("train", "test"):
+        raise DataError(f"CIFAR-10 has splits train and test, not {split!r}")
+    ds = CIFAR10(str(root), train=split == "train", download=download)
+    return ImageSource(
+        name=f"cifar10/{split}",
+        classes=list(ds.classes),
+        labels=np.asarray(ds.targets, dtype=np.int64),
+        arrays=np.asarray(ds.data),
+        fingerprint=f"cifar10-binary-{split}-{len(ds.targets)}",
+    )
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("COMPRESSOR_DATA_DIR", Path.home() / ".cache" / "compressor" / "data"))
+
+
+_extra_roots: list[Path] = []
+
+
+def add_search_root(path: Path) -> None:
+    """Look for named data sets (``<dir>/<name>``) in ``path`` too, e.g. ``datasets/`` beside a model."""
+    if path not in _extra_roots:
+        _extra_roots.append(path)
+
+
+def _default_roots(name: str) -> list[Path]:
+    roots = [_cache_root(), Path.cwd() / "data", Path.cwd() / "datasets", *_extra_roots]
+    return [r / name for r in roots]
+
+
+@dataclass
+class DataBundle:
+    """The calibration and evaluation splits a run uses, plus the preprocessing that feeds them."""
+
+    config: DataConfig
+    calibration_source: ImageSource
+    evaluation_source: ImageSource
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.evaluation_source.classes
+
+    def calibration_images(self, size: tuple[int, int], color: str, count: int | None = None) -> np.ndarray:
+        cfg = self.config.calibration
+        n = count or cfg.samples
+        key = ("cal", size, color, n)
+        if key not in self._cache:
+            idx = self.calibration_source.balanced_indices(n, cfg.seed)
+            self._cache[key] = self.calibration_source.load_images(idx, size, color)
+        return self._cache[key]
+
+    def evaluation_set(self, size: tuple[int, int], color: str) -> tuple[np.ndarray, np.ndarray]:
+        cfg = self.config.evaluation
+        key = ("eval", size, color)
+        if key not in self._cache:
+            src = self.evaluation_source
+            idx = np.arange(len(src)) if cfg.limit is None else src.balanced_indices(cfg.limit, cfg.seed)
+            self._cache[key] = (src.load_images(idx, size, color), src.labels[idx])
+        return self._cache[key]
+
+    def fingerprint(self, kind: str) -> str:
+        """Identifies the images a pass or an evaluation saw (for cache keys and reports)."""
+        if kind == "calibration":
+            c = self.config.calibration
+            return f"{self.calibration_source.fingerprint}:{c.samples}:{c.seed}"
+        e = self.config.evaluation
+        return f"{self.evaluation_source.fingerprint}:{e.limit}:{e.seed}"
+
+
+def open_data(config: DataConfig, *, base_dir: Path | None = None) -> DataBundle:
+    """Resolve the config's source into calibration and evaluation splits."""
+    root = Path(config.root) if config.root else None
+    if root is not None and not root.is_absolute() and base_dir is not None:
+        root = base_dir / root
+    cal_split, eval_split = config.calibration.split, config.evaluation.split
+
+    if config.source == "digits":
+        cal, ev = digits_source(cal_split), digits_source(eval_split)
+    elif config.source == "cifar10":
+        cal = _cifar10_source(root, cal_split, config.download)
+        ev = _cifar10_source(root, eval_split, config.download)
+    else:
+        if root is None:
+            raise DataError("data.source 'folder' needs data.root (a directory with train/ and test/)")
+        if not root.is_dir():
+            raise DataError(f"data directory not found: {root}")
+        splits = _split_dirs(root)
+        for split in (cal_split, eval_split):
+            if split not in splits:
+                raise DataError(f"{root} has no {split}/ directory (found: {', '.join(sorted(splits)) or 'none'})")
+        cal = scan_image_folder(splits[cal_split], cal_split)
+        ev = scan_image_folder(splits[eval_split], eval_split)
+    if cal.classes != ev.classes:
+        raise DataError(f"the {cal_split} and {eval_split} splits have different classes")
+    log.info("data: %d calibration candidates, %d evaluation images, %d classes", len(cal), len(ev), len(ev.classes))
+    return DataBundle(config=config, calibration_source=cal, evaluation_source=ev)

@@ -1,0 +1,214 @@
+"""Measurements: accuracy (top-1, top-5, agreement with the source model), batch-1 latency
+percentiles, throughput at a larger batch, and file size. Every runtime is measured with the same
+thread count, recorded in the result."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from .target_base import Runner
+
+log = logging.getLogger(__name__)
+
+
+class EvaluationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    threads: int | None = Field(default=None, ge=1, description="threads for every runtime; default: all cores")
+    batch_size: int = Field(default=100, ge=1, description="batch size for the accuracy pass")
+    warmup: int = Field(default=20, ge=0, description="batch-1 runs before timing")
+    latency_runs: int = Field(default=300, ge=10, description="timed batch-1 runs (at least)")
+    latency_min_seconds: float = Field(default=2.0, ge=0, description="keep timing batch-1 runs at least this long")
+    throughput_batch: int = Field(default=64, ge=1)
+    throughput_seconds: float = Field(default=3.0, gt=0)
+
+
+@dataclass
+class Measurement:
+    """One row of the report."""
+
+    name: str
+    target: str
+    precision: str
+    top1: float
+    top5: float
+    agreement: float
+    latency_ms: dict[str, float]
+    throughput_ips: float
+    size_bytes: int
+    threads: int
+    throughput_batch: int
+    engine: str | None = None
+    runtime: dict[str, Any] = field(default_factory=dict)
+    latency_samples_ms: list[float] = field(default_factory=list, repr=False)
+    predictions: np.ndarray | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "target": self.target,
+            "precision": self.precision,
+            "top1": self.top1,
+            "top5": self.top5,
+            "agreement": self.agreement,
+            "latency_ms": self.latency_ms,
+            "throughput_ips": self.throughput_ips,
+            "throughput_batch": self.throughput_batch,
+            "size_bytes": self.size_bytes,
+            "threads": self.threads,
+            "engine": self.engine,
+            "runtime": self.runtime,
+        }
+
+
+def default_threads() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+class TorchRunner(Runner):
+    """PyTorch eager (or FX) inference on the CPU."""
+
+    def __init__(self, module: Any, *, threads: int, name: str = "torch") -> None:
+        import torch
+
+        self.name = name
+        self.threads = threads
+        torch.set_num_threads(threads)
+        self.module = module.eval() if hasattr(module, "eval") else module
+        self._torch = torch
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        with torch.inference_mode():
+            out = self.module(torch.from_numpy(x))
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out.float().numpy()
+
+    def runtime_info(self) -> dict[str, Any]:
+        torch = self._torch
+        return {
+            "runtime": f"pytorch {torch.__version__}",
+            "mode": "eager",
+            "threads": torch.get_num_threads(),
+            "isa": torch.backends.cpu.get_cpu_capability(),
+        }
+
+
+def accuracy(
+    runner: Runner, x: np.ndarray, labels: np.ndarray, batch_size: int, reference: np.ndarray | None
+) -> tuple[float, float, float, np.ndarray]:
+    """top-1 %, top-5 %, agreement % with ``reference`` predictions, and the top-1 predictions."""
+    runner.prepare(batch_size)
+    top5_hits = 0
+    preds = np.empty(len(x), dtype=np.int64)
+    for start in range(0, len(x), batch_size):
+        logits = runner(x[start : start + batch_size])
+        k = min(5, logits.shape[1])
+        top = np.argsort(-logits, axis=1)[:, :k]
+        preds[start : start + len(logits)] = top[:, 0]
+        top5_hits += int((top == labels[start : start + len(logits), None]).any(axis=1).sum())
+    top1 = 100.0 * float((preds == labels).mean())
+    top5 = 100.0 * top5_hits / len(x)
+    agreement = 100.0 * float((preds == reference).mean()) if reference is not None else 100.0
+    return top1, top5, agreement, preds
+
+
+def latency(runner: Runner, sample: np.ndarray, cfg: EvaluationConfig) -> tuple[dict[str, float], list[float]]:
+    """Batch-1 latency: ``warmup`` runs, then at least ``latency_runs`` runs and ``latency_min_seconds``."""
+    runner.prepare(1)
+    one = np.ascontiguousarray(sample[:1])
+    for _ in range(cfg.warmup):
+        runner(one)
+    samples: list[float] = []
+    clock = time.perf_counter
+    start = clock()
+    while len(samples) < cfg.latency_runs or clock() - start < cfg.latency_min_seconds:
+        t0 = clock()
+        runner(one)
+        samples.append((clock() - t0) * 1e3)
+        if len(samples) >= 20 * cfg.latency_runs:
+            break
+    arr = np.asarray(samples)
+    stats = {
+        "p50": float(np.percentile(arr, 50)),
+        "p90": float(np.percentile(arr, 90)),
+        "p99": float(np.percentile(arr, 99)),
+        "mean": float(arr.mean()),
+        "runs": len(samples),
+    }
+    return stats, samples
+
+
+def throughput(runner: Runner, x: np.ndarray, cfg: EvaluationConfig) -> float:
+    """Images per second at ``throughput_batch``, after one warm-up batch."""
+    batch = cfg.throughput_batch
+    reps = int(np.ceil(batch / len(x)))
+    data = np.ascontiguousarray(np.concatenate([x] * reps)[:batch]) if reps > 1 else np.ascontiguousarray(x[:batch])
+    runner.prepare(batch)
+    runner(data)
+    clock = time.perf_counter
+    done, start = 0, clock()
+    while True:
+        runner(data)
+        done += batch
+        elapsed = clock() - start
+        if elapsed >= cfg.throughput_seconds and done >= 2 * batch:
+            return done / elapsed
+
+
+def measure(
+    *,
+    name: str,
+    target: str,
+    precision: str,
+    runner: Runner,
+    x: np.ndarray,
+    labels: np.ndarray,
+    reference: np.ndarray | None,
+    size_bytes: int,
+    cfg: EvaluationConfig,
+    threads: int,
+    engine: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Measurement:
+    say = progress or (lambda _msg: None)
+    say(f"{name}: accuracy on {len(x)} images")
+    top1, top5, agree, preds = accuracy(runner, x, labels, cfg.batch_size, reference)
+    say(f"{name}: batch-1 latency")
+    lat, samples = latency(runner, x, cfg)
+    say(f"{name}: throughput at batch {cfg.throughput_batch}")
+    ips = throughput(runner, x, cfg)
+    info = runner.runtime_info()
+    runner.close()
+    log.info("%s: top1 %.2f%% p50 %.3f ms %.1f img/s", name, top1, lat["p50"], ips)
+    return Measurement(
+        name=name,
+        target=target,
+        precision=precision,
+        top1=top1,
+        top5=top5,
+        agreement=agree,
+        latency_ms=lat,
+        throughput_ips=ips,
+        size_bytes=size_bytes,
+        threads=threads,
+        throughput_batch=cfg.throughput_batch,
+        engine=engine,
+        runtime=info,
+        latency_samples_ms=samples,
+        predictions=preds,
+    )

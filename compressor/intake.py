@@ -1,0 +1,245 @@
+"""Model intake: every supported file kind becomes a :class:`ModelArtifact`.
+
+Supported: a whole pickled ``nn.Module`` (``torch.save(model)``, only with ``trust=True``),
+TorchScript, a ``torch.export`` program (.pt2), a state dict plus ``arch``, and ONNX.
+A JSON file beside the model (``model.json``) may give input shape, preprocessing and classes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from .artifact import Form, InputSpec, ModelArtifact, Preprocessing, require_file
+from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+SAFE_FORMS_HINT = (
+    "save it in a safe form instead: torch.export.save(torch.export.export(model, (x,)), 'model.pt2'), "
+    "torch.jit.save(torch.jit.script(model), 'model.ts'), torch.onnx.export(...), "
+    "or torch.save(model.state_dict(), 'weights.pt') with --arch torchvision:NAME --num-classes N"
+)
+
+
+def sidecar_metadata(path: Path) -> dict[str, Any]:
+    """Read ``<model>.json`` beside the model, if any (input_shape, preprocessing, classes)."""
+    side = path.with_suffix(".json")
+    if not side.is_file():
+        return {}
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"model metadata {side} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise ModelLoadError(f"model metadata {side} must be a JSON object")
+    return meta
+
+
+def build_arch(arch: str, num_classes: int | None) -> Any:
+    """``torchvision:resnet50`` -> an untrained torchvision model with ``num_classes`` outputs."""
+    provider, _, name = arch.partition(":")
+    if provider != "torchvision" or not name:
+        raise ModelLoadError(f"unknown arch {arch!r}: expected 'torchvision:NAME', e.g. torchvision:resnet50")
+    import torchvision
+
+    available = set(torchvision.models.list_models(module=torchvision.models))
+    if name not in available:
+        raise ModelLoadError(f"unknown arch {arch!r}: torchvision has no classification model named {name!r}")
+    kwargs = {"num_classes": num_classes} if num_classes else {}
+    return torchvision.models.get_model(name, weights=None, **kwargs)
+
+
+def _zip_names(path: Path) -> list[str]:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return []
+
+
+def _load_torch_file(path: Path, *, arch: str | None, num_classes: int | None, trust: bool) -> tuple[Form, Any]:
+    import pickle
+
+    import torch
+
+    names = _zip_names(path)
+    if path.suffix == ".pt2" or any(n.endswith("archive_format") for n in names):
+        try:
+            return Form.EXPORTED, torch.export.load(str(path))
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load torch.export program {path}: {_first_line(exc)}") from exc
+    if any("/code/" in n or n.endswith("constants.pkl") for n in names):
+        try:
+            return Form.TORCH, torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load TorchScript model {path}: {_first_line(exc)}") from exc
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" not in str(exc) and "Weights only" not in str(exc):
+            raise ModelLoadError(f"model file {path} is corrupt or not a torch file: {_first_line(exc)}") from exc
+        if not trust:
+            raise ModelLoadError(
+                f"{path} is a pickled nn.Module and loading it runs code from the file; "
+                f"pass --trust-model (or model.trusted: true in the recipe) if you trust it, or {SAFE_FORMS_HINT}"
+            ) from None
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        except Exception as exc2:
+            raise ModelLoadError(f"cannot unpickle model {path}: {_first_line(exc2)}") from exc2
+    except Exception as exc:
+        raise ModelLoadError(f"model file {path} is corrupt or not a torch file: {_first_line(exc)}") from exc
+
+    if isinstance(obj, torch.nn.Module):
+        return Form.TORCH, obj
+    if isinstance(obj, dict):
+        state = _find_state_dict(obj)
+        if state is None:
+            raise ModelLoadError(f"{path} holds a dict that is not a state dict (no tensors found)")
+        if not arch:
+            raise ModelLoadError(
+                f"{path} is a state dict: say which architecture it belongs to with --arch torchvision:NAME "
+                "(and --num-classes N)"
+            )
+        if num_classes is None:
+            num_classes = _infer_num_classes(state)
+        model = build_arch(arch, num_classes)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ModelLoadError(f"state dict {path} does not fit {arch}: {_first_line(exc)}") from exc
+        return Form.TORCH, model
+    raise ModelLoadError(f"{path} holds a {type(obj).__name__}, not a model or a state dict")
+
+
+def _find_state_dict(obj: dict) -> dict | None:
+    import torch
+
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    for key in ("state_dict", "model_state_dict", "model", "weights"):
+        inner = obj.get(key)
+        if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            return inner
+    return None
+
+
+def _infer_num_classes(state: dict) -> int | None:
+    """The output width of the last 2-D weight (the classifier), if there is one."""
+    last = None
+    for value in state.values():
+        if getattr(value, "ndim", 0) == 2:
+            last = value
+    return int(last.shape[0]) if last is not None else None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def _onnx_input_shape(path: Path) -> list[int] | None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise ModelLoadError(f"{path} has {len(inputs)} inputs; an image classifier has exactly one")
+    dims = inputs[0].type.tensor_type.shape.dim
+    shape = [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
+    return shape
+
+
+def load_model(
+    path: str | Path,
+    *,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    trust: bool = False,
+    input_shape: list[int] | None = None,
+    preprocessing: Preprocessing | None = None,
+    classes: list[str] | None = None,
+) -> ModelArtifact:
+    """Load a model file of any supported kind; check it runs on its input shape."""
+    path = require_file(Path(path))
+    side = sidecar_metadata(path)
+    if path.suffix.lower() == ".onnx":
+        import onnx
+
+        try:
+            onnx.checker.check_model(str(path))
+            graph_shape = _onnx_input_shape(path)
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"{path} is not a valid ONNX model: {_first_line(exc)}") from exc
+        form, model, file_path = Form.ONNX, None, path
+    else:
+        form, model = _load_torch_file(path, arch=arch, num_classes=num_classes, trust=trust)
+        file_path, graph_shape = None, None
+        if hasattr(model, "eval"):
+            model.eval()
+
+    shape = input_shape or side.get("input_shape") or _static_shape(graph_shape)
+    if shape is None:
+        raise ModelLoadError(
+            f"input shape of {path} is unknown: give model.input_shape in the recipe (e.g. [1, 3, 224, 224]) "
+            f"or a {path.with_suffix('.json').name} beside the model"
+        )
+    shape = [1, *list(shape)[1:]]
+    prep = preprocessing or (Preprocessing(**_known(side.get("preprocessing") or {})) if side else None)
+    if prep is None:
+        log.warning("no preprocessing given for %s: using scale 1/255 and no mean/std", path)
+    artifact = ModelArtifact(
+        form,
+        model=model,
+        path=file_path,
+        input_spec=InputSpec(shape=shape),
+        preprocessing=prep,
+        classes=classes or side.get("classes"),
+        meta={"precision": "fp32", "source_file": str(path), "source_size_bytes": path.stat().st_size},
+    )
+    artifact.meta["num_outputs"] = probe_output_width(artifact)
+    return artifact
+
+
+def _static_shape(shape: list[int] | None) -> list[int] | None:
+    if shape is None or len(shape) != 4 or any(d <= 0 for d in shape[1:]):
+        return None
+    return shape
+
+
+def _known(prep: dict) -> dict:
+    fields = set(Preprocessing.model_fields)
+    return {k: v for k, v in prep.items() if k in fields}
+
+
+def probe_output_width(artifact: ModelArtifact) -> int:
+    """Run one zero batch through the model: it must accept the input shape and give (N, classes)."""
+    import numpy as np
+
+    shape = artifact.input_spec.with_batch(1)
+    try:
+        if artifact.form is Form.ONNX:
+            import onnxruntime as ort
+
+            sess = ort.InferenceSession(str(artifact.path), providers=["CPUExecutionProvider"])
+            out = sess.run(None, {sess.get_inputs()[0].name: np.zeros(shape, np.float32)})[0]
+        else:
+            import torch
+
+            with torch.inference_mode():
+                out = artifact.torch_module()(torch.zeros(shape))
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            out = out.numpy()
+    except Exception as exc:
+        raise ModelLoadError(f"the model rejects input shape {list(shape)}: {_first_line(exc)}") from exc
+    if out.ndim != 2:
+        raise ModelLoadError(f"the model's output has shape {list(out.shape)}; a classifier gives (batch, classes)")
+    return int(out.shape[1])

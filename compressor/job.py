@@ -1,0 +1,152 @@
+"""One compression job, as the CLI runs it: recipe + model file + data -> engines and report,
+written atomically into the output directory (a failed job leaves nothing behind)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .artifact import Form
+from .data import DataBundle, add_search_root, open_data
+from .errors import ConfigError
+from .hooks import Hook, LoggingHook, TimingHook
+from .intake import load_model
+from .pipeline import PassCache, Pipeline
+from .recipe import Recipe
+from .report import build_report, write_report
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobOptions:
+    out_dir: Path | None = None
+    arch: str | None = None
+    num_classes: int | None = None
+    trust_model: bool = False
+    data_root: str | None = None
+    threads: int | None = None
+    eval_limit: int | None = None
+    cache_dir: Path | None = None
+    use_cache: bool = True
+    hooks: list[Hook] = field(default_factory=list)
+
+
+@dataclass
+class JobResult:
+    report: dict[str, Any]
+    out_dir: Path
+    exit_code: int
+
+
+def guess_form(path: Path) -> Form:
+    suffix = path.suffix.lower()
+    return {".onnx": Form.ONNX, ".pt2": Form.EXPORTED}.get(suffix, Form.TORCH)
+
+
+def default_out_dir(model_path: Path, recipe: Recipe) -> Path:
+    return Path("compress-out") / f"{model_path.stem}-{recipe.name}"
+
+
+def prepare_data(recipe: Recipe, recipe_dir: Path | None, options: JobOptions, model_path: Path) -> DataBundle | None:
+    if recipe.data is None and options.data_root is None:
+        return None
+    cfg = (recipe.data or _default_data()).model_copy(deep=True)
+    base = recipe_dir
+    if options.data_root is not None:
+        cfg.root = str(Path(options.data_root).resolve())
+        base = None
+    if options.eval_limit is not None:
+        cfg.evaluation.limit = options.eval_limit
+    # Named data sets are also looked for in a datasets/ directory beside the model's directory.
+    add_search_root(model_path.resolve().parent.parent / "datasets")
+    return open_data(cfg, base_dir=base)
+
+
+def _default_data() -> Any:
+    from .data import DataConfig
+
+    return DataConfig()
+
+
+def run_job(model_path: Path, recipe: Recipe, recipe_path: Path | None, options: JobOptions) -> JobResult:
+    """Run a recipe on a model file; write engines + report.json + report.md into the out dir."""
+    model_path = Path(model_path)
+    passes, targets = recipe.build_passes(), recipe.build_targets()
+    if not targets:
+        raise ConfigError("targets: a recipe needs at least one target")
+    pipeline = Pipeline(passes, targets, seed=recipe.seed)
+    pipeline.check(guess_form(model_path))  # fail fast, before loading anything heavy
+    needs_data = [p for p in passes if p.needs_data]
+    if needs_data and recipe.data is None and options.data_root is None:
+        raise ConfigError(f"data: pass {needs_data[0].name!r} needs calibration data; add a data section or --data")
+
+    m = recipe.model
+    artifact = load_model(
+        model_path,
+        arch=options.arch or m.arch,
+        num_classes=options.num_classes or m.num_classes,
+        trust=options.trust_model or m.trusted,
+        input_shape=m.input_shape,
+        preprocessing=recipe.preprocessing,
+        classes=m.classes,
+    )
+    data = prepare_data(recipe, recipe_path.parent if recipe_path else None, options, model_path)
+
+    out_dir = Path(options.out_dir) if options.out_dir else default_out_dir(model_path, recipe)
+    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    timing = TimingHook()
+    pipeline.hooks.hooks = [LoggingHook(), timing, *options.hooks]
+    if options.use_cache:
+        pipeline.cache = PassCache(options.cache_dir or PassCache.default_root())
+    evaluation = recipe.evaluation.model_copy()
+    if options.threads is not None:
+        evaluation.threads = options.threads
+    try:
+        result = pipeline.run(artifact, data=data, out_dir=staging, evaluation=evaluation)
+        report = build_report(
+            result,
+            recipe_name=recipe.name,
+            recipe=recipe.model_dump(mode="json", exclude_defaults=True),
+            model_path=str(model_path),
+            data=data,
+            limits=recipe.acceptance,
+            timings=timing.timings,
+        )
+        _relocate_paths(report, staging, out_dir)
+        write_report(report, staging)
+        _finalize(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    failed_targets = [f for f in result.failures if not f.unavailable]
+    exit_code = 0 if report["acceptance"]["passed"] and not failed_targets else 1
+    return JobResult(report=report, out_dir=out_dir, exit_code=exit_code)
+
+
+def _relocate_paths(report: dict[str, Any], staging: Path, out_dir: Path) -> None:
+    """Engine paths in the report point where they will live after the rename."""
+    old, new = str(staging), str(out_dir)
+    for e in report["engines"]:
+        e["files"] = [f.replace(old, new, 1) for f in e["files"]]
+    for r in report["results"]:
+        if r.get("engine") and r["engine"].startswith(old):
+            r["engine"] = r["engine"].replace(old, new, 1)
+
+
+def _finalize(staging: Path, out_dir: Path) -> None:
+    """Swap the finished staging directory into place."""
+    trash = None
+    if out_dir.exists():
+        trash = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        os.replace(out_dir, trash)
+    os.replace(staging, out_dir)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)

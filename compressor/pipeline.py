@@ -1,0 +1,335 @@
+"""The pass manager: checks a pipeline's chain of forms, runs its passes in order with caching
+and hooks, builds each target's engine, and measures the source model and every engine."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .artifact import Form, ModelArtifact
+from .data import DataBundle
+from .errors import CompressorError, DataError, TargetError, TargetUnavailable
+from .evaluate import EvaluationConfig, Measurement, TorchRunner, default_threads, measure
+from .hooks import Hook, HookList
+from .pass_base import Pass, PassContext, library_versions
+from .target_base import Engine, Target
+
+log = logging.getLogger(__name__)
+
+
+def check_chain(passes: Sequence[Pass], targets: Sequence[Target], input_form: Form) -> list[Form]:
+    """Walk the forms through every pass and into every target before anything runs."""
+    forms = [input_form]
+    for p in passes:
+        forms.append(p.check_input(forms[-1], p.field))
+    for t in targets:
+        t.check_input(forms[-1], t.field)
+    return forms
+
+
+@dataclass
+class PassRecord:
+    index: int
+    name: str
+    field: str
+    config: dict[str, Any]
+    form_in: str
+    form_out: str
+    seconds: float
+    cached: bool
+    metrics: dict[str, Any]
+    input_hash: str
+    output_hash: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class TargetFailure:
+    target: str
+    field: str
+    reason: str
+    unavailable: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class RunResult:
+    source: ModelArtifact
+    artifacts: list[ModelArtifact]
+    records: list[PassRecord]
+    engines: list[Engine] = field(default_factory=list)
+    failures: list[TargetFailure] = field(default_factory=list)
+    measurements: list[Measurement] = field(default_factory=list)
+    threads: int = 1
+    _tmp: Any = field(default=None, repr=False)
+
+    @property
+    def final(self) -> ModelArtifact:
+        return self.artifacts[-1]
+
+    def measurement(self, name: str) -> Measurement:
+        for m in self.measurements:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+
+class PassCache:
+    """Pass outputs keyed by (input hash, pass name and config, library versions, data seen).
+
+    Each entry is written to a temporary directory and renamed into place when complete, so a
+    run killed mid-way leaves only whole entries and the next run resumes after the last one.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    @staticmethod
+    def default_root() -> Path:
+        env = os.environ.get("COMPRESSOR_CACHE_DIR")
+        return Path(env) if env else Path.home() / ".cache" / "compressor" / "passes"
+
+    def key(self, p: Pass, artifact: ModelArtifact, data: DataBundle | None) -> str:
+        payload = {
+            "input": artifact.content_hash(),
+            "pass": p.name,
+            "config": p.config.model_dump(mode="json"),
+            "versions": library_versions(("compressor", *p.libraries)),
+            "data": data.fingerprint("calibration") if (p.needs_data and data is not None) else None,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+    def get(self, key: str) -> tuple[ModelArtifact, dict[str, Any]] | None:
+        entry = self.root / key
+        if not (entry / "metrics.json").is_file():
+            return None
+        try:
+            artifact = ModelArtifact.load(entry)
+            metrics = json.loads((entry / "metrics.json").read_text())
+        except Exception as exc:  # stale or unreadable entry: recompute
+            log.warning("ignoring unreadable cache entry %s: %s", entry, exc)
+            return None
+        return artifact, metrics
+
+    def put(self, key: str, artifact: ModelArtifact, metrics: dict[str, Any]) -> ModelArtifact:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
+        try:
+            artifact.save(tmp)
+            (tmp / "metrics.json").write_text(json.dumps(metrics, default=str))
+            final = self.root / key
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except Exception:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        stored = ModelArtifact.load(final) if artifact.path is not None else artifact
+        return stored
+
+
+class Pipeline:
+    """An ordered list of passes and the targets that take the last pass's output.
+
+    >>> pipe = Pipeline([Fuse(), QuantizePTQ(backend="openvino")], targets=[OpenVINOTarget()])
+    >>> result = pipe.run(artifact, data=data, out_dir=Path("out"))
+    >>> result.measurements[1].top1
+    """
+
+    def __init__(
+        self,
+        passes: Sequence[Pass],
+        targets: Sequence[Target] = (),
+        *,
+        hooks: Sequence[Hook] = (),
+        cache: PassCache | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.passes = list(passes)
+        self.targets = list(targets)
+        self.hooks = HookList(hooks)
+        self.cache = cache
+        self.seed = seed
+
+    def check(self, input_form: Form) -> list[Form]:
+        return check_chain(self.passes, self.targets, input_form)
+
+    # ------------------------------------------------------------------ running
+    def run(
+        self,
+        model: ModelArtifact,
+        *,
+        data: DataBundle | None = None,
+        out_dir: Path | None = None,
+        evaluation: EvaluationConfig | None = None,
+    ) -> RunResult:
+        self.check(model.form)
+        if data is not None:
+            check_classes(model, data)
+        evaluation = evaluation or EvaluationConfig()
+        threads = evaluation.threads or default_threads()
+        tmp = tempfile.TemporaryDirectory(prefix="compressor-run-")
+        result = RunResult(source=model, artifacts=[model], records=[], threads=threads, _tmp=tmp)
+        self.hooks.on_run_start(self, model)
+        artifact = model
+        for index, p in enumerate(self.passes):
+            artifact = self._run_pass(index, p, artifact, data, Path(tmp.name), threads, result)
+        if out_dir is not None:
+            self._build_targets(artifact, Path(out_dir), result)
+        if data is not None and out_dir is not None:
+            self._measure(data, evaluation, threads, result)
+        self.hooks.on_run_end(result)
+        return result
+
+    def _run_pass(
+        self,
+        index: int,
+        p: Pass,
+        artifact: ModelArtifact,
+        data: DataBundle | None,
+        tmp: Path,
+        threads: int,
+        result: RunResult,
+    ) -> ModelArtifact:
+        self.hooks.on_pass_start(index, p, artifact)
+        started = time.perf_counter()
+        key = self.cache.key(p, artifact, data) if self.cache else None
+        hit = self.cache.get(key) if (self.cache and key) else None
+        if hit is not None:
+            out, metrics = hit
+            cached = True
+        else:
+            work = tmp / f"{index:02d}-{p.name}"
+            work.mkdir(parents=True, exist_ok=True)
+            ctx = PassContext(work_dir=work, data=data, seed=self.seed, threads=threads)
+            res = p(artifact, ctx)
+            out, metrics, cached = res.artifact, res.metrics, False
+            out.lineage = artifact.lineage + [
+                {"pass": p.name, "field": p.field, "config": p.config.model_dump(mode="json"),
+                 "input_hash": artifact.content_hash()}
+            ]
+            if self.cache and key:
+                out = self.cache.put(key, out, metrics)
+        seconds = time.perf_counter() - started
+        record = PassRecord(
+            index=index,
+            name=p.name,
+            field=p.field,
+            config=p.config.model_dump(mode="json"),
+            form_in=artifact.form.value,
+            form_out=out.form.value,
+            seconds=seconds,
+            cached=cached,
+            metrics=metrics,
+            input_hash=artifact.content_hash(),
+            output_hash=out.content_hash(),
+        )
+        result.records.append(record)
+        result.artifacts.append(out)
+        self.hooks.on_pass_end(index, p, record)
+        return out
+
+    def _build_targets(self, artifact: ModelArtifact, out_dir: Path, result: RunResult) -> None:
+        engines_dir = out_dir / "engines"
+        for t in self.targets:
+            self.hooks.on_target_start(t)
+            try:
+                engine = t.build(artifact, engines_dir)
+            except TargetUnavailable as exc:
+                result.failures.append(TargetFailure(t.name, t.field, str(exc), unavailable=True))
+                self.hooks.on_target_end(t, None, str(exc))
+                continue
+            except TargetError as exc:
+                result.failures.append(TargetFailure(t.name, t.field, str(exc), unavailable=False))
+                self.hooks.on_target_end(t, None, str(exc))
+                continue
+            engine.info.setdefault("field", t.field)
+            result.engines.append(engine)
+            self.hooks.on_target_end(t, engine, None)
+
+    def _measure(self, data: DataBundle, cfg: EvaluationConfig, threads: int, result: RunResult) -> None:
+        source = result.source
+        size = tuple(source.input_spec.sample_shape[1:])
+        images, labels = data.evaluation_set(size, source.preprocessing.color)  # type: ignore[arg-type]
+        from .data import preprocess
+
+        x = preprocess(images, source.preprocessing)
+        say = self.hooks.on_message
+        self.hooks.on_measure_start("source")
+        src_runner = source_runner(source, threads)
+        src = measure(
+            name="source",
+            target="torch" if source.form is not Form.ONNX else "onnxruntime",
+            precision=source.precision,
+            runner=src_runner,
+            x=x,
+            labels=labels,
+            reference=None,
+            size_bytes=int(source.meta.get("source_size_bytes", 0)),
+            cfg=cfg,
+            threads=threads,
+            engine=source.meta.get("source_file"),
+            progress=say,
+        )
+        result.measurements.append(src)
+        self.hooks.on_measure_end(src)
+        for engine, target in self._engine_targets(result):
+            self.hooks.on_measure_start(engine.name)
+            try:
+                runner = target.load(engine, threads=threads)
+                m = measure(
+                    name=engine.name,
+                    target=engine.target,
+                    precision=engine.precision,
+                    runner=runner,
+                    x=x,
+                    labels=labels,
+                    reference=src.predictions,
+                    size_bytes=engine.size_bytes,
+                    cfg=cfg,
+                    threads=threads,
+                    engine=str(engine.path),
+                    progress=say,
+                )
+            except CompressorError:
+                raise
+            except Exception as exc:
+                raise TargetError(f"target {target.name!r} failed to run its engine: {type(exc).__name__}: {exc}") from exc
+            m.runtime = {**engine.info.get("runtime_build", {}), **m.runtime}
+            result.measurements.append(m)
+            self.hooks.on_measure_end(m)
+
+    def _engine_targets(self, result: RunResult) -> list[tuple[Engine, Target]]:
+        by_field = {t.field: t for t in self.targets}
+        return [(e, by_field[e.info["field"]]) for e in result.engines]
+
+
+def source_runner(source: ModelArtifact, threads: int) -> Any:
+    if source.form is Form.ONNX:
+        from .targets.onnxruntime import OrtRunner
+
+        return OrtRunner(source.path, threads=threads)  # type: ignore[arg-type]
+    return TorchRunner(source.torch_module(), threads=threads)
+
+
+def check_classes(model: ModelArtifact, data: DataBundle) -> None:
+    width = model.meta.get("num_outputs")
+    if width is not None and width != len(data.classes):
+        raise DataError(
+            f"the model has {width} outputs but the data set has {len(data.classes)} classes "
+            f"({', '.join(data.classes[:5])}{', ...' if len(data.classes) > 5 else ''})"
+        )
+    if model.classes and list(model.classes) != list(data.classes):
+        log.warning("model classes %s differ from the data set's %s", model.classes, data.classes)

@@ -1,0 +1,155 @@
+"""Recipes: YAML files validated by pydantic, naming every problem by its field path.
+
+A recipe reads as a flat list of named stages::
+
+    passes:
+      - fuse
+      - quantize_ptq: {backend: openvino, calibration: minmax}
+    targets:
+      - openvino
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .artifact import Form, Preprocessing
+from .data import DataConfig
+from .errors import ConfigError, validation_message
+from .evaluate import EvaluationConfig
+from .registry import get_pass, get_target
+
+SHIPPED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class ModelSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(default=None, description="model file (the CLI argument overrides it)")
+    arch: str | None = Field(default=None, description="for state dicts: torchvision:NAME")
+    num_classes: int | None = Field(default=None, ge=1)
+    trusted: bool = Field(default=False, description="allow loading a pickled nn.Module (runs code from the file)")
+    input_shape: list[int] | None = Field(default=None, min_length=4, max_length=4)
+    classes: list[str] | None = None
+
+
+class AcceptanceConfig(BaseModel):
+    """Limits every emitted engine must meet; a miss makes the run exit 1."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_top1_drop: float | None = Field(default=None, ge=0, description="points of top-1 below the source model")
+    min_agreement: float | None = Field(default=None, ge=0, le=100, description="% top-1 agreement with the source")
+    max_latency_ms: float | None = Field(default=None, gt=0, description="batch-1 p50 budget")
+    min_speedup: float | None = Field(default=None, gt=0, description="source p50 / engine p50")
+    min_compression: float | None = Field(default=None, gt=0, description="source size / engine size")
+
+
+Step = str | dict[str, dict[str, Any] | None]
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "recipe"
+    description: str = ""
+    seed: int = 0
+    model: ModelSection = Field(default_factory=ModelSection)
+    preprocessing: Preprocessing | None = None
+    data: DataConfig | None = None
+    passes: list[Step] = Field(default_factory=list)
+    targets: list[Step] = Field(default_factory=list)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    acceptance: AcceptanceConfig = Field(default_factory=AcceptanceConfig)
+
+    @field_validator("passes", "targets")
+    @classmethod
+    def _one_key(cls, steps: list[Step]) -> list[Step]:
+        for i, step in enumerate(steps):
+            if isinstance(step, dict) and len(step) != 1:
+                raise ValueError(f"item {i} must be a name or a one-key mapping name: {{config}}, got {list(step)}")
+        return steps
+
+    # ------------------------------------------------------------------ steps
+    @staticmethod
+    def _split(step: Step) -> tuple[str, dict[str, Any]]:
+        if isinstance(step, str):
+            return step, {}
+        ((name, config),) = step.items()
+        return name, dict(config or {})
+
+    def build_passes(self) -> list[Any]:
+        out = []
+        for i, step in enumerate(self.passes):
+            name, config = self._split(step)
+            field = f"passes[{i}].{name}"
+            out.append(get_pass(name, f"passes[{i}]")(config, field=field))
+        return out
+
+    def build_targets(self) -> list[Any]:
+        out = []
+        for i, step in enumerate(self.targets):
+            name, config = self._split(step)
+            out.append(get_target(name, f"targets[{i}]")(config, field=f"targets[{i}].{name}"))
+        return out
+
+    def check(self, input_form: Form = Form.TORCH) -> list[Form]:
+        """Validate every pass/target config and the chain of forms; return the forms after each pass."""
+        from .pipeline import check_chain
+
+        passes, targets = self.build_passes(), self.build_targets()
+        if not targets:
+            raise ConfigError("targets: a recipe needs at least one target")
+        return check_chain(passes, targets, input_form)
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json", exclude_defaults=True)
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def find_recipe(ref: str | Path) -> Path:
+    """A recipe path, or the name of a shipped recipe (``int8_jetson`` or ``int8_jetson.yaml``)."""
+    path = Path(ref)
+    if path.is_file():
+        return path
+    for cand in (SHIPPED_RECIPES / path.name, SHIPPED_RECIPES / f"{path.name}.yaml"):
+        if path.parent == Path(".") and cand.is_file():
+            return cand
+    raise ConfigError(f"recipe not found: {ref} (shipped recipes: {', '.join(shipped_recipes())})")
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(p.name for p in SHIPPED_RECIPES.glob("*.yaml"))
+
+
+def load_recipe(ref: str | Path) -> tuple[Recipe, Path]:
+    """Parse and validate a recipe; return it and the file it came from."""
+    path = find_recipe(ref)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read recipe {path}: {exc.strerror}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
+    return parse_recipe(raw, source=str(path)), path
+
+
+def parse_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {validation_message(exc)}") from None
+    try:
+        recipe.build_passes()
+        recipe.build_targets()
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return recipe

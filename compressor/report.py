@@ -1,0 +1,215 @@
+"""report.json, report.md, the console table, and the recipe's acceptance checks."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .data import DataBundle
+    from .pipeline import RunResult
+    from .recipe import AcceptanceConfig
+
+REPORT_VERSION = 1
+
+
+def acceptance_checks(results: list[dict[str, Any]], limits: AcceptanceConfig) -> list[dict[str, Any]]:
+    """One check per (engine, limit); the source row is the reference."""
+    source = next((r for r in results if r["name"] == "source"), None)
+    checks = []
+    for r in results:
+        if r is source:
+            continue
+
+        def add(metric: str, value: float, limit: float, ok: bool, unit: str = "") -> None:
+            checks.append({"result": r["name"], "metric": metric, "value": round(value, 4), "limit": limit,
+                           "unit": unit, "passed": bool(ok)})
+
+        if limits.max_top1_drop is not None and source is not None:
+            drop = source["top1"] - r["top1"]
+            add("top1_drop", drop, limits.max_top1_drop, drop <= limits.max_top1_drop, "points")
+        if limits.min_agreement is not None:
+            add("agreement", r["agreement"], limits.min_agreement, r["agreement"] >= limits.min_agreement, "%")
+        if limits.max_latency_ms is not None:
+            p50 = r["latency_ms"]["p50"]
+            add("latency_p50", p50, limits.max_latency_ms, p50 <= limits.max_latency_ms, "ms")
+        if limits.min_speedup is not None and source is not None:
+            s = r["speedup"]
+            add("speedup", s, limits.min_speedup, s >= limits.min_speedup, "x")
+        if limits.min_compression is not None and source is not None:
+            c = r["compression"]
+            add("compression", c, limits.min_compression, c >= limits.min_compression, "x")
+    return checks
+
+
+def build_report(
+    result: RunResult,
+    *,
+    recipe_name: str,
+    recipe: dict[str, Any] | None,
+    model_path: str,
+    data: DataBundle | None,
+    limits: AcceptanceConfig | None,
+    timings: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    from .environment import environment
+
+    results = [m.to_json() for m in result.measurements]
+    source = next((r for r in results if r["name"] == "source"), None)
+    for r in results:
+        if source is not None:
+            r["top1_delta"] = r["top1"] - source["top1"]
+            r["speedup"] = source["latency_ms"]["p50"] / r["latency_ms"]["p50"]
+            r["compression"] = source["size_bytes"] / r["size_bytes"] if r["size_bytes"] else None
+    checks = acceptance_checks(results, limits) if (limits is not None and results) else []
+    data_info = None
+    if data is not None:
+        ev = data.config.evaluation
+        data_info = {
+            "source": data.config.source,
+            "evaluation": {"split": ev.split, "images": len(result.measurements[0].predictions)
+                           if result.measurements and result.measurements[0].predictions is not None else None,
+                           "fingerprint": data.fingerprint("evaluation")},
+            "calibration": {"split": data.config.calibration.split, "samples": data.config.calibration.samples,
+                            "seed": data.config.calibration.seed, "fingerprint": data.fingerprint("calibration")},
+            "classes": data.classes,
+        }
+    return {
+        "report_version": REPORT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "recipe": recipe_name,
+        "recipe_config": recipe,
+        "model": model_path,
+        "units": {"top1": "percent", "top5": "percent", "agreement": "percent", "latency_ms": "milliseconds",
+                  "throughput_ips": "images/second", "size_bytes": "bytes"},
+        "environment": environment(result.threads),
+        "data": data_info,
+        "passes": [r.to_json() for r in result.records],
+        "engines": [e.to_json() for e in result.engines],
+        "not_built": [f.to_json() for f in result.failures],
+        "results": results,
+        "acceptance": {"checks": checks, "passed": all(c["passed"] for c in checks)},
+        "timings_s": timings or {},
+    }
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def result_rows(report: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for r in report["results"]:
+        lat = r["latency_ms"]
+        rows.append([
+            r["name"], r["target"], r["precision"], _fmt(r["top1"]), _fmt(r["top5"]), _fmt(r["agreement"]),
+            _fmt(r.get("top1_delta"), 2), _fmt(lat["p50"], 3), _fmt(lat["p90"], 3), _fmt(lat["p99"], 3),
+            f"{_fmt(r.get('speedup'))}x", _fmt(r["throughput_ips"], 0), f"{r['size_bytes'] / 1e6:.2f}",
+            f"{_fmt(r.get('compression'))}x",
+        ])
+    return rows
+
+
+RESULT_HEADER = ["name", "target", "precision", "top-1 %", "top-5 %", "agree %", "Δtop-1", "p50 ms", "p90 ms",
+                 "p99 ms", "speedup", "img/s", "size MB", "smaller"]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    lines = [f"# compressor report: {report['recipe']}", ""]
+    lines.append(f"- model: `{report['model']}`")
+    if report["data"]:
+        d = report["data"]
+        lines.append(f"- data: {d['source']}, evaluation on {d['evaluation']['images']} images of split "
+                     f"`{d['evaluation']['split']}`, calibration {d['calibration']['samples']} images of "
+                     f"`{d['calibration']['split']}` (seed {d['calibration']['seed']})")
+    lines.append(f"- machine: {env['cpu']}, ISA {', '.join(env['isa_flags']) or '-'}; "
+                 f"{env['threads']} threads for every runtime")
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v != "absent")
+    lines.append(f"- versions: {versions}")
+    lines.append(f"- created: {report['created']}")
+    lines += ["", "## Results", ""]
+    if report["results"]:
+        batch = report["results"][0].get("throughput_batch")
+        header = [h if h != "img/s" else f"img/s @{batch}" for h in RESULT_HEADER]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for row in result_rows(report):
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+        lines.append("Latency is batch 1 after warm-up; speedup is the source's p50 over the row's p50; "
+                     "agreement is top-1 agreement with the source model; `smaller` is source file size over "
+                     "engine size.")
+    else:
+        lines.append("No measurements (the recipe has no data section).")
+    for f in report["not_built"]:
+        lines.append(f"- **{f['target']}**: not built here — {f['reason']}")
+    lines += ["", "## Passes", "", "| # | pass | forms | time s | cached | figures |", "|---|---|---|---|---|---|"]
+    for p in report["passes"]:
+        figures = json.dumps(p["metrics"], default=str)
+        if len(figures) > 160:
+            figures = figures[:157] + "..."
+        lines.append(f"| {p['index']} | {p['name']} | {p['form_in']} → {p['form_out']} | {p['seconds']:.1f} | "
+                     f"{'yes' if p['cached'] else 'no'} | `{figures}` |")
+    lines += ["", "## What each runtime used", ""]
+    for r in report["results"]:
+        rt = {k: v for k, v in r["runtime"].items() if k not in ("kernels",)}
+        lines.append(f"- **{r['name']}**: " + "; ".join(f"{k}: {_fmt(v)}" for k, v in rt.items()))
+        if r["runtime"].get("kernels"):
+            top = list(r["runtime"]["kernels"].items())[:6]
+            lines.append("  - kernels: " + ", ".join(f"{k} ×{n}" for k, n in top))
+    checks = report["acceptance"]["checks"]
+    if checks:
+        verdict = "passed" if report["acceptance"]["passed"] else "FAILED"
+        lines += ["", f"## Acceptance: {verdict}", "", "| result | metric | value | limit | verdict |",
+                  "|---|---|---|---|---|"]
+        for c in sorted(checks, key=lambda c: c["passed"]):
+            lines.append(f"| {c['result']} | {c['metric']} | {c['value']} {c['unit']} | {c['limit']} {c['unit']} | "
+                         f"{'pass' if c['passed'] else '**FAIL**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    json_path, md_path = out_dir / "report.json", out_dir / "report.md"
+    atomic_write(json_path, json.dumps(report, indent=1, default=str) + "\n")
+    atomic_write(md_path, render_markdown(report))
+    return json_path, md_path
+
+
+def print_table(report: dict[str, Any], console: Any = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"compressor: {report['recipe']} ({report['environment']['threads']} threads)")
+    for h in RESULT_HEADER:
+        table.add_column(h, justify="left" if h in ("name", "target", "precision") else "right")
+    for row in result_rows(report):
+        table.add_row(*row)
+    console.print(table)
+    for f in report["not_built"]:
+        console.print(f"[yellow]{f['target']}[/]: not built here — {f['reason']}")
+    for c in report["acceptance"]["checks"]:
+        if not c["passed"]:
+            console.print(f"[red]acceptance failed[/]: {c['result']} {c['metric']} = {c['value']} {c['unit']} "
+                          f"(limit {c['limit']})")

@@ -1,0 +1,134 @@
+"""The target interface: is it available here and why not, build an engine, run batches,
+and report what the runtime really used."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel
+
+from .artifact import Form, ModelArtifact, file_size
+from .errors import CompressorError, PipelineOrderError, TargetError, TargetUnavailable
+from .pass_base import PassConfig, make_config
+
+
+@dataclass
+class Availability:
+    ok: bool
+    reason: str = ""
+
+
+@dataclass
+class Engine:
+    """A built engine: its files in the output directory and what it is."""
+
+    target: str
+    name: str
+    files: list[Path]
+    precision: str
+    info: dict[str, Any] = field(default_factory=dict)
+    built: bool = True
+
+    @property
+    def path(self) -> Path:
+        return self.files[0]
+
+    @property
+    def size_bytes(self) -> int:
+        return file_size(self.files)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["files"] = [str(p) for p in self.files]
+        return d
+
+
+class Runner(ABC):
+    """Runs float32 NCHW batches through one runtime and returns logits as numpy."""
+
+    name: str = ""
+
+    def prepare(self, batch: int) -> None:  # noqa: B027 - optional hook
+        """Get ready for batches of this size (e.g. compile a static-shape model)."""
+
+    @abstractmethod
+    def __call__(self, x: np.ndarray) -> np.ndarray: ...
+
+    def runtime_info(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+class Target(ABC):
+    """A registered backend. Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    Config: ClassVar[type[PassConfig]] = PassConfig
+    consumes: ClassVar[frozenset[Form]]
+    libraries: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: BaseModel | dict | None = None, /, *, field: str | None = None, **kwargs: Any) -> None:
+        self.field = field or self.name
+        self.config = make_config(self.Config, config, kwargs, self.field)
+
+    @classmethod
+    @abstractmethod
+    def availability(cls) -> Availability:
+        """Whether this machine can build and run the engine, and if not, why."""
+
+    def check_input(self, form: Form, step: str) -> None:
+        if form not in self.consumes:
+            wanted = ", ".join(sorted(f.value for f in self.consumes))
+            raise PipelineOrderError(
+                f"{step}: target {self.name!r} cannot take a {form.value} model (it takes: {wanted})"
+            )
+
+    def engine_name(self, artifact: ModelArtifact) -> str:
+        return f"{self.name}-{artifact.precision}"
+
+    def build(self, artifact: ModelArtifact, out_dir: Path) -> Engine:
+        """Build into a temporary directory and rename it into ``out_dir/<engine name>`` when complete."""
+        self.check_input(artifact.form, self.field)
+        avail = self.availability()
+        if not avail.ok:
+            raise TargetUnavailable(f"target {self.name!r} is not available here: {avail.reason}")
+        name = self.engine_name(artifact)
+        final = out_dir / name
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
+        try:
+            files, info = self._build(artifact, tmp)
+            (tmp / "engine.json").write_text(json.dumps({"target": self.name, "precision": artifact.precision,
+                                                         "lineage": artifact.lineage, **info}, indent=1, default=str))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except CompressorError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        except Exception as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise TargetError(f"target {self.name!r} failed to build: {type(exc).__name__}: {exc}") from exc
+        return Engine(self.name, name, [final / f.name for f in files], artifact.precision, info)
+
+    @abstractmethod
+    def _build(self, artifact: ModelArtifact, tmp_dir: Path) -> tuple[list[Path], dict[str, Any]]:
+        """Write the engine's files into ``tmp_dir``; return them (main file first) and build info."""
+
+    @abstractmethod
+    def load(self, engine: Engine, *, threads: int) -> Runner:
+        """A runner for the built engine, using exactly ``threads`` threads."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "config": self.config.model_dump(mode="json")}

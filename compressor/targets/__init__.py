@@ -1,0 +1,1 @@
+"""Built-in targets, one per file; the file name is the registered name."""

@@ -1,0 +1,115 @@
+"""onnxruntime: an ONNX engine (FP32, or INT8 QDQ) run by ONNX Runtime's CPU execution provider.
+
+The report lists the kernels ORT really runs after its graph optimizations (e.g. QLinearConv
+for a QDQ model whose Q/DQ pairs it fused) and the CPU's integer dot-product extensions.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ..artifact import Form, ModelArtifact
+from ..pass_base import PassConfig
+from ..registry import register_target
+from ..target_base import Availability, Engine, Runner, Target
+
+OPT_LEVELS = ("disabled", "basic", "extended", "all")
+
+
+class OnnxRuntimeConfig(PassConfig):
+    graph_optimization: Literal["disabled", "basic", "extended", "all"] = "all"
+    """ORT graph optimization level"""
+
+
+@register_target
+class OnnxRuntimeTarget(Target):
+    name = "onnxruntime"
+    summary = "ONNX Runtime, CPU execution provider (FP32 or INT8 QDQ)"
+    Config = OnnxRuntimeConfig
+    consumes = frozenset({Form.ONNX})
+    libraries = ("onnxruntime",)
+
+    @classmethod
+    def availability(cls) -> Availability:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            return Availability(False, f"onnxruntime is not installed ({exc})")
+        if "CPUExecutionProvider" not in ort.get_available_providers():
+            return Availability(False, "ONNX Runtime has no CPU execution provider")
+        return Availability(True, f"onnxruntime {ort.__version__} CPUExecutionProvider")
+
+    def _build(self, artifact: ModelArtifact, tmp_dir: Path) -> tuple[list[Path], dict[str, Any]]:
+        assert artifact.path is not None
+        files = []
+        for f in artifact.files():
+            shutil.copy2(f, tmp_dir / f.name)
+            files.append(tmp_dir / f.name)
+        return files, {"graph_optimization": self.config.graph_optimization}
+
+    def load(self, engine: Engine, *, threads: int) -> Runner:
+        return OrtRunner(engine.path, threads=threads, graph_optimization=self.config.graph_optimization)
+
+
+class OrtRunner(Runner):
+    def __init__(self, path: Path, *, threads: int, graph_optimization: str = "all") -> None:
+        import onnxruntime as ort
+
+        self.name = "onnxruntime"
+        self.threads = threads
+        self._optimized = Path(tempfile.mkdtemp(prefix="ort-")) / "optimized.onnx"
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = {
+            "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[graph_optimization]
+        opts.optimized_model_filepath = str(self._optimized)
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.graph_optimization = graph_optimization
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x})[0]
+
+    def runtime_info(self) -> dict[str, Any]:
+        import onnx
+        import onnxruntime as ort
+
+        kernels: Counter[str] = Counter()
+        if self._optimized.exists():
+            for node in onnx.load(str(self._optimized), load_external_data=False).graph.node:
+                kernels[node.op_type] += 1
+        return {
+            "runtime": f"onnxruntime {ort.__version__}",
+            "providers": self.session.get_providers(),
+            "threads": self.threads,
+            "graph_optimization": self.graph_optimization,
+            "kernels": dict(kernels.most_common()),
+            "isa": cpu_isa(),
+        }
+
+    def close(self) -> None:
+        shutil.rmtree(self._optimized.parent, ignore_errors=True)
+
+
+def cpu_isa() -> str:
+    """The widest integer dot-product / vector extension the CPU reports (Linux /proc/cpuinfo)."""
+    from ..environment import cpu_flags
+
+    flags = cpu_flags()
+    for flag, name in (("amx_int8", "amx"), ("avx512_vnni", "avx512_vnni"), ("avx_vnni", "avx_vnni"),
+                       ("avx512f", "avx512"), ("avx2", "avx2")):
+        if flag in flags:
+            return name
+    return "unknown"

@@ -1,0 +1,172 @@
+"""openvino: OpenVINO IR (.xml/.bin) run by the OpenVINO CPU plugin.
+
+The report says what the plugin really used: the inference precision, and per layer type the
+runtime precision and kernel (e.g. ``brgconv_avx512_core_vnni`` for INT8 convolutions on
+AVX-512 VNNI, ``..._amx`` on AMX).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ..artifact import Form, ModelArtifact
+from ..pass_base import PassConfig
+from ..registry import register_target
+from ..target_base import Availability, Engine, Runner, Target
+
+log = logging.getLogger(__name__)
+
+
+class OpenVINOConfig(PassConfig):
+    device: str = "CPU"
+    """OpenVINO device"""
+    precision_hint: Literal["f32", "bf16", "f16"] = "f32"
+    """INFERENCE_PRECISION_HINT for layers that are not quantized"""
+    compress_to_fp16: bool = False
+    """store floating-point weights as FP16 in the .bin"""
+
+
+def to_openvino_model(artifact: ModelArtifact) -> Any:
+    """An ``ov.Model`` with a dynamic batch dimension, from any form OpenVINO can read."""
+    import openvino as ov
+
+    if artifact.form is Form.OPENVINO:
+        return ov.Core().read_model(str(artifact.path))
+    if artifact.form is Form.ONNX:
+        model = ov.convert_model(str(artifact.path))
+    else:
+        import torch
+
+        source = artifact.model
+        example = torch.zeros(artifact.input_spec.with_batch(1))
+        model = ov.convert_model(source, example_input=example)
+    shape = [-1, *artifact.input_spec.sample_shape]
+    model.reshape({model.inputs[0]: ov.PartialShape(shape)})
+    return model
+
+
+@register_target
+class OpenVINOTarget(Target):
+    name = "openvino"
+    summary = "OpenVINO IR on the CPU plugin (INT8 on AVX-512 VNNI / AMX)"
+    Config = OpenVINOConfig
+    consumes = frozenset({Form.TORCH, Form.EXPORTED, Form.ONNX, Form.OPENVINO})
+    libraries = ("openvino",)
+
+    @classmethod
+    def availability(cls) -> Availability:
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            return Availability(False, f"openvino is not installed ({exc})")
+        devices = ov.Core().available_devices
+        if "CPU" not in devices:
+            return Availability(False, f"no OpenVINO CPU device (devices: {devices})")
+        return Availability(True, "OpenVINO CPU plugin")
+
+    def _build(self, artifact: ModelArtifact, tmp_dir: Path) -> tuple[list[Path], dict[str, Any]]:
+        import openvino as ov
+
+        xml = tmp_dir / "model.xml"
+        if artifact.form is Form.OPENVINO and not self.config.compress_to_fp16:
+            assert artifact.path is not None
+            shutil.copy2(artifact.path, xml)
+            shutil.copy2(artifact.path.with_suffix(".bin"), xml.with_suffix(".bin"))
+        else:
+            ov.save_model(to_openvino_model(artifact), str(xml), compress_to_fp16=self.config.compress_to_fp16)
+        core = ov.Core()
+        info = {
+            "runtime_build": {
+                "device_name": core.get_property(self.config.device, "FULL_DEVICE_NAME"),
+                "optimization_capabilities": list(core.get_property(self.config.device, "OPTIMIZATION_CAPABILITIES")),
+            }
+        }
+        return [xml, xml.with_suffix(".bin")], info
+
+    def load(self, engine: Engine, *, threads: int) -> Runner:
+        return OVRunner(engine.path, threads=threads, device=self.config.device, precision_hint=self.config.precision_hint)
+
+
+class OVRunner(Runner):
+    """Compiles one static-shape model per batch size, with a latency hint and fixed threads."""
+
+    def __init__(self, xml: Path, *, threads: int, device: str = "CPU", precision_hint: str = "f32") -> None:
+        import openvino as ov
+
+        self.name = "openvino"
+        self.core = ov.Core()
+        self.xml = xml
+        self.threads = threads
+        self.device = device
+        self.precision_hint = precision_hint
+        self._compiled: dict[int, Any] = {}
+        self._requests: dict[int, Any] = {}
+
+    def prepare(self, batch: int) -> None:
+        if batch in self._compiled:
+            return
+        import openvino as ov
+
+        model = self.core.read_model(str(self.xml))
+        shape = list(model.inputs[0].get_partial_shape())
+        shape[0] = ov.Dimension(batch)
+        model.reshape({model.inputs[0]: ov.PartialShape(shape)})
+        config = {
+            "INFERENCE_NUM_THREADS": self.threads,
+            "NUM_STREAMS": 1,
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": self.precision_hint,
+        }
+        compiled = self.core.compile_model(model, self.device, config)
+        self._compiled[batch] = compiled
+        self._requests[batch] = compiled.create_infer_request()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        batch = len(x)
+        if batch not in self._requests:
+            self.prepare(batch)
+        request = self._requests[batch]
+        request.infer({0: x}, share_inputs=True)
+        return request.get_output_tensor(0).data.copy()
+
+    def runtime_info(self) -> dict[str, Any]:
+        import openvino as ov
+
+        if not self._compiled:
+            self.prepare(1)
+        compiled = self._compiled[min(self._compiled)]
+        kernels: Counter[str] = Counter()
+        precisions: Counter[str] = Counter()
+        for op in compiled.get_runtime_model().get_ordered_ops():
+            rt = op.get_rt_info()
+            layer = rt["layerType"].astype(str)
+            if layer in ("Convolution", "FullyConnected", "MatMul", "GroupConvolution"):
+                kernels[rt["primitiveType"].astype(str)] += 1
+                precisions[f"{layer}:{rt['runtimePrecision'].astype(str)}"] += 1
+        return {
+            "runtime": f"openvino {ov.get_version()}",
+            "device": self.device,
+            "threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
+            "inference_precision": str(compiled.get_property("INFERENCE_PRECISION_HINT")),
+            "layer_precisions": dict(precisions.most_common()),
+            "kernels": dict(kernels.most_common()),
+            "isa": isa_from_kernels(kernels),
+        }
+
+    def close(self) -> None:
+        self._requests.clear()
+        self._compiled.clear()
+
+
+def isa_from_kernels(kernels: Counter[str]) -> str:
+    """The instruction set named by the most used compute kernel, e.g. avx512_core_vnni or amx."""
+    for tag in ("amx", "avx512_core_vnni", "avx512_core_bf16", "avx512_core", "avx2_vnni", "avx2", "sse42"):
+        if any(tag in k for k in kernels):
+            return tag
+    return "unknown"
