@@ -42,6 +42,13 @@ def _setup_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(show_path=False)], force=True)
     for noisy in ("nncf", "torch", "onnxscript", "onnx_ir"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    import warnings
+
+    if verbose < 2:  # deprecation chatter from the libraries' own internals
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*TracerWarning.*")
 
 
 @cli.command()
@@ -147,7 +154,7 @@ def list_targets() -> int:
 
 @cli.command()
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("compress-out/demo"), show_default=True)
-@click.option("--epochs", type=int, default=8, show_default=True)
+@click.option("--epochs", type=click.IntRange(1, 100), default=6, show_default=True)
 @click.option("--threads", type=int, help="threads [all cores]")
 @click.option("--quiet", "-q", is_flag=True)
 def demo(out: Path, epochs: int, threads: int | None, quiet: bool) -> int:

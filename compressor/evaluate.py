@@ -79,10 +79,11 @@ def default_threads() -> int:
 class TorchRunner(Runner):
     """PyTorch eager (or FX) inference on the CPU."""
 
-    def __init__(self, module: Any, *, threads: int, name: str = "torch") -> None:
+    def __init__(self, module: Any, *, threads: int, name: str = "torch", fixed_batch: int | None = None) -> None:
         import torch
 
         self.name = name
+        self.fixed_batch = fixed_batch
         self.threads = threads
         torch.set_num_threads(threads)
         self.module = module.eval() if hasattr(module, "eval") else module
@@ -92,17 +93,22 @@ class TorchRunner(Runner):
         torch = self._torch
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
+        step = self.fixed_batch or len(x)
+        outs = []
         with torch.inference_mode():
-            out = self.module(torch.from_numpy(x))
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        return out.float().numpy()
+            for i in range(0, len(x), step):
+                out = self.module(torch.from_numpy(x[i : i + step]))
+                if isinstance(out, (tuple, list)):
+                    out = out[0]
+                outs.append(out.float().numpy())
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     def runtime_info(self) -> dict[str, Any]:
         torch = self._torch
         return {
             "runtime": f"pytorch {torch.__version__}",
-            "mode": "eager",
+            "mode": "eager" if not hasattr(self.module, "graph") else "graph",
+            "fixed_batch": self.fixed_batch,
             "threads": torch.get_num_threads(),
             "isa": torch.backends.cpu.get_cpu_capability(),
         }

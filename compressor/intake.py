@@ -80,7 +80,7 @@ def _load_torch_file(path: Path, *, arch: str | None, num_classes: int | None, t
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" not in str(exc) and "Weights only" not in str(exc):
+        if "Unsupported global" not in str(exc):  # not a pickle of classes: a damaged file
             raise ModelLoadError(f"model file {path} is corrupt or not a torch file: {_first_line(exc)}") from exc
         if not trust:
             raise ModelLoadError(
@@ -220,26 +220,38 @@ def _known(prep: dict) -> dict:
 
 
 def probe_output_width(artifact: ModelArtifact) -> int:
-    """Run one zero batch through the model: it must accept the input shape and give (N, classes)."""
-    import numpy as np
+    """Run zero batches through the model: it must accept its input shape and give (N, classes).
 
-    shape = artifact.input_spec.with_batch(1)
+    A model that takes batch 1 but not batch 2 (e.g. a torch.export program traced with a static
+    batch) is marked ``fixed_batch: 1`` so runners feed it one sample at a time.
+    """
     try:
-        if artifact.form is Form.ONNX:
-            import onnxruntime as ort
-
-            sess = ort.InferenceSession(str(artifact.path), providers=["CPUExecutionProvider"])
-            out = sess.run(None, {sess.get_inputs()[0].name: np.zeros(shape, np.float32)})[0]
-        else:
-            import torch
-
-            with torch.inference_mode():
-                out = artifact.torch_module()(torch.zeros(shape))
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-            out = out.numpy()
-    except Exception as exc:
-        raise ModelLoadError(f"the model rejects input shape {list(shape)}: {_first_line(exc)}") from exc
+        out = _forward_zeros(artifact, 2)
+    except Exception:
+        try:
+            out = _forward_zeros(artifact, 1)
+        except Exception as exc:
+            shape = list(artifact.input_spec.with_batch(1))
+            raise ModelLoadError(f"the model rejects input shape {shape}: {_first_line(exc)}") from exc
+        artifact.meta["fixed_batch"] = 1
     if out.ndim != 2:
         raise ModelLoadError(f"the model's output has shape {list(out.shape)}; a classifier gives (batch, classes)")
     return int(out.shape[1])
+
+
+def _forward_zeros(artifact: ModelArtifact, batch: int) -> Any:
+    import numpy as np
+
+    shape = artifact.input_spec.with_batch(batch)
+    if artifact.form is Form.ONNX:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(artifact.path), providers=["CPUExecutionProvider"])
+        return sess.run(None, {sess.get_inputs()[0].name: np.zeros(shape, np.float32)})[0]
+    import torch
+
+    with torch.inference_mode():
+        out = artifact.torch_module()(torch.zeros(shape))
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out.numpy()

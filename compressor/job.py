@@ -59,6 +59,8 @@ def prepare_data(recipe: Recipe, recipe_dir: Path | None, options: JobOptions, m
     base = recipe_dir
     if options.data_root is not None:
         cfg.root = str(Path(options.data_root).resolve())
+        if cfg.source == "digits":  # a directory given on the command line is an ImageFolder tree
+            cfg.source = "folder"
         base = None
     if options.eval_limit is not None:
         cfg.evaluation.limit = options.eval_limit

@@ -321,7 +321,7 @@ def source_runner(source: ModelArtifact, threads: int) -> Any:
         from .targets.onnxruntime import OrtRunner
 
         return OrtRunner(source.path, threads=threads)  # type: ignore[arg-type]
-    return TorchRunner(source.torch_module(), threads=threads)
+    return TorchRunner(source.torch_module(), threads=threads, fixed_batch=source.meta.get("fixed_batch"))
 
 
 def check_classes(model: ModelArtifact, data: DataBundle) -> None:

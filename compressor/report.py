@@ -200,7 +200,7 @@ def print_table(report: dict[str, Any], console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or Console(width=None if Console().is_terminal else 150)
     table = Table(title=f"compressor: {report['recipe']} ({report['environment']['threads']} threads)")
     for h in RESULT_HEADER:
         table.add_column(h, justify="left" if h in ("name", "target", "precision") else "right")

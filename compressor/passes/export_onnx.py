@@ -35,6 +35,11 @@ class ExportOnnx(Pass):
     produces = Form.ONNX
     libraries = ("torch", "onnx", "onnxslim", "onnxscript")
 
+    def accepts(self, form: Form) -> bool:
+        if self.config.exporter == "torchscript":  # it traces nn.Modules only
+            return form is Form.TORCH
+        return form in self.consumes
+
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> PassResult:
         import onnx
         import torch
@@ -57,8 +62,6 @@ class ExportOnnx(Pass):
                 )
             program.save(str(path), external_data=False)
         else:
-            if isinstance(model, torch.export.ExportedProgram):
-                model = model.module()
             axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if cfg.dynamic_batch else None
             with _quiet():
                 torch.onnx.export(

@@ -44,6 +44,8 @@ class QuantizePTQConfig(PassConfig):
     """openvino: symmetric (performance) or asymmetric (mixed) activations"""
     bias_correction: bool = True
     """openvino: NNCF fast bias correction"""
+    overflow_fix: Literal["first_layer", "enable", "disable"] = "first_layer"
+    """openvino: 7-bit weights against u8*s8 overflow on CPUs without VNNI (all layers, first only, none)"""
     percentile: float = Field(default=99.999, gt=50, le=100)
     """percentile calibration: the kept percentile of |activation|"""
     activation_type: Literal["uint8", "int8"] = "uint8"
@@ -121,7 +123,12 @@ class QuantizePTQ(Pass):
             "percentile": RangeEstimatorParametersSet.MEAN_QUANTILE,
             "histogram": RangeEstimatorParametersSet.HISTOGRAM,
         }
+        from nncf.quantization.advanced_parameters import OverflowFix
+
+        overflow = {"first_layer": OverflowFix.FIRST_LAYER, "enable": OverflowFix.ENABLE,
+                    "disable": OverflowFix.DISABLE}[cfg.overflow_fix]
         advanced = AdvancedQuantizationParameters(
+            overflow_fix=overflow,
             activations_range_estimator_params=estimators[cfg.calibration],
             weights_quantization_params=None if cfg.per_channel else QuantizationParameters(per_channel=False),
             disable_bias_correction=not cfg.bias_correction,

@@ -1,0 +1,129 @@
+"""Shared fixtures: a tiny CNN trained in a second on scikit-learn's bundled digits, saved in
+every model form the intake accepts, and a tiny ImageFolder tree written as PNG files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from compressor.artifact import Preprocessing
+from compressor.data import digits_source, preprocess
+
+SHAPE = [1, 3, 16, 16]
+PREP = Preprocessing(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """No test writes into the user's cache or reads a data set from the user's home."""
+    monkeypatch.setenv("COMPRESSOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("COMPRESSOR_DATA_DIR", str(tmp_path / "data-cache"))
+    torch.set_num_threads(2)
+
+
+def tiny_cnn(num_classes: int = 10) -> nn.Module:
+    """Only torch classes, so the pickled module loads anywhere."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.1), nn.Linear(32, num_classes),
+    )
+
+
+def digits_tensors(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    src = digits_source(split)
+    x = preprocess(src.load_images(np.arange(len(src)), (16, 16), "RGB"), PREP)
+    return torch.from_numpy(x), torch.from_numpy(src.labels)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny() -> nn.Module:
+    torch.manual_seed(0)
+    model = tiny_cnn()
+    x, y = digits_tensors("train")
+    epochs, batch = 15, 64
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 5e-3, total_steps=epochs * ((len(x) + batch - 1) // batch))
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), batch):
+            idx = perm[i : i + batch]
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def model_files(trained_tiny, tmp_path_factory) -> dict[str, Path]:
+    """The same trained model as pickle, TorchScript, torch.export, state dict and ONNX."""
+    d = tmp_path_factory.mktemp("models")
+    meta = {"input_shape": SHAPE, "preprocessing": PREP.model_dump(), "classes": [str(i) for i in range(10)]}
+    example = torch.zeros(SHAPE)
+    paths = {
+        "pickle": d / "tiny.pt",
+        "torchscript": d / "tiny_ts.pt",
+        "exported": d / "tiny.pt2",
+        "state_dict": d / "tiny_weights.pt",
+        "onnx": d / "tiny.onnx",
+    }
+    torch.save(trained_tiny, paths["pickle"])
+    torch.jit.save(torch.jit.trace(trained_tiny, example), str(paths["torchscript"]))
+    torch.export.save(torch.export.export(trained_tiny, (example,)), str(paths["exported"]))
+    torch.save(trained_tiny.state_dict(), paths["state_dict"])
+    torch.onnx.export(trained_tiny, (example,), str(paths["onnx"]), dynamo=False, input_names=["input"],
+                      dynamic_axes={"input": {0: "batch"}}, opset_version=17)
+    for p in paths.values():
+        p.with_suffix(".json").write_text(json.dumps(meta))
+    return paths
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """train/ and test/ with 3 classes of 12x12 PNGs whose colour tells the class."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "folder"
+    for split, n in (("train", 8), ("test", 4)):
+        for c, name in enumerate(("cat", "dog", "emu")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                arr = rng.integers(0, 60, size=(12, 12, 3), dtype=np.uint8)
+                arr[..., c] += 180
+                Image.fromarray(arr).save(root / split / name / f"{i:03d}.png")
+    return root
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+TINY_RECIPE = """
+name: tiny
+data:
+  source: digits
+  calibration: {samples: 64}
+passes:
+  - fuse
+  - quantize_ptq: {backend: openvino}
+targets:
+  - openvino
+evaluation:
+  batch_size: 64
+  warmup: 2
+  latency_runs: 10
+  latency_min_seconds: 0
+  throughput_batch: 8
+  throughput_seconds: 0.05
+"""

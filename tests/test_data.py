@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+
+from compressor.artifact import Preprocessing
+from compressor.data import DataConfig, digits_source, open_data, preprocess, scan_image_folder
+from compressor.errors import DataError
+
+
+def test_balanced_indices_are_balanced_seeded_and_distinct():
+    src = digits_source("train")
+    idx = src.balanced_indices(100, seed=3)
+    counts = np.bincount(src.labels[idx], minlength=10)
+    assert counts.min() == counts.max() == 10
+    assert len(set(idx.tolist())) == 100
+    assert np.array_equal(idx, src.balanced_indices(100, seed=3))
+    assert not np.array_equal(idx, src.balanced_indices(100, seed=4))
+
+
+def test_digits_splits_are_disjoint_and_stratified():
+    train, test = digits_source("train"), digits_source("test")
+    assert len(train) + len(test) == 1797
+    assert abs(len(test) / 1797 - 0.25) < 0.01
+    assert train.classes == test.classes == [str(i) for i in range(10)]
+
+
+def test_preprocess_scales_then_normalises():
+    img = np.full((1, 2, 2, 3), 255, np.uint8)
+    x = preprocess(img, Preprocessing(mean=[0.5, 0.0, 1.0], std=[0.5, 1.0, 2.0]))
+    assert x.shape == (1, 3, 2, 2) and x.dtype == np.float32
+    np.testing.assert_allclose(x[0, :, 0, 0], [1.0, 1.0, 0.0], atol=1e-6)
+
+
+def test_image_folder(image_folder):
+    src = scan_image_folder(image_folder / "train", "train")
+    assert src.classes == ["cat", "dog", "emu"] and len(src) == 24
+    imgs = src.load_images(np.array([0, 8, 16]), (20, 20), "RGB")
+    assert imgs.shape == (3, 20, 20, 3)
+    # the class's colour channel dominates
+    assert [int(np.argmax(im.mean(axis=(0, 1)))) for im in imgs] == [0, 1, 2]
+    bundle = open_data(DataConfig(source="folder", root=str(image_folder), calibration={"samples": 6}))
+    cal = bundle.calibration_images((12, 12), "RGB")
+    assert cal.shape == (6, 12, 12, 3)
+    x, y = bundle.evaluation_set((12, 12), "RGB")
+    assert len(x) == 12 and sorted(np.bincount(y).tolist()) == [4, 4, 4]
+
+
+def test_missing_data_directory_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        open_data(DataConfig(source="folder", root=str(tmp_path / "nowhere")))
+    (tmp_path / "only_train" / "train" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="no test/ directory"):
+        open_data(DataConfig(source="folder", root=str(tmp_path / "only_train")))
+
+
+def test_cifar10_by_name_without_network_or_local_copy(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="CIFAR-10 not found"):
+        open_data(DataConfig(source="cifar10", download=False))
+
+
+def test_cifar10_by_name_finds_an_image_folder_copy(image_folder):
+    bundle = open_data(DataConfig(source="cifar10", root=str(image_folder)))
+    assert bundle.classes == ["cat", "dog", "emu"]

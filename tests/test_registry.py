@@ -1,0 +1,99 @@
+"""The registry is the test matrix: every registered pass and target gets the same smoke test on
+the tiny model, in every form it takes. Targets that cannot run here are skipped with the reason."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compressor import Form, ModelArtifact, passes, targets
+from compressor.data import DataConfig, open_data
+from compressor.intake import load_model
+from compressor.pass_base import PassContext
+
+# extra configurations beyond the defaults, per registered name
+EXTRA_CONFIGS = {
+    "quantize_ptq": [{"backend": "onnxruntime"}, {"backend": "openvino", "calibration": "histogram"}],
+    "export_onnx": [{"exporter": "torchscript"}],
+}
+BUILTIN = {"fuse", "export_onnx", "quantize_ptq"}
+
+
+def _cases(registry, extra):
+    for name, cls in registry.items():
+        if name.startswith("test_"):
+            continue
+        for config in [{}, *extra.get(name, [])]:
+            yield pytest.param(name, config, id=f"{name}-{'-'.join(f'{k}={v}' for k, v in config.items()) or 'default'}")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return open_data(DataConfig(source="digits", calibration={"samples": 32}))
+
+
+@pytest.fixture(scope="module")
+def forms(model_files, tmp_path_factory):
+    """The tiny model in every form, for feeding any pass or target."""
+    d = tmp_path_factory.mktemp("forms")
+    torch_art = load_model(model_files["pickle"], trust=True)
+    out = {Form.TORCH: torch_art, Form.EXPORTED: load_model(model_files["exported"]),
+           Form.ONNX: load_model(model_files["onnx"])}
+    import openvino as ov
+
+    from compressor.targets.openvino import to_openvino_model
+
+    ov.save_model(to_openvino_model(torch_art), str(d / "m.xml"))
+    out[Form.OPENVINO] = torch_art.derive(Form.OPENVINO, path=d / "m.xml")
+    return out
+
+
+def _reference_logits(art: ModelArtifact, x: np.ndarray) -> np.ndarray:
+    from compressor.pipeline import source_runner
+
+    return source_runner(art, threads=2)(x)
+
+
+def test_builtins_are_registered():
+    assert BUILTIN <= set(passes())
+    assert {"openvino", "onnxruntime", "tensorrt"} <= set(targets())
+
+
+@pytest.mark.parametrize("name, config", list(_cases(passes(), EXTRA_CONFIGS)))
+def test_every_pass_on_every_form_it_takes(name, config, forms, digits, tmp_path):
+    p = passes()[name](config)
+    ran = 0
+    for form, art in forms.items():
+        if not p.accepts(form):
+            continue
+        work = tmp_path / form.value
+        work.mkdir()
+        result = p(art, PassContext(work_dir=work, data=digits, threads=2))
+        assert result.artifact.form is p.output_form(form)
+        assert result.artifact.input_spec == art.input_spec and result.artifact.classes == art.classes
+        ran += 1
+    assert ran, f"{name} takes none of the forms the test can make"
+
+
+@pytest.mark.parametrize("name", [n for n in targets() if not n.startswith("test_")])
+def test_every_target_builds_and_runs(name, forms, digits, tmp_path):
+    cls = targets()[name]
+    avail = cls.availability()
+    if not avail.ok:
+        pytest.skip(f"{name} cannot run here: {avail.reason}")
+    target = cls()
+    x, _ = digits.evaluation_set((16, 16), "RGB")
+    from compressor.data import preprocess
+
+    xb = preprocess(x[:8], forms[Form.TORCH].preprocessing)
+    want = _reference_logits(forms[Form.TORCH], xb)
+    for form in sorted(cls.consumes, key=lambda f: f.value):
+        engine = target.build(forms[form], tmp_path / form.value)
+        assert all(Path(f).is_file() for f in engine.files) and engine.size_bytes > 0
+        runner = target.load(engine, threads=2)
+        got = runner(xb)
+        np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)  # FP32 kernels differ in summation order
+        assert (got.argmax(1) == want.argmax(1)).all()
+        info = runner.runtime_info()
+        assert info["threads"] == 2
