@@ -111,10 +111,18 @@ def validate(recipe: str) -> int:
     return 0
 
 
+def _type_name(annotation: Any) -> str:
+    from typing import Literal, get_args, get_origin
+
+    if get_origin(annotation) is Literal:
+        return "|".join(str(a) for a in get_args(annotation))
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
 def _fields(config_cls: Any) -> list[str]:
     out = []
     for name, f in config_cls.model_fields.items():
-        ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+        ann = _type_name(f.annotation)
         default = f.get_default(call_default_factory=True)
         desc = f" - {' '.join(f.description.split())}" if f.description else ""
         out.append(f"{name}: {ann} = {default!r}{desc}")

@@ -97,3 +97,15 @@ def test_every_target_builds_and_runs(name, forms, digits, tmp_path):
         assert (got.argmax(1) == want.argmax(1)).all()
         info = runner.runtime_info()
         assert info["threads"] == 2
+
+
+def test_import_compressor_loads_no_runtime():
+    """Listing passes and targets must not import OpenVINO, ONNX Runtime, TensorRT or LiteRT."""
+    import subprocess
+    import sys
+
+    code = ("import sys, compressor; compressor.passes(); compressor.targets(); "
+            "heavy = [m for m in ('openvino', 'onnxruntime', 'tensorrt', 'ai_edge_litert', 'nncf') if m in sys.modules]; "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
