@@ -18,13 +18,13 @@ from .errors import (
 )
 from .pass_base import Pass, PassConfig, PassContext, PassResult
 from .pipeline import PassCache, Pipeline, RunResult
-from .registry import get_pass, get_target, passes, register_pass, register_target, targets
+from .registry import get_pass, get_target, pass_registry, register_pass, register_target, target_registry
 from .target_base import Engine, Runner, Target
 
 __all__ = [
     "AcceptanceError", "CompressorError", "ConfigError", "DataError", "Engine", "Form", "InputSpec",
     "ModelArtifact", "ModelLoadError", "Pass", "PassCache", "PassConfig", "PassContext", "PassError",
     "PassResult", "Pipeline", "PipelineOrderError", "Preprocessing", "RunResult", "Runner", "Target",
-    "TargetError", "TargetUnavailable", "get_pass", "get_target", "passes", "register_pass",
-    "register_target", "targets",
+    "TargetError", "TargetUnavailable", "get_pass", "get_target", "pass_registry", "register_pass",
+    "register_target", "target_registry",
 ]

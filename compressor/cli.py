@@ -132,9 +132,9 @@ def _fields(config_cls: Any) -> list[str]:
 @cli.command(name="passes")
 def list_passes() -> int:
     """List the registered passes with their config fields."""
-    from .registry import passes
+    from .registry import pass_registry
 
-    for name, cls in passes().items():
+    for name, cls in pass_registry().items():
         consumes = ", ".join(sorted(f.value for f in cls.consumes))
         produces = cls.produces.value if cls.produces else "depends on config"
         click.echo(f"{name}: {cls.summary}")
@@ -147,9 +147,9 @@ def list_passes() -> int:
 @cli.command(name="targets")
 def list_targets() -> int:
     """List the registered targets, whether each can run here (and why not), and config fields."""
-    from .registry import targets
+    from .registry import target_registry
 
-    for name, cls in targets().items():
+    for name, cls in target_registry().items():
         avail = cls.availability()
         state = "available" if avail.ok else "NOT available"
         click.echo(f"{name}: {cls.summary}")

@@ -53,25 +53,25 @@ def _load_builtins() -> None:
     _loaded = True
 
 
-def passes() -> dict[str, type[Pass]]:
+def pass_registry() -> dict[str, type[Pass]]:
     _load_builtins()
     return dict(sorted(_PASSES.items()))
 
 
-def targets() -> dict[str, type[Target]]:
+def target_registry() -> dict[str, type[Target]]:
     _load_builtins()
     return dict(sorted(_TARGETS.items()))
 
 
 def get_pass(name: str, field: str = "passes") -> type[Pass]:
-    known = passes()
+    known = pass_registry()
     if name not in known:
         raise ConfigError(f"{field}: unknown pass {name!r} (known: {', '.join(known)})")
     return known[name]
 
 
 def get_target(name: str, field: str = "targets") -> type[Target]:
-    known = targets()
+    known = target_registry()
     if name not in known:
         raise ConfigError(f"{field}: unknown target {name!r} (known: {', '.join(known)})")
     return known[name]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from compressor import Form, ModelArtifact, passes, targets
+from compressor import Form, ModelArtifact, pass_registry, target_registry
 from compressor.data import DataConfig, open_data
 from compressor.intake import load_model
 from compressor.pass_base import PassContext
@@ -56,13 +56,13 @@ def _reference_logits(art: ModelArtifact, x: np.ndarray) -> np.ndarray:
 
 
 def test_builtins_are_registered():
-    assert BUILTIN <= set(passes())
-    assert {"openvino", "onnxruntime", "tensorrt"} <= set(targets())
+    assert BUILTIN <= set(pass_registry())
+    assert {"openvino", "onnxruntime", "tensorrt"} <= set(target_registry())
 
 
-@pytest.mark.parametrize("name, config", list(_cases(passes(), EXTRA_CONFIGS)))
+@pytest.mark.parametrize("name, config", list(_cases(pass_registry(), EXTRA_CONFIGS)))
 def test_every_pass_on_every_form_it_takes(name, config, forms, digits, tmp_path):
-    p = passes()[name](config)
+    p = pass_registry()[name](config)
     ran = 0
     for form, art in forms.items():
         if not p.accepts(form):
@@ -76,9 +76,9 @@ def test_every_pass_on_every_form_it_takes(name, config, forms, digits, tmp_path
     assert ran, f"{name} takes none of the forms the test can make"
 
 
-@pytest.mark.parametrize("name", [n for n in targets() if not n.startswith("test_")])
+@pytest.mark.parametrize("name", [n for n in target_registry() if not n.startswith("test_")])
 def test_every_target_builds_and_runs(name, forms, digits, tmp_path):
-    cls = targets()[name]
+    cls = target_registry()[name]
     avail = cls.availability()
     if not avail.ok:
         pytest.skip(f"{name} cannot run here: {avail.reason}")
@@ -104,7 +104,7 @@ def test_import_compressor_loads_no_runtime():
     import subprocess
     import sys
 
-    code = ("import sys, compressor; compressor.passes(); compressor.targets(); "
+    code = ("import sys, compressor; compressor.pass_registry(); compressor.target_registry(); "
             "heavy = [m for m in ('openvino', 'onnxruntime', 'tensorrt', 'ai_edge_litert', 'nncf') if m in sys.modules]; "
             "print(heavy); sys.exit(1 if heavy else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
