@@ -144,15 +144,15 @@ def scan_image_folder(root: Path, split_name: str) -> ImageSource:
     labels: list[int] = []
     h = hashlib.sha256()
     for label, cls in enumerate(classes):
-        files = sorted(
-            e.name
-            for e in os.scandir(root / cls)
-            if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES
+        entries = sorted(
+            (e for e in os.scandir(root / cls) if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES),
+            key=lambda e: e.name,
         )
-        for name in files:
-            paths.append(root / cls / name)
+        for e in entries:
+            st = e.stat()
+            paths.append(root / cls / e.name)
             labels.append(label)
-            h.update(f"{cls}/{name}\n".encode())
+            h.update(f"{cls}/{e.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     if not paths:
         raise DataError(f"{root} has class directories but no images")
     return ImageSource(
@@ -263,6 +263,18 @@ class DataBundle:
             self._cache[key] = self.calibration_source.load_images(idx, size, color)
         return self._cache[key]
 
+    def split_images(self, which: str, size: tuple[int, int], color: str) -> np.ndarray:
+        """Every image of the training (calibration) or evaluation split, decoded once.
+
+        Decoded arrays of file-based splits are kept on disk in the data cache, keyed by the
+        split's fingerprint, so the next run skips JPEG decoding.
+        """
+        src = self.calibration_source if which == "train" else self.evaluation_source
+        key = ("split", which, size, color)
+        if key not in self._cache:
+            self._cache[key] = _decoded(src, size, color)
+        return self._cache[key]
+
     def evaluation_set(self, size: tuple[int, int], color: str) -> tuple[np.ndarray, np.ndarray]:
         cfg = self.config.evaluation
         key = ("eval", size, color)
@@ -279,6 +291,28 @@ class DataBundle:
             return f"{self.calibration_source.fingerprint}:{c.samples}:{c.seed}"
         e = self.config.evaluation
         return f"{self.evaluation_source.fingerprint}:{e.limit}:{e.seed}"
+
+
+def _decoded(src: ImageSource, size: tuple[int, int], color: str) -> np.ndarray:
+    if src.arrays is not None:
+        return src.load_images(np.arange(len(src)), size, color)
+    path = _cache_root() / "decoded" / f"{src.fingerprint}-{size[0]}x{size[1]}-{color}.npy"
+    if path.is_file():
+        try:
+            arr = np.load(path, mmap_mode=None)
+            if len(arr) == len(src):
+                return arr
+        except (OSError, ValueError):
+            pass
+    arr = src.load_images(np.arange(len(src)), size, color)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, arr)
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only cache is no reason to fail
+        log.warning("cannot cache decoded images at %s: %s", path, exc)
+    return arr
 
 
 def open_data(config: DataConfig, *, base_dir: Path | None = None) -> DataBundle:

@@ -1,0 +1,338 @@
+"""The one training loop every training pass shares (fine-tuning after pruning, distillation, QAT).
+
+Optimizer and schedule, epochs or steps, bf16 autocast on CPUs with native bf16 (and on GPUs),
+a rich progress bar with loss and accuracy, best checkpoint by top-1 on a class-balanced
+validation subset held out of the training split, seeded. Launched under ``torchrun`` it trains
+with DistributedDataParallel (gloo on CPU, nccl on GPUs) with no change of code: each process
+takes its shard of every epoch's permutation, the global batch stays the same.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .artifact import ModelArtifact
+    from .data import DataBundle
+
+log = logging.getLogger(__name__)
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    epochs: float = Field(default=1.0, gt=0)
+    """passes over the training images (fractions allowed)"""
+    max_steps: int | None = Field(default=None, ge=1)
+    """stop after this many optimizer steps (overrides epochs)"""
+    batch_size: int = Field(default=128, ge=1)
+    """global batch size (split across processes under torchrun)"""
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    """SGD momentum"""
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
+    warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
+    """linear warm-up share of the steps (cosine schedule)"""
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    augment: bool = True
+    """random crop (padding 4) and horizontal flip"""
+    bf16: Literal["auto", "on", "off"] = "auto"
+    """bf16 autocast; auto: where the hardware has native bf16 (AVX512-BF16/AMX CPUs, GPUs)"""
+    train_samples: int | None = Field(default=None, ge=1)
+    """train on a class-balanced subset of this size (default: the whole split minus validation)"""
+    val_samples: int = Field(default=2000, ge=0)
+    """class-balanced images held out of the training split to pick the best checkpoint"""
+    evals_per_epoch: int = Field(default=1, ge=1)
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    best_val_top1: float | None
+    final_val_top1: float | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    world_size: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {"steps": self.steps, "seconds": round(self.seconds, 1), "best_val_top1": self.best_val_top1,
+                "final_val_top1": self.final_val_top1, "world_size": self.world_size, "history": self.history}
+
+
+# ---------------------------------------------------------------------- distributed
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); initializes torch.distributed when launched by torchrun."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main_process() -> bool:
+    return world()[0] == 0
+
+
+def device() -> Any:
+    import torch
+
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def use_bf16(setting: str, dev: Any) -> bool:
+    if setting == "on":
+        return True
+    if setting == "off":
+        return False
+    if dev.type == "cuda":
+        import torch
+
+        return torch.cuda.is_bf16_supported()
+    from .environment import cpu_flags
+
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+# ---------------------------------------------------------------------- data
+
+
+@dataclass
+class TrainData:
+    """uint8 training and validation images (N, H, W, C) + labels, and how to normalise them."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    scale: float
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC -> float NCHW with the model's preprocessing."""
+        import torch
+
+        x = images.permute(0, 3, 1, 2).float() * self.scale
+        mean = torch.as_tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+
+def training_data(artifact: ModelArtifact, data: DataBundle, cfg: TrainConfig) -> TrainData:
+    src = data.calibration_source  # the training split
+    size = tuple(artifact.input_spec.sample_shape[1:])
+    color = artifact.preprocessing.color
+    all_idx = np.arange(len(src))
+    val_idx = src.balanced_indices(cfg.val_samples, seed=cfg.seed + 1) if cfg.val_samples else np.array([], int)
+    train_idx = np.setdiff1d(all_idx, val_idx)
+    if cfg.train_samples is not None and cfg.train_samples < len(train_idx):
+        from .data import ImageSource
+
+        sub = ImageSource(name="train", classes=src.classes, labels=src.labels[train_idx])
+        train_idx = train_idx[sub.balanced_indices(cfg.train_samples, seed=cfg.seed)]
+    if len(train_idx) == 0:
+        raise ConfigError("train.val_samples leaves no training images")
+    images = data.split_images("train", size, color)  # type: ignore[arg-type]
+    prep = artifact.preprocessing
+    channels = images.shape[-1]
+    return TrainData(
+        x_train=images[train_idx], y_train=src.labels[train_idx],
+        x_val=images[val_idx], y_val=src.labels[val_idx],
+        mean=np.asarray(prep.mean[:channels], np.float32), std=np.asarray(prep.std[:channels], np.float32),
+        scale=prep.scale,
+    )
+
+
+def augment(images: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip, on a uint8 NHWC batch."""
+    import torch
+
+    n, h, w, _ = images.shape
+    padded = torch.nn.functional.pad(images, (0, 0, pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    flip = torch.rand(n, generator=gen) < 0.5
+    out = torch.empty_like(images)
+    for i in range(n):
+        crop = padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
+        out[i] = crop.flip(1) if flip[i] else crop
+    return out
+
+
+# ---------------------------------------------------------------------- the loop
+
+LossFn = Callable[[Any, "torch.Tensor", "torch.Tensor", "torch.Tensor"], tuple["torch.Tensor", "torch.Tensor"]]
+
+
+def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
+    def loss(model: Any, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        logits = model(x)
+        return torch.nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing), logits
+
+    return loss
+
+
+def evaluate_top1(model: Any, x: np.ndarray, y: np.ndarray, data: TrainData, batch: int = 256) -> float:
+    """top-1 % of ``model`` on uint8 images, sharded across processes under torchrun."""
+    import torch
+
+    rank, size = world()
+    dev = next(model.parameters()).device
+    shard = np.arange(rank, len(x), size)
+    correct = torch.zeros(2, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for i in range(0, len(shard), batch):
+            ix = shard[i : i + batch]
+            logits = model(data.normalise(torch.from_numpy(x[ix])).to(dev))
+            correct[0] += float((logits.argmax(1).cpu().numpy() == y[ix]).sum())
+            correct[1] += len(ix)
+    if size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(correct)
+    model.train(was_training)
+    return 100.0 * float(correct[0] / max(correct[1], 1))
+
+
+def train(
+    model: Any,
+    data: TrainData,
+    cfg: TrainConfig,
+    *,
+    loss_fn: LossFn | None = None,
+    extra_params: list[Any] | None = None,
+    description: str = "training",
+) -> TrainResult:
+    """Train ``model`` in place; it ends with the best validation checkpoint loaded."""
+    import torch
+
+    rank, size = world()
+    dev = device()
+    torch.manual_seed(cfg.seed)
+    model.to(dev)
+    loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
+    net = model
+    if size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    n = len(data.x_train)
+    per_rank_batch = max(1, cfg.batch_size // size)
+    steps_per_epoch = max(1, n // cfg.batch_size)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    sched = _schedule(opt, cfg, total)
+    eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
+    bf16 = use_bf16(cfg.bf16, dev)
+    gen = torch.Generator().manual_seed(cfg.seed + 1000 * rank)
+
+    best_top1, best_state, history = None, None, []
+    started = time.perf_counter()
+    step, epoch = 0, 0
+    progress = _progress(rank == 0, description, total)
+    running_loss, running_correct, running_seen = 0.0, 0, 0
+    with progress as bar:
+        task = bar.add_task(description, total=total, loss=float("nan"), acc=float("nan"))
+        while step < total:
+            perm = np.random.default_rng(cfg.seed + epoch).permutation(n)
+            usable = (n // cfg.batch_size) * cfg.batch_size or n
+            mine = perm[:usable][rank::size]
+            net.train()
+            for i in range(0, len(mine), per_rank_batch):
+                if step >= total:
+                    break
+                ix = np.sort(mine[i : i + per_rank_batch])
+                images = torch.from_numpy(data.x_train[ix])
+                if cfg.augment:
+                    images = augment(images, gen)
+                xb = data.normalise(images).to(dev)
+                yb = torch.from_numpy(data.y_train[ix]).to(dev)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss, logits = loss_fn(net, xb, yb, torch.from_numpy(ix))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                running_loss += float(loss.detach()) * len(ix)
+                running_correct += int((logits.detach().argmax(1) == yb).sum())
+                running_seen += len(ix)
+                bar.update(task, advance=1, loss=running_loss / running_seen, acc=100 * running_correct / running_seen)
+                if step % eval_every == 0 or step == total:
+                    val = evaluate_top1(model, data.x_val, data.y_val, data) if len(data.x_val) else None
+                    history.append({"step": step, "epoch": round(step / steps_per_epoch, 2),
+                                    "train_loss": round(running_loss / running_seen, 4),
+                                    "train_top1": round(100 * running_correct / running_seen, 2), "val_top1": val})
+                    log.info("%s step %d/%d: %s", description, step, total, history[-1])
+                    running_loss, running_correct, running_seen = 0.0, 0, 0
+                    if val is not None and (best_top1 is None or val > best_top1):
+                        best_top1, best_state = val, copy.deepcopy(model.state_dict())
+                    net.train()
+            epoch += 1
+    final = history[-1]["val_top1"] if history else None
+    if best_state is not None and best_top1 is not None and final is not None and best_top1 > final:
+        model.load_state_dict(best_state)
+    model.to("cpu").eval()
+    return TrainResult(steps=step, seconds=time.perf_counter() - started, best_val_top1=best_top1,
+                       final_val_top1=final, history=history, world_size=size)
+
+
+def _schedule(opt: Any, cfg: TrainConfig, total: int) -> Any:
+    import torch
+
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total)
+    if cfg.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    warm = int(cfg.warmup_fraction * total)
+
+    def cosine(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, cosine)
+
+
+def _progress(enabled: bool, description: str, total: int) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.1f}%"),
+        TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False,
+    )
