@@ -88,6 +88,16 @@ class Pass(ABC):
             )
         return self.output_form(form)
 
+    def preflight(self, artifact: ModelArtifact | None, data: DataBundle | None) -> None:
+        """Checks that need the model or data, run for every pass before any pass runs, so a bad
+        config fails before hours of training. ``artifact`` is a preview of this pass's input
+        (see :meth:`preview`), or None where no preview can be had."""
+
+    def preview(self, artifact: ModelArtifact) -> ModelArtifact | None:
+        """A cheap stand-in for this pass's output, for the next pass's preflight: the input
+        itself when the pass keeps the form (weights change, structure mostly not), else None."""
+        return artifact if self.output_form(artifact.form) is artifact.form else None
+
     @abstractmethod
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> PassResult: ...
 

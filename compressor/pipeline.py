@@ -166,6 +166,17 @@ class Pipeline:
     def check(self, input_form: Form) -> list[Form]:
         return check_chain(self.passes, self.targets, input_form)
 
+    def preflight(self, model: ModelArtifact, data: DataBundle | None) -> None:
+        """Every pass checks what it can before any pass runs (e.g. a teacher's classes)."""
+        from .errors import ConfigError
+
+        preview: ModelArtifact | None = model
+        for p in self.passes:
+            if p.needs_data and data is None:
+                raise ConfigError(f"{p.field}: pass {p.name!r} needs data (give the recipe a data section)")
+            p.preflight(preview, data)
+            preview = p.preview(preview) if preview is not None else None
+
     # ------------------------------------------------------------------ running
     def run(
         self,
@@ -178,6 +189,7 @@ class Pipeline:
         self.check(model.form)
         if data is not None:
             check_classes(model, data)
+        self.preflight(model, data)
         evaluation = evaluation or EvaluationConfig()
         threads = evaluation.threads or default_threads()
         tmp = tempfile.TemporaryDirectory(prefix="compressor-run-")

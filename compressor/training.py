@@ -149,7 +149,8 @@ def training_data(artifact: ModelArtifact, data: DataBundle, cfg: TrainConfig) -
     size = tuple(artifact.input_spec.sample_shape[1:])
     color = artifact.preprocessing.color
     all_idx = np.arange(len(src))
-    val_idx = src.balanced_indices(cfg.val_samples, seed=cfg.seed + 1) if cfg.val_samples else np.array([], int)
+    n_val = min(cfg.val_samples, len(src) // 5)  # never more than a fifth of the split
+    val_idx = src.balanced_indices(n_val, seed=cfg.seed + 1) if n_val else np.array([], int)
     train_idx = np.setdiff1d(all_idx, val_idx)
     if cfg.train_samples is not None and cfg.train_samples < len(train_idx):
         from .data import ImageSource

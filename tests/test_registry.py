@@ -16,15 +16,22 @@ from compressor.pass_base import PassContext
 EXTRA_CONFIGS = {
     "quantize_ptq": [{"backend": "onnxruntime"}, {"backend": "openvino", "calibration": "histogram"}],
     "export_onnx": [{"exporter": "torchscript"}],
+    "prune_structured": [{"macs_reduction": 0.3, "importance": "taylor", "iterative_steps": 2,
+                          "finetune": {"max_steps": 2, "batch_size": 32, "val_samples": 20}}],
+    "distill": [{"teacher": "{pickle}", "teacher_trusted": True, "student": "torchvision:resnet18",
+                 "train": {"max_steps": 1, "batch_size": 16, "val_samples": 20, "augment": False}}],
 }
-BUILTIN = {"fuse", "export_onnx", "quantize_ptq"}
+BUILTIN = {"fuse", "export_onnx", "quantize_ptq", "prune_structured", "distill"}
+# passes with required fields: their smallest valid config (files from the model_files fixture)
+REQUIRED = {"distill": {"teacher": "{pickle}", "teacher_trusted": True,
+                        "train": {"max_steps": 2, "batch_size": 32, "val_samples": 20}}}
 
 
 def _cases(registry, extra):
     for name, cls in registry.items():
         if name.startswith("test_"):
             continue
-        for config in [{}, *extra.get(name, [])]:
+        for config in [REQUIRED.get(name, {}), *extra.get(name, [])]:
             yield pytest.param(name, config, id=f"{name}-{'-'.join(f'{k}={v}' for k, v in config.items()) or 'default'}")
 
 
@@ -61,7 +68,8 @@ def test_builtins_are_registered():
 
 
 @pytest.mark.parametrize("name, config", list(_cases(pass_registry(), EXTRA_CONFIGS)))
-def test_every_pass_on_every_form_it_takes(name, config, forms, digits, tmp_path):
+def test_every_pass_on_every_form_it_takes(name, config, forms, digits, tmp_path, model_files):
+    config = {k: v.format(**model_files) if isinstance(v, str) else v for k, v in config.items()}
     p = pass_registry()[name](config)
     ran = 0
     for form, art in forms.items():

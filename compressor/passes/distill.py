@@ -1,0 +1,273 @@
+"""distill: knowledge distillation from a teacher model file into the current model or into a
+fresh student architecture (e.g. ``torchvision:mobilenet_v2``).
+
+Loss: Hinton et al. (KL divergence of temperature-softened outputs, scaled by T^2, weighted
+against cross-entropy on the labels) plus a feature loss on the penultimate embeddings (the
+classifier's input; FitNets-style, through a learned linear projection when widths differ).
+The teacher runs in inference mode; without augmentation its outputs are computed once and
+cached. The report shows teacher, student-before and student-after top-1.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from ..artifact import Form, ModelArtifact
+from ..errors import CompressorError, ConfigError
+from ..pass_base import Pass, PassConfig, PassContext, PassResult
+from ..registry import register_pass
+from ..training import TrainConfig, TrainData, evaluate_top1, train, training_data
+
+log = logging.getLogger(__name__)
+
+
+class DistillConfig(PassConfig):
+    teacher: str
+    """teacher model file (any form the intake reads; a model.json beside it is used)"""
+    teacher_trusted: bool = False
+    """allow the teacher to be a pickled nn.Module (loading runs code from the file)"""
+    teacher_arch: str | None = None
+    """architecture of a state-dict teacher, e.g. torchvision:resnet50"""
+    student: str | None = None
+    """fresh student architecture, e.g. torchvision:mobilenet_v2; omitted: distill into the current model"""
+    temperature: float = Field(default=4.0, gt=0)
+    alpha: float = Field(default=0.7, ge=0, le=1)
+    """weight of the distillation term; 1 - alpha weighs cross-entropy on the labels"""
+    feature_loss: Literal["none", "penultimate"] = "penultimate"
+    """feature-based loss on the embeddings that enter the classifier"""
+    feature_weight: float = Field(default=1.0, ge=0)
+    cache_teacher: bool = True
+    """compute the teacher's outputs once when there is no augmentation"""
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1.0))
+
+    @field_validator("student")
+    @classmethod
+    def _known_student(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        provider, _, name = value.partition(":")
+        if provider != "torchvision" or not name:
+            raise ValueError(f"unknown student architecture {value!r}: expected torchvision:NAME")
+        import torchvision
+
+        if name not in torchvision.models.list_models(module=torchvision.models):
+            raise ValueError(f"unknown student architecture {value!r}: torchvision has no such classification model")
+        return value
+
+
+def _classifier(model: Any) -> Any:
+    import torch
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise ValueError("the model has no Linear classifier to take penultimate features from")
+    return linears[-1]
+
+
+class _Features:
+    """Captures the input of a model's classifier on every forward."""
+
+    def __init__(self, model: Any) -> None:
+        self.value = None
+        self.handle = _classifier(model).register_forward_hook(self._hook)
+
+    def _hook(self, module: Any, inputs: Any, output: Any) -> None:
+        self.value = inputs[0]
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+@register_pass
+class Distill(Pass):
+    name = "distill"
+    summary = "knowledge distillation from a teacher (Hinton KD + penultimate feature loss)"
+    Config = DistillConfig
+    consumes = frozenset({Form.TORCH})
+    produces = Form.TORCH
+    needs_data = True
+
+    def __init__(self, config: Any = None, /, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self._teacher: ModelArtifact | None = None
+
+    # ------------------------------------------------------------------ checks before training
+    def teacher(self) -> ModelArtifact:
+        if self._teacher is None:
+            from ..intake import load_model
+
+            try:
+                self._teacher = load_model(Path(self.config.teacher), arch=self.config.teacher_arch,
+                                           trust=self.config.teacher_trusted)
+            except CompressorError as exc:
+                raise ConfigError(f"{self.field}.teacher: {exc}") from None
+        return self._teacher
+
+    def _student(self, artifact: ModelArtifact) -> Any:
+        if self.config.student is None:
+            return copy.deepcopy(artifact.torch_module())
+        from ..intake import build_arch
+
+        width = artifact.meta.get("num_outputs") or len(artifact.classes or [])
+        return build_arch(self.config.student, width or None)
+
+    def preflight(self, artifact: ModelArtifact | None, data: Any) -> None:
+        teacher = self.teacher()
+        width = teacher.meta["num_outputs"]
+        classes = data.classes if data is not None else None
+        if classes is not None and width != len(classes):
+            raise ConfigError(f"{self.field}.teacher: the teacher has {width} outputs but the data has "
+                              f"{len(classes)} classes")
+        if artifact is not None:
+            student_width = artifact.meta.get("num_outputs")
+            if student_width is not None and student_width != width:
+                raise ConfigError(f"{self.field}.teacher: the teacher has {width} outputs, the student "
+                                  f"{student_width}")
+            if teacher.classes and artifact.classes and list(teacher.classes) != list(artifact.classes):
+                raise ConfigError(f"{self.field}.teacher: the teacher's classes {teacher.classes} differ from the "
+                                  f"student's {artifact.classes}")
+            if teacher.input_spec.shape[1:] != artifact.input_spec.shape[1:]:
+                raise ConfigError(f"{self.field}.teacher: the teacher takes input {teacher.input_spec.shape}, "
+                                  f"the student {artifact.input_spec.shape}")
+            if self.config.feature_loss != "none":
+                try:
+                    _classifier(teacher.torch_module())
+                    _classifier(self._student(artifact))
+                except ValueError as exc:
+                    raise ConfigError(f"{self.field}.feature_loss: {exc}") from None
+
+    def preview(self, artifact: ModelArtifact) -> ModelArtifact | None:
+        if self.config.student is None:
+            return artifact
+        return artifact.derive(Form.TORCH, model=self._student(artifact))
+
+    # ------------------------------------------------------------------ training
+    def run(self, artifact: ModelArtifact, ctx: PassContext) -> PassResult:
+        import torch
+
+        cfg = self.config
+        assert ctx.data is not None
+        self.preflight(artifact, ctx.data)
+        teacher_art = self.teacher()
+        teacher = teacher_art.torch_module().eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        student = self._student(artifact).train()
+        tdata = training_data(artifact, ctx.data, cfg.train)
+        x_test, y_test = _evaluation_images(artifact, ctx)
+
+        top1_teacher = evaluate_top1(teacher, x_test, y_test, tdata)
+        top1_before = evaluate_top1(student, x_test, y_test, tdata)
+
+        t_feat = _Features(teacher) if cfg.feature_loss != "none" else None
+        s_feat = _Features(student) if cfg.feature_loss != "none" else None
+        projector = None
+        if t_feat is not None and s_feat is not None:
+            with torch.inference_mode():
+                probe = tdata.normalise(torch.from_numpy(tdata.x_train[:2]))
+                teacher(probe)
+                student.eval()
+                student(probe)
+                student.train()
+            ds, dt = s_feat.value.shape[1], t_feat.value.shape[1]
+            projector = torch.nn.Linear(ds, dt, bias=False)
+
+        cached = None
+        if cfg.cache_teacher and not cfg.train.augment:
+            cached = _teacher_outputs(teacher, t_feat, tdata)
+        temp, alpha = cfg.temperature, cfg.alpha
+
+        def loss_fn(net: Any, x: Any, y: Any, idx: Any) -> tuple[Any, Any]:
+            import torch.nn.functional as F
+
+            logits = net(x)
+            if cached is not None:
+                t_logits = cached[0][idx].to(logits.dtype)
+                t_features = cached[1][idx].to(logits.dtype) if cached[1] is not None else None
+            else:
+                with torch.inference_mode():
+                    t_logits = teacher(x).float()
+                    t_features = t_feat.value.float() if t_feat is not None else None
+                t_logits = t_logits.clone()
+                t_features = t_features.clone() if t_features is not None else None
+            kd = F.kl_div(F.log_softmax(logits.float() / temp, 1), F.log_softmax(t_logits / temp, 1),
+                          reduction="batchmean", log_target=True) * temp * temp
+            ce = F.cross_entropy(logits, y, label_smoothing=cfg.train.label_smoothing)
+            loss = alpha * kd + (1 - alpha) * ce
+            if projector is not None and t_features is not None:
+                s = F.normalize(projector(s_feat.value.float()), dim=1)
+                t = F.normalize(t_features.float(), dim=1)
+                loss = loss + cfg.feature_weight * (s - t).pow(2).sum(1).mean()
+            return loss, logits
+
+        # the projector trains with the student (one module, so DDP synchronises it too)
+        result = train(_WithProjector(student, projector), tdata, cfg.train, loss_fn=loss_fn, description="distill")
+        for hook in (t_feat, s_feat):
+            if hook is not None:
+                hook.remove()
+        top1_after = evaluate_top1(student, x_test, y_test, tdata)
+        metrics = {
+            "teacher": cfg.teacher,
+            "student": cfg.student or "current model",
+            "evaluation_images": len(y_test),
+            "teacher_top1": top1_teacher,
+            "student_top1_before": top1_before,
+            "student_top1_after": top1_after,
+            "temperature": temp,
+            "alpha": alpha,
+            "feature_loss": cfg.feature_loss,
+            "teacher_cached": cached is not None,
+            "train": result.to_json(),
+        }
+        log.info("distill: teacher %.2f%%, student %.2f%% -> %.2f%%", top1_teacher, top1_before, top1_after)
+        meta = {"distilled_from": cfg.teacher}
+        if cfg.student:
+            meta["arch"] = cfg.student
+        return PassResult(artifact.derive(Form.TORCH, model=student.eval(), **meta), metrics)
+
+
+def _with_projector_type() -> Any:
+    import torch
+
+    class WithProjector(torch.nn.Module):
+        def __init__(self, student: Any, projector: Any) -> None:
+            super().__init__()
+            self.student = student
+            self.projector = projector
+
+        def forward(self, x: Any) -> Any:
+            return self.student(x)
+
+    return WithProjector
+
+
+def _WithProjector(student: Any, projector: Any) -> Any:  # noqa: N802 - reads as a class
+    if projector is None:
+        return student
+    return _with_projector_type()(student, projector)
+
+
+def _evaluation_images(artifact: ModelArtifact, ctx: PassContext) -> tuple[np.ndarray, np.ndarray]:
+    assert ctx.data is not None
+    size = tuple(artifact.input_spec.sample_shape[1:])
+    return ctx.data.evaluation_set(size, artifact.preprocessing.color)  # type: ignore[arg-type]
+
+
+def _teacher_outputs(teacher: Any, feats: _Features | None, data: TrainData, batch: int = 256) -> tuple[Any, Any]:
+    """Teacher logits (and penultimate features, as float16) for every training image, in order."""
+    import torch
+
+    logits, features = [], []
+    with torch.inference_mode():
+        for i in range(0, len(data.x_train), batch):
+            x = data.normalise(torch.from_numpy(data.x_train[i : i + batch]))
+            logits.append(teacher(x).float())
+            if feats is not None:
+                features.append(feats.value.to(torch.float16))
+    return torch.cat(logits), (torch.cat(features) if features else None)
