@@ -27,6 +27,7 @@ class EvaluationConfig(BaseModel):
     latency_min_seconds: float = Field(default=2.0, ge=0, description="keep timing batch-1 runs at least this long")
     throughput_batch: int = Field(default=64, ge=1)
     throughput_seconds: float = Field(default=3.0, gt=0)
+    stages: bool = Field(default=False, description="also measure every intermediate torch model (eager)")
 
 
 @dataclass

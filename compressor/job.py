@@ -81,7 +81,7 @@ def run_job(model_path: Path, recipe: Recipe, recipe_path: Path | None, options:
     passes, targets = recipe.build_passes(), recipe.build_targets()
     if not targets:
         raise ConfigError("targets: a recipe needs at least one target")
-    pipeline = Pipeline(passes, targets, seed=recipe.seed)
+    pipeline = Pipeline(passes, targets, baselines=recipe.build_targets("baselines"), seed=recipe.seed)
     pipeline.check(guess_form(model_path))  # fail fast, before loading anything heavy
     needs_data = [p for p in passes if p.needs_data]
     if needs_data and recipe.data is None and options.data_root is None:

@@ -88,6 +88,10 @@ class Pass(ABC):
             )
         return self.output_form(form)
 
+    def fingerprint(self) -> str | None:
+        """Hash of any file the pass reads beside its input (e.g. a teacher), for the cache key."""
+        return None
+
     def preflight(self, artifact: ModelArtifact | None, data: DataBundle | None) -> None:
         """Checks that need the model or data, run for every pass before any pass runs, so a bad
         config fails before hours of training. ``artifact`` is a preview of this pass's input

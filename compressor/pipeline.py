@@ -109,6 +109,9 @@ class PassCache:
             "versions": library_versions(("compressor", *p.libraries)),
             "data": data.fingerprint("calibration") if (p.needs_data and data is not None) else None,
         }
+        files = p.fingerprint()
+        if files is not None:
+            payload["files"] = files
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
     def get(self, key: str) -> tuple[ModelArtifact, dict[str, Any]] | None:
@@ -153,17 +156,21 @@ class Pipeline:
         passes: Sequence[Pass],
         targets: Sequence[Target] = (),
         *,
+        baselines: Sequence[Target] = (),
         hooks: Sequence[Hook] = (),
         cache: PassCache | None = None,
         seed: int = 0,
     ) -> None:
         self.passes = list(passes)
         self.targets = list(targets)
+        self.baselines = list(baselines)  # targets that take the source model, as fair references
         self.hooks = HookList(hooks)
         self.cache = cache
         self.seed = seed
 
     def check(self, input_form: Form) -> list[Form]:
+        for t in self.baselines:
+            t.check_input(input_form, t.field)
         return check_chain(self.passes, self.targets, input_form)
 
     def preflight(self, model: ModelArtifact, data: DataBundle | None) -> None:
@@ -199,7 +206,8 @@ class Pipeline:
         for index, p in enumerate(self.passes):
             artifact = self._run_pass(index, p, artifact, data, Path(tmp.name), threads, result)
         if out_dir is not None:
-            self._build_targets(artifact, Path(out_dir), result)
+            self._build_targets(model, self.baselines, Path(out_dir), result, prefix="source-")
+            self._build_targets(artifact, self.targets, Path(out_dir), result)
         if data is not None and out_dir is not None:
             self._measure(data, evaluation, threads, result)
         self.hooks.on_run_end(result)
@@ -253,12 +261,13 @@ class Pipeline:
         self.hooks.on_pass_end(index, p, record)
         return out
 
-    def _build_targets(self, artifact: ModelArtifact, out_dir: Path, result: RunResult) -> None:
+    def _build_targets(self, artifact: ModelArtifact, targets: list[Target], out_dir: Path, result: RunResult,
+                       prefix: str = "") -> None:
         engines_dir = out_dir / "engines"
-        for t in self.targets:
+        for t in targets:
             self.hooks.on_target_start(t)
             try:
-                engine = t.build(artifact, engines_dir)
+                engine = t.build(artifact, engines_dir, prefix=prefix)
             except TargetUnavailable as exc:
                 result.failures.append(TargetFailure(t.name, t.field, str(exc), unavailable=True))
                 self.hooks.on_target_end(t, None, str(exc))
@@ -297,6 +306,8 @@ class Pipeline:
         )
         result.measurements.append(src)
         self.hooks.on_measure_end(src)
+        if cfg.stages:
+            self._measure_stages(x, labels, src, cfg, threads, result)
         for engine, target in self._engine_targets(result):
             self.hooks.on_measure_start(engine.name)
             try:
@@ -323,9 +334,35 @@ class Pipeline:
             result.measurements.append(m)
             self.hooks.on_measure_end(m)
 
+    def _measure_stages(self, x: Any, labels: Any, src: Measurement, cfg: EvaluationConfig, threads: int,
+                        result: RunResult) -> None:
+        """A row for every intermediate torch model (PyTorch eager), so each stage's cost shows."""
+        for record, art in zip(result.records, result.artifacts[1:]):
+            if art.form is not Form.TORCH:
+                continue
+            name = f"stage{record.index}-{record.name}"
+            self.hooks.on_measure_start(name)
+            m = measure(name=name, target="torch", precision=art.precision,
+                        runner=TorchRunner(art.torch_module(), threads=threads, fixed_batch=art.meta.get("fixed_batch")),
+                        x=x, labels=labels, reference=src.predictions, size_bytes=_state_size(art.model), cfg=cfg,
+                        threads=threads, progress=self.hooks.on_message)
+            result.measurements.append(m)
+            self.hooks.on_measure_end(m)
+
     def _engine_targets(self, result: RunResult) -> list[tuple[Engine, Target]]:
-        by_field = {t.field: t for t in self.targets}
+        by_field = {t.field: t for t in [*self.baselines, *self.targets]}
         return [(e, by_field[e.info["field"]]) for e in result.engines]
+
+
+def _state_size(model: Any) -> int:
+    """Bytes of a torch model's state dict as torch.save writes it."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.tell()
 
 
 def source_runner(source: ModelArtifact, threads: int) -> Any:

@@ -11,6 +11,8 @@ A recipe reads as a flat list of named stages::
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +65,12 @@ class Recipe(BaseModel):
     data: DataConfig | None = None
     passes: list[Step] = Field(default_factory=list)
     targets: list[Step] = Field(default_factory=list)
+    baselines: list[Step] = Field(default_factory=list)
+    """targets that take the source model as it is (e.g. OpenVINO FP32), as fair references"""
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     acceptance: AcceptanceConfig = Field(default_factory=AcceptanceConfig)
 
-    @field_validator("passes", "targets")
+    @field_validator("passes", "targets", "baselines")
     @classmethod
     def _one_key(cls, steps: list[Step]) -> list[Step]:
         for i, step in enumerate(steps):
@@ -90,11 +94,11 @@ class Recipe(BaseModel):
             out.append(get_pass(name, f"passes[{i}]")(config, field=field))
         return out
 
-    def build_targets(self) -> list[Any]:
+    def build_targets(self, section: str = "targets") -> list[Any]:
         out = []
-        for i, step in enumerate(self.targets):
+        for i, step in enumerate(getattr(self, section)):
             name, config = self._split(step)
-            out.append(get_target(name, f"targets[{i}]")(config, field=f"targets[{i}].{name}"))
+            out.append(get_target(name, f"{section}[{i}]")(config, field=f"{section}[{i}].{name}"))
         return out
 
     def check(self, input_form: Form = Form.TORCH) -> list[Form]:
@@ -104,6 +108,8 @@ class Recipe(BaseModel):
         passes, targets = self.build_passes(), self.build_targets()
         if not targets:
             raise ConfigError("targets: a recipe needs at least one target")
+        for t in self.build_targets("baselines"):
+            t.check_input(input_form, t.field)
         return check_chain(passes, targets, input_form)
 
     def to_yaml(self) -> str:
@@ -139,7 +145,30 @@ def load_recipe(ref: str | Path) -> tuple[Recipe, Path]:
         raise ConfigError(f"cannot read recipe {path}: {exc.strerror}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
+    raw = expand_variables(raw, {"RECIPE_DIR": str(path.resolve().parent)}, source=str(path))
     return parse_recipe(raw, source=str(path)), path
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_variables(value: Any, extra: dict[str, str], source: str, where: str = "") -> Any:
+    """``${RECIPE_DIR}`` (the recipe's directory) and ``${ENV_VAR}`` in string values."""
+    if isinstance(value, dict):
+        return {k: expand_variables(v, extra, source, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_variables(v, extra, source, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str) and "${" in value:
+        def sub(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name in extra:
+                return extra[name]
+            if name in os.environ:
+                return os.environ[name]
+            raise ConfigError(f"{source}: {where}: variable ${{{name}}} is not set")
+
+        return _VAR.sub(sub, value)
+    return value
 
 
 def parse_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
@@ -150,6 +179,7 @@ def parse_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
     try:
         recipe.build_passes()
         recipe.build_targets()
+        recipe.build_targets("baselines")
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return recipe

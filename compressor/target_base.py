@@ -97,13 +97,13 @@ class Target(ABC):
     def engine_name(self, artifact: ModelArtifact) -> str:
         return f"{self.name}-{artifact.precision}"
 
-    def build(self, artifact: ModelArtifact, out_dir: Path) -> Engine:
+    def build(self, artifact: ModelArtifact, out_dir: Path, *, prefix: str = "") -> Engine:
         """Build into a temporary directory and rename it into ``out_dir/<engine name>`` when complete."""
         self.check_input(artifact.form, self.field)
         avail = self.availability()
         if not avail.ok:
             raise TargetUnavailable(f"target {self.name!r} is not available here: {avail.reason}")
-        name = self.engine_name(artifact)
+        name = prefix + self.engine_name(artifact)
         final = out_dir / name
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))

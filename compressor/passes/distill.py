@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..artifact import Form, ModelArtifact
 from ..errors import CompressorError, ConfigError
@@ -28,14 +28,18 @@ log = logging.getLogger(__name__)
 
 
 class DistillConfig(PassConfig):
-    teacher: str
-    """teacher model file (any form the intake reads; a model.json beside it is used)"""
+    teacher: str | None = None
+    """teacher model file (any form the intake reads; a model.json beside it is used);
+    omitted: the current model teaches a new ``student``"""
     teacher_trusted: bool = False
     """allow the teacher to be a pickled nn.Module (loading runs code from the file)"""
     teacher_arch: str | None = None
     """architecture of a state-dict teacher, e.g. torchvision:resnet50"""
     student: str | None = None
-    """fresh student architecture, e.g. torchvision:mobilenet_v2; omitted: distill into the current model"""
+    """the student: torchvision:NAME (fresh weights) or a model file (its trained weights);
+    omitted: distill into the current model"""
+    student_trusted: bool = False
+    """allow a student model file that is a pickled nn.Module"""
     temperature: float = Field(default=4.0, gt=0)
     alpha: float = Field(default=0.7, ge=0, le=1)
     """weight of the distillation term; 1 - alpha weighs cross-entropy on the labels"""
@@ -46,13 +50,19 @@ class DistillConfig(PassConfig):
     """compute the teacher's outputs once when there is no augmentation"""
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1.0))
 
+    @model_validator(mode="after")
+    def _someone_teaches(self) -> DistillConfig:
+        if self.teacher is None and self.student is None:
+            raise ValueError("give a teacher (a model file), or a student for the current model to teach")
+        return self
+
     @field_validator("student")
     @classmethod
     def _known_student(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
+        if value is None or not value.startswith("torchvision:"):
+            return value  # a model file, checked before training
         provider, _, name = value.partition(":")
-        if provider != "torchvision" or not name:
+        if not name:
             raise ValueError(f"unknown student architecture {value!r}: expected torchvision:NAME")
         import torchvision
 
@@ -96,9 +106,23 @@ class Distill(Pass):
     def __init__(self, config: Any = None, /, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         self._teacher: ModelArtifact | None = None
+        self._student_file: ModelArtifact | None = None
+
+    def fingerprint(self) -> str | None:
+        import hashlib
+
+        h = hashlib.sha256()
+        for spec in (self.config.teacher, self.config.student):
+            if spec and not spec.startswith("torchvision:") and Path(spec).is_file():
+                st = Path(spec).stat()
+                h.update(f"{Path(spec).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()
 
     # ------------------------------------------------------------------ checks before training
-    def teacher(self) -> ModelArtifact:
+    def teacher(self, artifact: ModelArtifact | None) -> ModelArtifact | None:
+        """The teacher: the configured file, or else the current model (None if not known yet)."""
+        if self.config.teacher is None:
+            return artifact
         if self._teacher is None:
             from ..intake import load_model
 
@@ -110,15 +134,32 @@ class Distill(Pass):
         return self._teacher
 
     def _student(self, artifact: ModelArtifact) -> Any:
-        if self.config.student is None:
+        spec = self.config.student
+        if spec is None:
             return copy.deepcopy(artifact.torch_module())
-        from ..intake import build_arch
+        if spec.startswith("torchvision:"):
+            from ..intake import build_arch
 
-        width = artifact.meta.get("num_outputs") or len(artifact.classes or [])
-        return build_arch(self.config.student, width or None)
+            width = artifact.meta.get("num_outputs") or len(artifact.classes or [])
+            return build_arch(spec, width or None)
+        if self._student_file is None:
+            from ..intake import load_model
+
+            try:
+                self._student_file = load_model(Path(spec), trust=self.config.student_trusted)
+            except CompressorError as exc:
+                raise ConfigError(f"{self.field}.student: {exc}") from None
+            if self._student_file.form is not Form.TORCH:
+                raise ConfigError(f"{self.field}.student: a student must be a trainable torch model, got "
+                                  f"{self._student_file.form.value}")
+        return copy.deepcopy(self._student_file.torch_module())
 
     def preflight(self, artifact: ModelArtifact | None, data: Any) -> None:
-        teacher = self.teacher()
+        if self.config.student is not None and artifact is not None:
+            self._student(artifact)  # a bad student file fails here, before any training
+        teacher = self.teacher(artifact)
+        if teacher is None:
+            return
         width = teacher.meta["num_outputs"]
         classes = data.classes if data is not None else None
         if classes is not None and width != len(classes):
@@ -154,7 +195,8 @@ class Distill(Pass):
         cfg = self.config
         assert ctx.data is not None
         self.preflight(artifact, ctx.data)
-        teacher_art = self.teacher()
+        teacher_art = self.teacher(artifact)
+        assert teacher_art is not None
         teacher = teacher_art.torch_module().eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -213,7 +255,7 @@ class Distill(Pass):
                 hook.remove()
         top1_after = evaluate_top1(student, x_test, y_test, tdata)
         metrics = {
-            "teacher": cfg.teacher,
+            "teacher": cfg.teacher or "the input model",
             "student": cfg.student or "current model",
             "evaluation_images": len(y_test),
             "teacher_top1": top1_teacher,
@@ -226,9 +268,10 @@ class Distill(Pass):
             "train": result.to_json(),
         }
         log.info("distill: teacher %.2f%%, student %.2f%% -> %.2f%%", top1_teacher, top1_before, top1_after)
-        meta = {"distilled_from": cfg.teacher}
+        meta = {"distilled_from": cfg.teacher or artifact.meta.get("source_file", "input model")}
         if cfg.student:
-            meta["arch"] = cfg.student
+            meta["student"] = cfg.student
+            meta["num_outputs"] = artifact.meta.get("num_outputs")
         return PassResult(artifact.derive(Form.TORCH, model=student.eval(), **meta), metrics)
 
 

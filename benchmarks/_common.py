@@ -1,0 +1,60 @@
+"""Helpers for the benchmark scripts: run one `compress` command, keep its report, add the
+issue's figures (ratios between rows of that one report) to report.md and figures.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SHARED = Path(os.environ.get("SHARED", REPO.parent / "shared"))
+COMPRESS = Path(os.environ.get("COMPRESS", REPO / ".venv" / "bin" / "compress"))
+
+
+def run_compress(name: str, model: Path, recipe: str, *extra: str) -> dict:
+    """Run the CLI; engines go to benchmarks/work/NAME, the report to benchmarks/results/NAME."""
+    work = HERE / "work" / name
+    cmd = [str(COMPRESS), str(model), "--recipe", recipe, "--trust-model", "--data",
+           str(SHARED / "datasets" / "cifar10"), "--threads", "2", "--out", str(work), *extra]
+    print("$", " ".join(cmd), flush=True)
+    code = subprocess.call(cmd)
+    if code not in (0, 1):  # 1: an acceptance limit missed; the report is still complete
+        sys.exit(code)
+    report = json.loads((work / "report.json").read_text())
+    report["command"] = " ".join(cmd)
+    return report
+
+
+def row(report: dict, name: str) -> dict:
+    for r in report["results"]:
+        if r["name"] == name:
+            return r
+    raise KeyError(f"no result {name!r} in the report (have: {[r['name'] for r in report['results']]})")
+
+
+def publish(name: str, report: dict, figures: list[dict]) -> Path:
+    """Write report.json/report.md (with the figures section) under benchmarks/results/NAME."""
+    from compressor.report import render_markdown
+
+    dest = HERE / "results" / name
+    dest.mkdir(parents=True, exist_ok=True)
+    report["figures"] = figures
+    (dest / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    lines = [render_markdown(report), "## Figures asked for", "", f"Command: `{report['command']}`", "",
+             "| figure | value | asked | verdict |", "|---|---|---|---|"]
+    for f in figures:
+        verdict = "pass" if f["passed"] else "**FAIL**"
+        lines.append(f"| {f['figure']} | {f['value']} | {f['asked']} | {verdict} |")
+    (dest / "report.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {dest}/report.md")
+    for f in figures:
+        print(f"  {f['figure']}: {f['value']} (asked {f['asked']}) -> {'pass' if f['passed'] else 'FAIL'}")
+    return dest
+
+
+def figure(name: str, value: float, asked: str, passed: bool, unit: str = "") -> dict:
+    return {"figure": name, "value": f"{value:.3f}{unit}", "asked": asked, "passed": bool(passed)}

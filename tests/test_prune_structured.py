@@ -1,0 +1,79 @@
+import copy
+
+import pytest
+import torch
+
+from compressor import ConfigError, Pipeline, get_pass, get_target
+from compressor.data import DataConfig, open_data
+from compressor.intake import load_model
+from compressor.pass_base import PassContext
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return open_data(DataConfig(source="digits", calibration={"samples": 32}))
+
+
+def _macs(model, shape=(1, 3, 16, 16)):
+    import torch_pruning as tp
+
+    return tp.utils.count_ops_and_params(model, torch.zeros(shape))[0]
+
+
+def test_channel_ratio_removes_channels_rounded_and_keeps_classifier(model_files, tmp_path):
+    art = load_model(model_files["pickle"], trust=True)
+    before = copy.deepcopy(art.model.state_dict())
+    res = get_pass("prune_structured")(channel_ratio=0.5, round_to=8)(art, PassContext(work_dir=tmp_path))
+    pruned = res.artifact.model
+    convs = [m for m in pruned.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [8, 16]  # 16 -> 8, 32 -> 16: multiples of 8
+    assert pruned[-1].out_features == 10  # the classifier keeps its classes
+    assert res.metrics["macs_after"] < res.metrics["macs_before"]
+    assert res.metrics["params_after"] < res.metrics["params_before"]
+    out = pruned(torch.zeros(2, 3, 16, 16))
+    assert out.shape == (2, 10)
+    assert all(torch.equal(before[k], v) for k, v in art.model.state_dict().items())  # input untouched
+
+
+def test_macs_target_is_met_and_finetuning_recovers(model_files, digits, tmp_path):
+    art = load_model(model_files["pickle"], trust=True)
+    p = get_pass("prune_structured")(macs_reduction=0.5, round_to=1, iterative_steps=2,
+                                     finetune={"epochs": 2, "batch_size": 64, "lr": 3e-3, "val_samples": 200})
+    res = p(art, PassContext(work_dir=tmp_path, data=digits))
+    assert abs(res.metrics["macs_reduction"] - 0.5) < 0.06
+    assert len(res.metrics["steps"]) == 2 and "finetune" in res.metrics["steps"][0]
+    last = res.metrics["steps"][-1]
+    assert last["val_top1_finetuned"] > last["val_top1_pruned"]  # fine-tuning recovers accuracy
+    assert last["val_top1_finetuned"] > 30  # far above chance (10%) after halving a 2-conv net
+
+
+@pytest.mark.parametrize("config, field", [
+    ({"channel_ratio": 1.0}, "channel_ratio"),
+    ({"channel_ratio": 0.0}, "channel_ratio"),
+    ({"macs_reduction": 1.5}, "macs_reduction"),
+    ({"importance": "random_forest"}, "importance"),
+    ({"channel_ratio": 0.3, "macs_reduction": 0.3}, "not both"),
+])
+def test_bad_config_names_the_field(config, field):
+    with pytest.raises(ConfigError, match=field):
+        get_pass("prune_structured")(config, field="passes[0].prune_structured")
+
+
+def test_errors_come_before_any_training(model_files, digits, tmp_path):
+    art = load_model(model_files["pickle"], trust=True)
+    finetune = {"epochs": 50, "batch_size": 8}  # would take minutes if it ever started
+    bad_layer = get_pass("prune_structured")(ignored_layers=["nope"], finetune=finetune, field="passes[0].prune_structured")
+    with pytest.raises(ConfigError, match=r"passes\[0\].prune_structured.ignored_layers: .*'nope'"):
+        Pipeline([bad_layer], [get_target("openvino")()]).run(art, data=digits)
+    unreachable = get_pass("prune_structured")(macs_reduction=0.95, max_layer_ratio=0.5, finetune=finetune)
+    with pytest.raises(ConfigError, match="out of reach"):
+        Pipeline([unreachable], [get_target("openvino")()]).run(art, data=digits)
+
+
+def test_whole_layer_removal_is_refused():
+    from compressor.passes.prune_structured import _check_layers
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 1, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    model[0].out_channels = 0  # what a too-aggressive plan would leave
+    with pytest.raises(ConfigError, match="remove every channel of layer '0'"):
+        _check_layers(model, "passes[0].prune_structured")
