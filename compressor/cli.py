@@ -87,6 +87,8 @@ def run(model: Path | None, recipe: str, out: Path | None, arch: str | None, num
                          data_root=data_root, threads=threads, eval_limit=eval_limit, cache_dir=cache_dir,
                          use_cache=not no_cache, hooks=hooks)
     job = run_job(model, rec, rec_path, options)
+    if not job.report:  # a non-first process of a torchrun job: the first one reports
+        return job.exit_code
     print_table(job.report)
     click.echo(f"wrote {job.out_dir}/report.md, {job.out_dir}/report.json and {len(job.report['engines'])} engine(s)")
     return job.exit_code

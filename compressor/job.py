@@ -16,6 +16,7 @@ from .errors import ConfigError
 from .hooks import Hook, LoggingHook, TimingHook
 from .intake import load_model
 from .pipeline import PassCache, Pipeline
+from .training import world
 from .recipe import Recipe
 from .report import build_report, write_report
 
@@ -100,17 +101,25 @@ def run_job(model_path: Path, recipe: Recipe, recipe_path: Path | None, options:
     data = prepare_data(recipe, recipe_path.parent if recipe_path else None, options, model_path)
 
     out_dir = Path(options.out_dir) if options.out_dir else default_out_dir(model_path, recipe)
+    timing = TimingHook()
+    evaluation = recipe.evaluation.model_copy()
+    if options.threads is not None:
+        evaluation.threads = options.threads
+    rank, world_size = world()
+    cache = PassCache(options.cache_dir or PassCache.default_root()) if options.use_cache else None
+    if rank != 0:
+        # Under torchrun every process runs the passes (training passes train together with
+        # DDP); only the first process writes the cache, builds engines, measures and reports.
+        pipeline.hooks.hooks = [LoggingHook()]
+        pipeline.cache = ReadOnlyCache(cache.root) if cache else None
+        pipeline.run(artifact, data=data, out_dir=None, evaluation=evaluation)
+        return JobResult(report={}, out_dir=out_dir, exit_code=0)
+    pipeline.hooks.hooks = [LoggingHook(), timing, *options.hooks]
+    pipeline.cache = cache
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    timing = TimingHook()
-    pipeline.hooks.hooks = [LoggingHook(), timing, *options.hooks]
-    if options.use_cache:
-        pipeline.cache = PassCache(options.cache_dir or PassCache.default_root())
-    evaluation = recipe.evaluation.model_copy()
-    if options.threads is not None:
-        evaluation.threads = options.threads
     try:
         result = pipeline.run(artifact, data=data, out_dir=staging, evaluation=evaluation)
         report = build_report(
@@ -122,6 +131,7 @@ def run_job(model_path: Path, recipe: Recipe, recipe_path: Path | None, options:
             limits=recipe.acceptance,
             timings=timing.timings,
         )
+        report["world_size"] = world_size
         _relocate_paths(report, staging, out_dir)
         write_report(report, staging)
         _finalize(staging, out_dir)
@@ -131,6 +141,13 @@ def run_job(model_path: Path, recipe: Recipe, recipe_path: Path | None, options:
     failed_targets = [f for f in result.failures if not f.unavailable]
     exit_code = 0 if report["acceptance"]["passed"] and not failed_targets else 1
     return JobResult(report=report, out_dir=out_dir, exit_code=exit_code)
+
+
+class ReadOnlyCache(PassCache):
+    """Reads finished entries but writes none (the other processes of a torchrun job)."""
+
+    def put(self, key: str, artifact: Any, metrics: dict[str, Any]) -> Any:
+        return artifact
 
 
 def _relocate_paths(report: dict[str, Any], staging: Path, out_dir: Path) -> None:

@@ -11,6 +11,7 @@ from typing import Literal
 from ..artifact import Form, ModelArtifact
 from ..pass_base import Pass, PassConfig, PassContext, PassResult
 from ..registry import register_pass
+from .quantize_qat import is_qat_model
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,15 @@ class ExportOnnx(Pass):
         model = artifact.model
         example = (torch.zeros(artifact.input_spec.with_batch(1)),)
         exporter = cfg.exporter
+        qat = is_qat_model(model)  # NNCF fake quantizers export as QuantizeLinear/DequantizeLinear with TorchScript only
         if exporter == "auto":
-            exporter = "torchscript" if isinstance(model, torch.jit.ScriptModule) else "dynamo"
+            exporter = "torchscript" if isinstance(model, torch.jit.ScriptModule) or qat else "dynamo"
         if exporter == "dynamo":
             if isinstance(model, torch.jit.ScriptModule):
                 raise ValueError("the dynamo exporter cannot take a TorchScript model; use exporter: torchscript")
+            if qat:
+                raise ValueError("the dynamo exporter cannot trace NNCF's fake quantizers (a quantize_qat model); "
+                                 "use exporter: torchscript")
             dyn = ({0: torch.export.Dim("batch", min=1, max=4096)},) if cfg.dynamic_batch else None
             with _quiet():
                 program = torch.onnx.export(
