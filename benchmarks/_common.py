@@ -15,10 +15,10 @@ SHARED = Path(os.environ.get("SHARED", REPO.parent / "shared"))
 COMPRESS = Path(os.environ.get("COMPRESS", REPO / ".venv" / "bin" / "compress"))
 
 
-def run_compress(name: str, model: Path, recipe: str, *extra: str) -> dict:
+def run_compress(name: str, model: Path, recipe: str, *extra: str, launcher: list[str] | None = None) -> dict:
     """Run the CLI; engines go to benchmarks/work/NAME, the report to benchmarks/results/NAME."""
     work = HERE / "work" / name
-    cmd = [str(COMPRESS), str(model), "--recipe", recipe, "--trust-model", "--data",
+    cmd = [*(launcher or [str(COMPRESS)]), str(model), "--recipe", recipe, "--trust-model", "--data",
            str(SHARED / "datasets" / "cifar10"), "--threads", "2", "--out", str(work), *extra]
     print("$", " ".join(cmd), flush=True)
     code = subprocess.call(cmd)
