@@ -14,7 +14,7 @@ from compressor.recipe import load_recipe
 base, _ = load_recipe("mobilenetv2_distill_resnet50")
 variants = {
     "ptq": {"quantize_ptq": {"backend": "openvino", "calibration": "minmax"}},
-    "qat": {"quantize_qat": {"train": {"epochs": 1.0, "batch_size": 128, "lr": 2e-5, "weight_decay": 0.0,
+    "qat": {"quantize_qat": {"train": {"epochs": 0.5, "batch_size": 128, "lr": 2e-5, "weight_decay": 0.0,
                                        "schedule": "cosine", "augment": True, "val_samples": 2000}}},
 }
 reports = {}
