@@ -159,6 +159,11 @@ class PruneStructured(Pass):
                     lo = mid
                 if abs(macs - want) / base_macs < 0.005:
                     break
+        if cfg.macs_reduction is not None:
+            got = 1 - self._dry_run(model, example, ratio)[1] / base_macs
+            if got - cfg.macs_reduction > 0.02:  # MACs fall in steps as whole channel groups go
+                log.warning("%s: no channel ratio removes exactly %.0f%% of the MACs; the nearest above removes "
+                            "%.1f%%", self.field, 100 * cfg.macs_reduction, 100 * got)
         _check_layers(trial, self.field)
         self._plan[key] = (ratio, trial)
         return ratio, trial
@@ -213,6 +218,7 @@ class PruneStructured(Pass):
             "macs_before": int(macs0),
             "macs_after": int(macs1),
             "macs_reduction": round(1 - macs1 / macs0, 4),
+            "macs_reduction_target": cfg.macs_reduction,
             "params_before": int(params0),
             "params_after": int(params1),
             "val_top1_before": val_before,
