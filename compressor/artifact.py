@@ -238,6 +238,17 @@ def _hash_torch(h: Any, model: Any) -> None:
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
+def state_dict_bytes(model: Any) -> bytes:
+    """A torch model's state dict as ``torch.save`` writes it."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.getvalue()
+
+
 def file_size(paths: list[Path]) -> int:
     return sum(p.stat().st_size for p in paths if p.exists())
 

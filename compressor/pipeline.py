@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .artifact import Form, ModelArtifact
+from .artifact import Form, ModelArtifact, state_dict_bytes
 from .data import DataBundle
 from .errors import CompressorError, DataError, TargetError, TargetUnavailable
 from .evaluate import EvaluationConfig, Measurement, TorchRunner, default_threads, measure
@@ -344,7 +344,7 @@ class Pipeline:
             self.hooks.on_measure_start(name)
             m = measure(name=name, target="torch", precision=art.precision,
                         runner=TorchRunner(art.torch_module(), threads=threads, fixed_batch=art.meta.get("fixed_batch")),
-                        x=x, labels=labels, reference=src.predictions, size_bytes=_state_size(art.model), cfg=cfg,
+                        x=x, labels=labels, reference=src.predictions, size_bytes=len(state_dict_bytes(art.model)), cfg=cfg,
                         threads=threads, progress=self.hooks.on_message)
             result.measurements.append(m)
             self.hooks.on_measure_end(m)
@@ -352,17 +352,6 @@ class Pipeline:
     def _engine_targets(self, result: RunResult) -> list[tuple[Engine, Target]]:
         by_field = {t.field: t for t in [*self.baselines, *self.targets]}
         return [(e, by_field[e.info["field"]]) for e in result.engines]
-
-
-def _state_size(model: Any) -> int:
-    """Bytes of a torch model's state dict as torch.save writes it."""
-    import io
-
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.tell()
 
 
 def source_runner(source: ModelArtifact, threads: int) -> Any:

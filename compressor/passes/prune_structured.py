@@ -149,18 +149,17 @@ class PruneStructured(Pass):
                     f"{self.field}.macs_reduction: {cfg.macs_reduction} is out of reach with max_layer_ratio "
                     f"{cfg.max_layer_ratio} (at most {1 - macs / base_macs:.2f})"
                 )
-            ratio = hi
+            ratio, chosen = hi, macs
             for _ in range(14):
                 mid = (lo + hi) / 2
                 cand, macs = self._dry_run(model, example, mid)
                 if macs <= want:
-                    hi, ratio, trial = mid, mid, cand
+                    hi, ratio, trial, chosen = mid, mid, cand, macs
                 else:
                     lo = mid
                 if abs(macs - want) / base_macs < 0.005:
                     break
-        if cfg.macs_reduction is not None:
-            got = 1 - self._dry_run(model, example, ratio)[1] / base_macs
+            got = 1 - chosen / base_macs
             if got - cfg.macs_reduction > 0.02:  # MACs fall in steps as whole channel groups go
                 log.warning("%s: no channel ratio removes exactly %.0f%% of the MACs; the nearest above removes "
                             "%.1f%%", self.field, 100 * cfg.macs_reduction, 100 * got)

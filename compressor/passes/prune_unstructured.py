@@ -17,14 +17,13 @@ For speed, remove whole channels with ``prune_structured``.
 from __future__ import annotations
 
 import copy
-import io
 import logging
 import zlib
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
-from ..artifact import Form, ModelArtifact
+from ..artifact import Form, ModelArtifact, state_dict_bytes
 from ..errors import ConfigError
 from ..pass_base import Pass, PassConfig, PassContext, PassResult
 from ..registry import register_pass
@@ -240,11 +239,7 @@ def _sparsity(modules: Any) -> float:
 
 def _state_dict_sizes(model: Any) -> tuple[int, int]:
     """Bytes of ``torch.save(state_dict)``, raw and zlib-compressed (what a zipped file would take)."""
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    raw = buf.getvalue()
+    raw = state_dict_bytes(model)
     return len(raw), len(zlib.compress(raw, 6))
 
 
