@@ -63,11 +63,13 @@ def _setup_logging(verbose: int) -> None:
 @click.option("--eval-limit", type=int, help="evaluate on a class-balanced subset of this many images")
 @click.option("--no-cache", is_flag=True, help="run every pass even if a cached output exists")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="pass cache [~/.cache/compressor/passes]")
+@click.option("--require-targets", is_flag=True,
+              help="fail (exit 2) when a target cannot build on this machine, instead of reporting it 'not built here'")
 @click.option("--quiet", "-q", is_flag=True, help="no progress display")
 @click.option("--verbose", "-v", count=True, help="log more (-vv for debug)")
 def run(model: Path | None, recipe: str, out: Path | None, arch: str | None, num_classes: int | None,
         trust_model: bool, data_root: str | None, threads: int | None, eval_limit: int | None, no_cache: bool,
-        cache_dir: Path | None, quiet: bool, verbose: int) -> int:
+        cache_dir: Path | None, require_targets: bool, quiet: bool, verbose: int) -> int:
     """Compress MODEL with RECIPE: passes, engines, measurements, report."""
     from .hooks import ProgressHook
     from .job import JobOptions, run_job
@@ -85,7 +87,7 @@ def run(model: Path | None, recipe: str, out: Path | None, arch: str | None, num
     hooks = [] if quiet else [ProgressHook()]
     options = JobOptions(out_dir=out, arch=arch, num_classes=num_classes, trust_model=trust_model,
                          data_root=data_root, threads=threads, eval_limit=eval_limit, cache_dir=cache_dir,
-                         use_cache=not no_cache, hooks=hooks)
+                         use_cache=not no_cache, require_targets=require_targets, hooks=hooks)
     job = run_job(model, rec, rec_path, options)
     if not job.report:  # a non-first process of a torchrun job: the first one reports
         return job.exit_code

@@ -25,6 +25,7 @@ class EvaluationConfig(BaseModel):
     warmup: int = Field(default=20, ge=0, description="batch-1 runs before timing")
     latency_runs: int = Field(default=300, ge=10, description="timed batch-1 runs (at least)")
     latency_min_seconds: float = Field(default=2.0, ge=0, description="keep timing batch-1 runs at least this long")
+    latency_rounds: int = Field(default=10, ge=1, description="interleaved rounds over all engines for batch-1 timing")
     throughput_batch: int = Field(default=64, ge=1)
     throughput_seconds: float = Field(default=3.0, gt=0)
     stages: bool = Field(default=False, description="also measure every intermediate torch model (eager)")
@@ -134,30 +135,50 @@ def accuracy(
     return top1, top5, agreement, preds
 
 
-def latency(runner: Runner, sample: np.ndarray, cfg: EvaluationConfig) -> tuple[dict[str, float], list[float]]:
-    """Batch-1 latency: ``warmup`` runs, then at least ``latency_runs`` runs and ``latency_min_seconds``."""
-    runner.prepare(1)
-    one = np.ascontiguousarray(sample[:1])
-    for _ in range(cfg.warmup):
-        runner(one)
-    samples: list[float] = []
-    clock = time.perf_counter
-    start = clock()
-    while len(samples) < cfg.latency_runs or clock() - start < cfg.latency_min_seconds:
-        t0 = clock()
-        runner(one)
-        samples.append((clock() - t0) * 1e3)
-        if len(samples) >= 20 * cfg.latency_runs:
-            break
+def latency_stats(samples: list[float]) -> dict[str, float]:
     arr = np.asarray(samples)
-    stats = {
+    return {
         "p50": float(np.percentile(arr, 50)),
         "p90": float(np.percentile(arr, 90)),
         "p99": float(np.percentile(arr, 99)),
         "mean": float(arr.mean()),
         "runs": len(samples),
     }
-    return stats, samples
+
+
+def latency(runners: list[Runner], sample: np.ndarray, cfg: EvaluationConfig,
+            progress: Callable[[str], None] | None = None) -> list[list[float]]:
+    """Batch-1 latency samples (ms) of every runner, timed in interleaved rounds.
+
+    Each runner gets ``warmup`` runs, then ``latency_rounds`` rounds go over all runners (in
+    alternating order), each runner doing its share of ``latency_runs`` and ``latency_min_seconds``
+    per round. A slow spell of a noisy machine then falls on every runner alike, so ratios between
+    rows measured in one run are fair.
+    """
+    one = np.ascontiguousarray(sample[:1])
+    for r in runners:
+        r.prepare(1)
+        for _ in range(cfg.warmup):
+            r(one)
+    rounds = cfg.latency_rounds
+    runs = -(-cfg.latency_runs // rounds)
+    seconds = cfg.latency_min_seconds / rounds
+    samples: list[list[float]] = [[] for _ in runners]
+    clock = time.perf_counter
+    order = list(range(len(runners)))
+    for rnd in range(rounds):
+        if progress:
+            progress(f"batch-1 latency, round {rnd + 1}/{rounds}")
+        for i in order if rnd % 2 == 0 else order[::-1]:
+            r, got = runners[i], samples[i]
+            n0, start = len(got), clock()
+            while len(got) - n0 < runs or clock() - start < seconds:
+                t0 = clock()
+                r(one)
+                got.append((clock() - t0) * 1e3)
+                if len(got) - n0 >= 20 * runs:
+                    break
+    return samples
 
 
 def throughput(runner: Runner, x: np.ndarray, cfg: EvaluationConfig) -> float:
@@ -177,45 +198,62 @@ def throughput(runner: Runner, x: np.ndarray, cfg: EvaluationConfig) -> float:
             return done / elapsed
 
 
-def measure(
+@dataclass
+class Subject:
+    """Something to measure: a runner and what its row should say."""
+
+    name: str
+    target: str
+    precision: str
+    runner: Runner
+    size_bytes: int
+    engine: str | None = None
+    runtime: dict[str, Any] = field(default_factory=dict)
+
+
+def measure_all(
+    subjects: list[Subject],
     *,
-    name: str,
-    target: str,
-    precision: str,
-    runner: Runner,
     x: np.ndarray,
     labels: np.ndarray,
-    reference: np.ndarray | None,
-    size_bytes: int,
     cfg: EvaluationConfig,
     threads: int,
-    engine: str | None = None,
     progress: Callable[[str], None] | None = None,
-) -> Measurement:
+    on_error: Callable[[Subject, Exception], None] | None = None,
+) -> list[Measurement]:
+    """Accuracy of every subject (agreement against the first one's predictions), then batch-1
+    latency interleaved across all of them, then throughput. Closes every runner.
+
+    A subject whose runner fails on the accuracy pass is dropped and handed to ``on_error`` (the
+    others are still measured); without ``on_error`` the error propagates."""
     say = progress or (lambda _msg: None)
-    say(f"{name}: accuracy on {len(x)} images")
-    top1, top5, agree, preds = accuracy(runner, x, labels, cfg.batch_size, reference)
-    say(f"{name}: batch-1 latency")
-    lat, samples = latency(runner, x, cfg)
-    say(f"{name}: throughput at batch {cfg.throughput_batch}")
-    ips = throughput(runner, x, cfg)
-    info = runner.runtime_info()
-    runner.close()
-    log.info("%s: top1 %.2f%% p50 %.3f ms %.1f img/s", name, top1, lat["p50"], ips)
-    return Measurement(
-        name=name,
-        target=target,
-        precision=precision,
-        top1=top1,
-        top5=top5,
-        agreement=agree,
-        latency_ms=lat,
-        throughput_ips=ips,
-        size_bytes=size_bytes,
-        threads=threads,
-        throughput_batch=cfg.throughput_batch,
-        engine=engine,
-        runtime=info,
-        latency_samples_ms=samples,
-        predictions=preds,
-    )
+    results: list[Measurement] = []
+    kept: list[Subject] = []
+    try:
+        for s in subjects:
+            say(f"{s.name}: accuracy on {len(x)} images")
+            reference = results[0].predictions if results else None
+            try:
+                top1, top5, agree, preds = accuracy(s.runner, x, labels, cfg.batch_size, reference)
+            except Exception as exc:
+                if on_error is None or not kept:
+                    raise
+                on_error(s, exc)
+                continue
+            kept.append(s)
+            results.append(Measurement(
+                name=s.name, target=s.target, precision=s.precision, top1=top1, top5=top5, agreement=agree,
+                latency_ms={}, throughput_ips=0.0, size_bytes=s.size_bytes, threads=threads,
+                throughput_batch=cfg.throughput_batch, engine=s.engine, predictions=preds,
+            ))
+        for m, samples in zip(results, latency([s.runner for s in kept], x, cfg, say)):
+            m.latency_ms, m.latency_samples_ms = latency_stats(samples), samples
+        for m, s in zip(results, kept):
+            say(f"{s.name}: throughput at batch {cfg.throughput_batch}")
+            m.throughput_ips = throughput(s.runner, x, cfg)
+            m.runtime = {**s.runtime, **s.runner.runtime_info()}
+            log.info("%s: top1 %.2f%% p50 %.3f ms %.1f img/s", m.name, m.top1, m.latency_ms["p50"], m.throughput_ips)
+    finally:
+        for s in subjects:
+            s.runner.close()
+    return results

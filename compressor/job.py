@@ -12,7 +12,7 @@ from typing import Any
 
 from .artifact import Form
 from .data import DataBundle, add_search_root, open_data
-from .errors import ConfigError
+from .errors import ConfigError, TargetUnavailable
 from .hooks import Hook, LoggingHook, TimingHook
 from .intake import load_model
 from .pipeline import PassCache, Pipeline
@@ -34,6 +34,7 @@ class JobOptions:
     eval_limit: int | None = None
     cache_dir: Path | None = None
     use_cache: bool = True
+    require_targets: bool = False
     hooks: list[Hook] = field(default_factory=list)
 
 
@@ -84,9 +85,16 @@ def run_job(model_path: Path, recipe: Recipe, recipe_path: Path | None, options:
         raise ConfigError("targets: a recipe needs at least one target")
     pipeline = Pipeline(passes, targets, baselines=recipe.build_targets("baselines"), seed=recipe.seed)
     pipeline.check(guess_form(model_path))  # fail fast, before loading anything heavy
-    needs_data = [p for p in passes if p.needs_data]
+    if options.require_targets:
+        for t in [*targets, *pipeline.baselines]:
+            avail = t.availability()
+            if not avail.ok:
+                raise TargetUnavailable(f"{t.field}: target {t.name!r} cannot build here ({avail.reason}) "
+                                        "and --require-targets is set")
+    needs_data = [f"pass {p.name!r}" for p in passes if p.needs_data]
+    needs_data += [f"target {t.name!r}" for t in [*targets, *pipeline.baselines] if t.needs_data]
     if needs_data and recipe.data is None and options.data_root is None:
-        raise ConfigError(f"data: pass {needs_data[0].name!r} needs calibration data; add a data section or --data")
+        raise ConfigError(f"data: {needs_data[0]} needs calibration data; add a data section or --data")
 
     m = recipe.model
     artifact = load_model(
@@ -138,7 +146,7 @@ def run_job(model_path: Path, recipe: Recipe, recipe_path: Path | None, options:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    failed_targets = [f for f in result.failures if not f.unavailable]
+    failed_targets = [f for f in result.failures if options.require_targets or not f.unavailable]
     exit_code = 0 if report["acceptance"]["passed"] and not failed_targets else 1
     return JobResult(report=report, out_dir=out_dir, exit_code=exit_code)
 

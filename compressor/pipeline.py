@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from .artifact import Form, ModelArtifact, state_dict_bytes
 from .data import DataBundle
 from .errors import CompressorError, DataError, TargetError, TargetUnavailable
-from .evaluate import EvaluationConfig, Measurement, TorchRunner, default_threads, measure
+from .evaluate import EvaluationConfig, Measurement, Subject, TorchRunner, default_threads, measure_all
 from .hooks import Hook, HookList
 from .pass_base import Pass, PassContext, library_versions
 from .target_base import Engine, Target
@@ -174,13 +174,19 @@ class Pipeline:
         return check_chain(self.passes, self.targets, input_form)
 
     def preflight(self, model: ModelArtifact, data: DataBundle | None) -> None:
-        """Every pass checks what it can before any pass runs (e.g. a teacher's classes)."""
+        """Every pass checks what it can before any pass runs (e.g. a teacher's classes). A pass
+        whose output is already in the cache is not checked again; its cached output is the
+        next pass's input."""
         from .errors import ConfigError
 
         preview: ModelArtifact | None = model
         for p in self.passes:
             if p.needs_data and data is None:
                 raise ConfigError(f"{p.field}: pass {p.name!r} needs data (give the recipe a data section)")
+            hit = self.cache.get(self.cache.key(p, preview, data)) if (self.cache and preview is not None) else None
+            if hit is not None:
+                preview = hit[0]
+                continue
             p.preflight(preview, data)
             preview = p.preview(preview) if preview is not None else None
 
@@ -206,8 +212,8 @@ class Pipeline:
         for index, p in enumerate(self.passes):
             artifact = self._run_pass(index, p, artifact, data, Path(tmp.name), threads, result)
         if out_dir is not None:
-            self._build_targets(model, self.baselines, Path(out_dir), result, prefix="source-")
-            self._build_targets(artifact, self.targets, Path(out_dir), result)
+            self._build_targets(model, self.baselines, Path(out_dir), result, data, prefix="source-")
+            self._build_targets(artifact, self.targets, Path(out_dir), result, data)
         if data is not None and out_dir is not None:
             self._measure(data, evaluation, threads, result)
         self.hooks.on_run_end(result)
@@ -262,12 +268,12 @@ class Pipeline:
         return out
 
     def _build_targets(self, artifact: ModelArtifact, targets: list[Target], out_dir: Path, result: RunResult,
-                       prefix: str = "") -> None:
+                       data: DataBundle | None, prefix: str = "") -> None:
         engines_dir = out_dir / "engines"
         for t in targets:
             self.hooks.on_target_start(t)
             try:
-                engine = t.build(artifact, engines_dir, prefix=prefix)
+                engine = t.build(artifact, engines_dir, prefix=prefix, data=data)
             except TargetUnavailable as exc:
                 result.failures.append(TargetFailure(t.name, t.field, str(exc), unavailable=True))
                 self.hooks.on_target_end(t, None, str(exc))
@@ -281,73 +287,58 @@ class Pipeline:
             self.hooks.on_target_end(t, engine, None)
 
     def _measure(self, data: DataBundle, cfg: EvaluationConfig, threads: int, result: RunResult) -> None:
+        """Every row in one measurement session: the source, the stages (if asked), the baselines
+        and the engines; batch-1 latency is timed in rounds interleaved over all of them."""
         source = result.source
         size = tuple(source.input_spec.sample_shape[1:])
         images, labels = data.evaluation_set(size, source.preprocessing.color)  # type: ignore[arg-type]
         from .data import preprocess
 
         x = preprocess(images, source.preprocessing)
-        say = self.hooks.on_message
-        self.hooks.on_measure_start("source")
-        src_runner = source_runner(source, threads)
-        src = measure(
+        subjects = [Subject(
             name="source",
             target="torch" if source.form is not Form.ONNX else "onnxruntime",
             precision=source.precision,
-            runner=src_runner,
-            x=x,
-            labels=labels,
-            reference=None,
+            runner=source_runner(source, threads),
             size_bytes=int(source.meta.get("source_size_bytes", 0)),
-            cfg=cfg,
-            threads=threads,
             engine=source.meta.get("source_file"),
-            progress=say,
-        )
-        result.measurements.append(src)
-        self.hooks.on_measure_end(src)
+        )]
         if cfg.stages:
-            self._measure_stages(x, labels, src, cfg, threads, result)
+            for record, art in zip(result.records, result.artifacts[1:]):
+                if art.form is Form.TORCH:
+                    subjects.append(Subject(
+                        name=f"stage{record.index}-{record.name}", target="torch", precision=art.precision,
+                        runner=TorchRunner(art.torch_module(), threads=threads, fixed_batch=art.meta.get("fixed_batch")),
+                        size_bytes=len(state_dict_bytes(art.model)),
+                    ))
         for engine, target in self._engine_targets(result):
-            self.hooks.on_measure_start(engine.name)
             try:
                 runner = target.load(engine, threads=threads)
-                m = measure(
-                    name=engine.name,
-                    target=engine.target,
-                    precision=engine.precision,
-                    runner=runner,
-                    x=x,
-                    labels=labels,
-                    reference=src.predictions,
-                    size_bytes=engine.size_bytes,
-                    cfg=cfg,
-                    threads=threads,
-                    engine=str(engine.path),
-                    progress=say,
-                )
-            except CompressorError:
-                raise
             except Exception as exc:
-                raise TargetError(f"target {target.name!r} failed to run its engine: {type(exc).__name__}: {exc}") from exc
-            m.runtime = {**engine.info.get("runtime_build", {}), **m.runtime}
+                self._runtime_failure(result, target, engine.name, exc)
+                continue
+            subjects.append(Subject(name=engine.name, target=engine.target, precision=engine.precision, runner=runner,
+                                    size_bytes=engine.size_bytes, engine=str(engine.path),
+                                    runtime=dict(engine.info.get("runtime_build", {}))))
+        targets = {e.name: t for e, t in self._engine_targets(result)}
+
+        def failed(subject: Subject, exc: Exception) -> None:
+            self._runtime_failure(result, targets.get(subject.name), subject.name, exc)
+
+        for s in subjects:
+            self.hooks.on_measure_start(s.name)
+        measured = measure_all(subjects, x=x, labels=labels, cfg=cfg, threads=threads,
+                               progress=self.hooks.on_message, on_error=failed)
+        for m in measured:
             result.measurements.append(m)
             self.hooks.on_measure_end(m)
 
-    def _measure_stages(self, x: Any, labels: Any, src: Measurement, cfg: EvaluationConfig, threads: int,
-                        result: RunResult) -> None:
-        """A row for every intermediate torch model (PyTorch eager), so each stage's cost shows."""
-        for record, art in zip(result.records, result.artifacts[1:]):
-            if art.form is not Form.TORCH:
-                continue
-            name = f"stage{record.index}-{record.name}"
-            self.hooks.on_measure_start(name)
-            m = measure(name=name, target="torch", precision=art.precision,
-                        runner=TorchRunner(art.torch_module(), threads=threads, fixed_batch=art.meta.get("fixed_batch")),
-                        x=x, labels=labels, reference=src.predictions, size_bytes=len(state_dict_bytes(art.model)), cfg=cfg,
-                        threads=threads, progress=self.hooks.on_message)
-            result.measurements.append(m)
-            self.hooks.on_measure_end(m)
+    def _runtime_failure(self, result: RunResult, target: Target | None, engine: str, exc: Exception) -> None:
+        detail = str(exc) if isinstance(exc, CompressorError) else f"{type(exc).__name__}: {exc}"
+        message = f"engine {engine!r} failed to run on its runtime: {detail}"
+        log.error(message)
+        result.failures.append(TargetFailure(target.name if target else engine, target.field if target else engine,
+                                             message, unavailable=False))
 
     def _engine_targets(self, result: RunResult) -> list[tuple[Engine, Target]]:
         by_field = {t.field: t for t in [*self.baselines, *self.targets]}

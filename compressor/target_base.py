@@ -77,6 +77,8 @@ class Target(ABC):
     Config: ClassVar[type[PassConfig]] = PassConfig
     consumes: ClassVar[frozenset[Form]]
     libraries: ClassVar[tuple[str, ...]] = ()
+    needs_data: ClassVar[bool] = False
+    """whether building needs the recipe's calibration data (instances may set it from their config)"""
 
     def __init__(self, config: BaseModel | dict | None = None, /, *, field: str | None = None, **kwargs: Any) -> None:
         self.field = field or self.name
@@ -97,9 +99,13 @@ class Target(ABC):
     def engine_name(self, artifact: ModelArtifact) -> str:
         return f"{self.name}-{artifact.precision}"
 
-    def build(self, artifact: ModelArtifact, out_dir: Path, *, prefix: str = "") -> Engine:
-        """Build into a temporary directory and rename it into ``out_dir/<engine name>`` when complete."""
+    def build(self, artifact: ModelArtifact, out_dir: Path, *, prefix: str = "", data: Any = None) -> Engine:
+        """Build into a temporary directory and rename it into ``out_dir/<engine name>`` when complete.
+
+        ``data`` is the job's DataBundle; targets with ``needs_data`` calibrate on it."""
         self.check_input(artifact.form, self.field)
+        if self.needs_data and data is None:
+            raise TargetError(f"{self.field}: target {self.name!r} needs calibration data; add a data section or --data")
         avail = self.availability()
         if not avail.ok:
             raise TargetUnavailable(f"target {self.name!r} is not available here: {avail.reason}")
@@ -108,7 +114,7 @@ class Target(ABC):
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
         try:
-            files, info = self._build(artifact, tmp)
+            files, info = self._build(artifact, tmp, data)
             (tmp / "engine.json").write_text(json.dumps({"target": self.name, "precision": artifact.precision,
                                                          "lineage": artifact.lineage, **info}, indent=1, default=str))
             if final.exists():
@@ -123,7 +129,7 @@ class Target(ABC):
         return Engine(self.name, name, [final / f.name for f in files], artifact.precision, info)
 
     @abstractmethod
-    def _build(self, artifact: ModelArtifact, tmp_dir: Path) -> tuple[list[Path], dict[str, Any]]:
+    def _build(self, artifact: ModelArtifact, tmp_dir: Path, data: Any = None) -> tuple[list[Path], dict[str, Any]]:
         """Write the engine's files into ``tmp_dir``; return them (main file first) and build info."""
 
     @abstractmethod

@@ -100,7 +100,7 @@ def test_killed_run_resumes_after_last_finished_pass(tmp_path, model_files, digi
 def test_failing_target_leaves_no_engine(tmp_path, model_files, digits, monkeypatch):
     from compressor.targets import openvino as ov_target
 
-    def broken(self, artifact, tmp_dir):
+    def broken(self, artifact, tmp_dir, data=None):
         (tmp_dir / "model.xml").write_text("half")
         raise RuntimeError("disk full")
 

@@ -45,7 +45,7 @@ class OnnxRuntimeTarget(Target):
             return Availability(False, "ONNX Runtime has no CPU execution provider")
         return Availability(True, f"onnxruntime {ort.__version__} CPUExecutionProvider")
 
-    def _build(self, artifact: ModelArtifact, tmp_dir: Path) -> tuple[list[Path], dict[str, Any]]:
+    def _build(self, artifact: ModelArtifact, tmp_dir: Path, data: Any = None) -> tuple[list[Path], dict[str, Any]]:
         assert artifact.path is not None
         files = []
         for f in artifact.files():

@@ -70,7 +70,7 @@ class OpenVINOTarget(Target):
             return Availability(False, f"no OpenVINO CPU device (devices: {devices})")
         return Availability(True, "OpenVINO CPU plugin")
 
-    def _build(self, artifact: ModelArtifact, tmp_dir: Path) -> tuple[list[Path], dict[str, Any]]:
+    def _build(self, artifact: ModelArtifact, tmp_dir: Path, data: Any = None) -> tuple[list[Path], dict[str, Any]]:
         import openvino as ov
 
         xml = tmp_dir / "model.xml"

@@ -60,7 +60,7 @@ class TensorRTTarget(Target):
             return Availability(False, "no CUDA device on this machine")
         return Availability(True, f"TensorRT {trt.__version__}")
 
-    def _build(self, artifact: ModelArtifact, tmp_dir: Path) -> tuple[list[Path], dict[str, Any]]:
+    def _build(self, artifact: ModelArtifact, tmp_dir: Path, data: Any = None) -> tuple[list[Path], dict[str, Any]]:
         import tensorrt as trt
 
         cfg = self.config
