@@ -4,6 +4,8 @@
     compress validate RECIPE                          check a recipe without running it
     compress passes | targets                         list what exists, with config fields
     compress demo                                     train a small model on bundled data, compress it
+    compress compare RUN --baseline BASE              regression gate: exit 1 when RUN regressed
+    compress baseline update RUN BASE                 write RUN's report and samples as a baseline
 
 Bad input ends with one line on stderr and exit code 2; a missed acceptance limit exits 1.
 """
@@ -179,6 +181,68 @@ def demo(out: Path, epochs: int, threads: int | None, quiet: bool) -> int:
     print_table(job.report)
     click.echo(f"wrote {job.out_dir}/report.md and {job.out_dir}/report.json")
     return job.exit_code
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--baseline", "-b", "baseline_dir", required=True, type=click.Path(path_type=Path),
+              help="baseline run directory (or one written by compress baseline update)")
+@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="significance level of the tests [recipe acceptance, else 0.01]")
+@click.option("--max-top1-drop", type=click.FloatRange(min=0),
+              help="top-1 points below the baseline flagged whatever the p-value [recipe acceptance, else 1.0]")
+@click.option("--max-slowdown", type=click.FloatRange(min=0, min_open=True),
+              help="current p50 / baseline p50 above which a significant slowdown is flagged [else 1.10]")
+@click.option("--max-size-growth", type=click.FloatRange(min=0, min_open=True),
+              help="current size / baseline size above which a row is flagged [else 1.05]")
+@click.option("--max-agreement-drop", type=click.FloatRange(min=0),
+              help="points of agreement with the source model lost before a row is flagged [else 1.0]")
+@click.option("--resamples", type=click.IntRange(100, 1_000_000), default=2000, show_default=True,
+              help="bootstrap resamples for the latency interval")
+@click.option("--seed", type=int, default=0, show_default=True, help="bootstrap seed")
+@click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), help="also write the table here")
+@click.option("--junit", "junit_path", type=click.Path(path_type=Path), help="write JUnit XML here")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="write the comparison as JSON here")
+def compare(run_dir: Path, baseline_dir: Path, alpha: float | None, max_top1_drop: float | None,
+            max_slowdown: float | None, max_size_growth: float | None, max_agreement_drop: float | None,
+            resamples: int, seed: int, markdown_path: Path | None, junit_path: Path | None,
+            json_path: Path | None) -> int:
+    """Compare RUN_DIR with a baseline run, result by result: exit 1 on a regression.
+
+    Accuracy: exact McNemar test on per-image correctness; latency: bootstrap interval of the
+    ratio of p50s; size and agreement with the source: thresholds. Runs on different evaluation
+    sets or source models are refused (exit 2)."""
+    from .compare import compare_dirs, render_json, render_junit, render_markdown
+    from .report import atomic_write
+
+    cmp = compare_dirs(run_dir, baseline_dir, resamples=resamples, seed=seed, alpha=alpha,
+                       max_top1_drop=max_top1_drop, max_slowdown=max_slowdown, max_size_growth=max_size_growth,
+                       max_agreement_drop=max_agreement_drop)
+    text = render_markdown(cmp)
+    click.echo(text, nl=False)
+    for path, render in ((markdown_path, lambda: text), (junit_path, lambda: render_junit(cmp)),
+                         (json_path, lambda: render_json(cmp))):
+        if path is not None:
+            atomic_write(path, render())
+    return 0 if cmp["passed"] else 1
+
+
+@cli.group()
+def baseline() -> None:
+    """Committable baselines for compress compare."""
+
+
+@baseline.command(name="update")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("baseline_dir", type=click.Path(path_type=Path))
+def baseline_update(run_dir: Path, baseline_dir: Path) -> int:
+    """Write RUN_DIR's report, predictions and latency samples (not its engines) into BASELINE_DIR."""
+    from .compare import update_baseline
+
+    written = update_baseline(run_dir, baseline_dir)
+    total = sum(written.values())
+    click.echo(f"wrote baseline {baseline_dir}: {', '.join(written)} ({total / 1e3:.1f} KB)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -275,14 +275,41 @@ class DataBundle:
             self._cache[key] = _decoded(src, size, color)
         return self._cache[key]
 
-    def evaluation_set(self, size: tuple[int, int], color: str) -> tuple[np.ndarray, np.ndarray]:
+    def evaluation_indices(self) -> np.ndarray:
+        """Indices into the evaluation split of the images evaluated, in evaluation order."""
         cfg = self.config.evaluation
+        src = self.evaluation_source
+        return np.arange(len(src)) if cfg.limit is None else src.balanced_indices(cfg.limit, cfg.seed)
+
+    def evaluation_set(self, size: tuple[int, int], color: str) -> tuple[np.ndarray, np.ndarray]:
         key = ("eval", size, color)
         if key not in self._cache:
             src = self.evaluation_source
-            idx = np.arange(len(src)) if cfg.limit is None else src.balanced_indices(cfg.limit, cfg.seed)
+            idx = self.evaluation_indices()
             self._cache[key] = (src.load_images(idx, size, color), src.labels[idx])
         return self._cache[key]
+
+    def evaluation_labels(self) -> np.ndarray:
+        """The labels of the evaluated images, in evaluation order (no image is decoded)."""
+        return self.evaluation_source.labels[self.evaluation_indices()]
+
+    def evaluation_ids(self) -> list[str]:
+        """An id per evaluated image, in evaluation order: ``class/file`` for an image folder (relative,
+        so the same tree elsewhere gives the same ids), else ``<split name>#<index in the split>``."""
+        src = self.evaluation_source
+        idx = self.evaluation_indices()
+        if src.paths is not None:
+            return [f"{src.paths[int(i)].parent.name}/{src.paths[int(i)].name}" for i in idx]
+        return [f"{src.name}#{int(i)}" for i in idx]
+
+    def evaluation_fingerprint(self) -> str:
+        """A hash of the ordered (image id, label) list evaluated and the class names: two runs with
+        the same value measured on the same images in the same order."""
+        h = hashlib.sha256()
+        h.update("\n".join(self.classes).encode() + b"\0")
+        for image_id, label in zip(self.evaluation_ids(), self.evaluation_labels().tolist()):
+            h.update(f"{image_id}\t{label}\n".encode())
+        return h.hexdigest()[:32]
 
     def fingerprint(self, kind: str) -> str:
         """Identifies the images a pass or an evaluation saw (for cache keys and reports)."""

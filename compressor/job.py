@@ -18,6 +18,7 @@ from .intake import load_model
 from .pipeline import PassCache, Pipeline
 from .training import world
 from .recipe import Recipe
+from .compare import save_samples
 from .report import build_report, write_report
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ def run_job(model_path: Path, recipe: Recipe, recipe_path: Path | None, options:
             timings=timing.timings,
         )
         report["world_size"] = world_size
+        report["samples"] = save_samples(result, data, staging)  # what compress compare needs
         _relocate_paths(report, staging, out_dir)
         write_report(report, staging)
         _finalize(staging, out_dir)

@@ -56,6 +56,7 @@ def build_report(
     limits: AcceptanceConfig | None,
     timings: dict[str, float] | None = None,
 ) -> dict[str, Any]:
+    from .compare import file_fingerprint, json_fingerprint
     from .environment import environment
 
     results = [m.to_json() for m in result.measurements]
@@ -84,6 +85,13 @@ def build_report(
         "recipe": recipe_name,
         "recipe_config": recipe,
         "model": model_path,
+        # what compress compare checks before comparing two runs (model file bytes, recipe, data)
+        "fingerprints": {
+            "model": file_fingerprint(Path(model_path)),
+            "recipe": json_fingerprint(recipe),
+            "calibration": data.fingerprint("calibration") if data is not None else None,
+            "evaluation_set": data.evaluation_fingerprint() if data is not None else None,
+        },
         "units": {"top1": "percent", "top5": "percent", "agreement": "percent", "latency_ms": "milliseconds",
                   "throughput_ips": "images/second", "size_bytes": "bytes"},
         "environment": environment(result.threads),

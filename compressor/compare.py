@@ -1,0 +1,535 @@
+"""The regression gate: compare a run against a baseline run, result row by result row.
+
+A run directory holds ``report.json`` (with ``fingerprints`` and ``environment``) and, next to
+it, what a later comparison needs that the report does not carry:
+
+- ``predictions.npz``: ``labels`` (the evaluated images' labels, in evaluation order) and one
+  int array per result name (that row's top-1 class per image, same order);
+- ``latency_samples.npz``: one float32 array per result name, the raw batch-1 latency samples in
+  milliseconds.
+
+:func:`compare_runs` then checks, for every result present in both runs:
+
+- ``top1``: McNemar's exact test on the paired per-image correctness (a two-sided binomial test
+  on the discordant images); a regression when p < alpha and top-1 went down, or when top-1 went
+  down by more than ``max_top1_drop`` points whatever p is;
+- ``agreement`` (engines only): top-1 agreement with the run's own source model; a regression
+  when it went down by more than ``max_agreement_drop`` points (McNemar's p is shown, not used);
+- ``latency_p50``: current p50 / baseline p50 with a seeded percentile-bootstrap confidence
+  interval (level 1 - alpha) of that ratio of medians; a regression when the interval lies above 1
+  and the ratio is above ``max_slowdown``;
+- ``size``: current bytes / baseline bytes; a regression above ``max_size_growth``.
+
+Runs on different evaluation sets or different source model files cannot be compared
+(:class:`CompareError`, exit 2). :func:`update_baseline` copies the small files of a run (not its
+engines) into a committable baseline directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import CompressorError
+
+if TYPE_CHECKING:
+    from .data import DataBundle
+    from .pipeline import RunResult
+
+PREDICTIONS_FILE = "predictions.npz"
+LATENCY_FILE = "latency_samples.npz"
+BASELINE_FILES = ("report.json", "report.md", PREDICTIONS_FILE, LATENCY_FILE)
+COMPARE_VERSION = 1
+
+
+class CompareError(CompressorError):
+    """A run or baseline is missing, unreadable, or not comparable with the other (exit 2)."""
+
+
+# ---------------------------------------------------------------------- what a run saves
+
+
+def file_fingerprint(path: Path) -> str | None:
+    """sha256 (32 hex digits) of a model file's bytes, and of an ONNX external-data file beside it."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    for f in [path, *sorted(path.parent.glob(path.name + ".data"))]:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:32]
+
+
+def json_fingerprint(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def save_samples(result: RunResult, data: DataBundle | None, out_dir: Path) -> dict[str, Any]:
+    """Write ``predictions.npz`` and ``latency_samples.npz`` into ``out_dir``; what to put in the
+    report's ``samples`` entry (empty when nothing was measured)."""
+    measured = [m for m in result.measurements if m.predictions is not None]
+    if data is None or not measured:
+        return {}
+    labels = data.evaluation_labels()
+    dtype = np.int16 if len(data.classes) < 2**15 else np.int32
+    predictions: dict[str, np.ndarray] = {"labels": labels.astype(dtype)}
+    latency: dict[str, np.ndarray] = {}
+    for m in measured:
+        if m.name == "labels":  # pragma: no cover - no row is called that
+            raise CompareError("a result named 'labels' clashes with the labels array of predictions.npz")
+        if len(m.predictions) != len(labels):
+            raise CompareError(f"result {m.name!r} has {len(m.predictions)} predictions for {len(labels)} images")
+        predictions[m.name] = np.asarray(m.predictions).astype(dtype)
+        latency[m.name] = np.asarray(m.latency_samples_ms, dtype=np.float32)
+    np.savez_compressed(out_dir / PREDICTIONS_FILE, **predictions)
+    np.savez_compressed(out_dir / LATENCY_FILE, **latency)
+    return {"predictions": PREDICTIONS_FILE, "latency_samples": LATENCY_FILE, "images": int(len(labels)),
+            "latency_unit": "milliseconds"}
+
+
+# ---------------------------------------------------------------------- loading
+
+
+@dataclass
+class Run:
+    path: Path
+    report: dict[str, Any]
+    labels: np.ndarray
+    predictions: dict[str, np.ndarray]
+    latency: dict[str, np.ndarray]
+
+    @property
+    def rows(self) -> dict[str, dict[str, Any]]:
+        return {r["name"]: r for r in self.report.get("results", [])}
+
+    @property
+    def fingerprints(self) -> dict[str, Any]:
+        return self.report.get("fingerprints") or {}
+
+
+def _load_npz(path: Path, what: str) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise CompareError(f"{what} {path.parent} has no {path.name} (a run made before predictions were saved?): "
+                           "run it again with this version")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: np.asarray(z[k]) for k in z.files}
+    except Exception as exc:
+        raise CompareError(f"{what} {path}: unreadable ({type(exc).__name__}: {exc})") from exc
+
+
+def load_run(path: Path, what: str = "run") -> Run:
+    """A run (or baseline) directory: report.json, predictions.npz, latency_samples.npz."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CompareError(f"{what} directory not found: {path}")
+    report_path = path / "report.json"
+    if not report_path.is_file():
+        raise CompareError(f"{what} directory {path} has no report.json")
+    try:
+        report = json.loads(report_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CompareError(f"{what} {report_path}: unreadable report ({exc})") from exc
+    if not isinstance(report, dict) or not isinstance(report.get("results"), list):
+        raise CompareError(f"{what} {report_path} is not a compressor report (no results list)")
+    if not report["results"]:
+        raise CompareError(f"{what} {report_path} has no measured results (the recipe had no data section?)")
+    if not report.get("fingerprints"):
+        raise CompareError(f"{what} {report_path} has no fingerprints (written by an older compressor): "
+                           "run it again with this version")
+    predictions = _load_npz(path / PREDICTIONS_FILE, what)
+    if "labels" not in predictions:
+        raise CompareError(f"{what} {path / PREDICTIONS_FILE} has no labels array")
+    labels = predictions.pop("labels").astype(np.int64)
+    for name, p in predictions.items():
+        if p.shape != labels.shape:
+            raise CompareError(f"{what} {path / PREDICTIONS_FILE}: {name!r} has {p.size} predictions for "
+                               f"{labels.size} labels")
+    latency = {k: v.astype(np.float64) for k, v in _load_npz(path / LATENCY_FILE, what).items()}
+    return Run(path=path, report=report, labels=labels,
+               predictions={k: v.astype(np.int64) for k, v in predictions.items()}, latency=latency)
+
+
+# ---------------------------------------------------------------------- thresholds
+
+
+DEFAULTS: dict[str, float] = {
+    "alpha": 0.01,
+    "max_top1_drop": 1.0,  # points
+    "max_slowdown": 1.10,  # current p50 / baseline p50
+    "max_size_growth": 1.05,  # current bytes / baseline bytes
+    "max_agreement_drop": 1.0,  # points
+}
+
+
+@dataclass
+class Thresholds:
+    alpha: float = DEFAULTS["alpha"]
+    max_top1_drop: float = DEFAULTS["max_top1_drop"]
+    max_slowdown: float = DEFAULTS["max_slowdown"]
+    max_size_growth: float = DEFAULTS["max_size_growth"]
+    max_agreement_drop: float = DEFAULTS["max_agreement_drop"]
+    resamples: int = 2000
+    seed: int = 0
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in (*DEFAULTS, "resamples", "seed")} | {"from": dict(self.sources)}
+
+
+def resolve_thresholds(report: dict[str, Any], resamples: int = 2000, seed: int = 0, **flags: float | None) -> Thresholds:
+    """Each threshold from its flag, else from the run's recipe ``acceptance`` section, else the default.
+
+    The recipe's ``acceptance.max_top1_drop`` (points below the source model) is read as the
+    largest top-1 drop allowed against the baseline too."""
+    unknown = set(flags) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown thresholds: {sorted(unknown)}")
+    acceptance = ((report.get("recipe_config") or {}).get("acceptance") or {})
+    th = Thresholds(resamples=resamples, seed=seed)
+    for key, default in DEFAULTS.items():
+        if flags.get(key) is not None:
+            value, source = flags[key], "flag"
+        elif isinstance(acceptance.get(key), (int, float)):
+            value, source = acceptance[key], "recipe"
+        else:
+            value, source = default, "default"
+        setattr(th, key, float(value))
+        th.sources[key] = source
+    return th
+
+
+# ---------------------------------------------------------------------- statistics
+
+
+def mcnemar_exact(base_ok: np.ndarray, cur_ok: np.ndarray) -> tuple[float, int, int]:
+    """Two-sided exact McNemar test on paired booleans: (p, lost, gained), where ``lost`` counts the
+    items right in the baseline and wrong now, ``gained`` the reverse."""
+    from scipy.stats import binomtest
+
+    lost = int((base_ok & ~cur_ok).sum())
+    gained = int((~base_ok & cur_ok).sum())
+    n = lost + gained
+    p = 1.0 if n == 0 else float(binomtest(gained, n, 0.5, alternative="two-sided").pvalue)
+    return min(p, 1.0), lost, gained
+
+
+def bootstrap_median_ratio(base: np.ndarray, cur: np.ndarray, *, resamples: int, seed: int,
+                           level: float) -> tuple[float, float, float, float]:
+    """median(cur) / median(base), the percentile-bootstrap interval of that ratio at ``level``
+    (both samples resampled independently, with replacement, ``resamples`` times, seeded), and a
+    two-sided bootstrap p-value for "the ratio is 1"."""
+    base, cur = np.asarray(base, np.float64), np.asarray(cur, np.float64)
+    rng = np.random.default_rng(seed)
+    ratios = np.empty(resamples)
+    chunk = max(1, 4_000_000 // max(len(base), len(cur)))
+    for start in range(0, resamples, chunk):
+        k = min(chunk, resamples - start)
+        mb = np.median(base[rng.integers(0, len(base), (k, len(base)))], axis=1)
+        mc = np.median(cur[rng.integers(0, len(cur), (k, len(cur)))], axis=1)
+        ratios[start:start + k] = mc / mb
+    tail = (1.0 - level) / 2.0
+    lo, hi = np.quantile(ratios, [tail, 1.0 - tail])
+    below, above = (ratios <= 1.0).sum(), (ratios >= 1.0).sum()
+    p = min(1.0, 2.0 * (min(below, above) + 1) / (resamples + 1))
+    return float(np.median(cur) / np.median(base)), float(lo), float(hi), float(p)
+
+
+# ---------------------------------------------------------------------- the comparison
+
+
+def _check(result: str, metric: str, unit: str, baseline: float | None, current: float | None,
+           difference: float | None, *, regression: bool, verdict: str, p_value: float | None = None,
+           ci: tuple[float, float] | None = None, ci_level: float | None = None, threshold: float | None = None,
+           reason: str = "", detail: str = "") -> dict[str, Any]:
+    return {"result": result, "metric": metric, "unit": unit, "baseline": baseline, "current": current,
+            "difference": difference, "p_value": p_value, "ci": list(ci) if ci is not None else None,
+            "ci_level": ci_level, "threshold": threshold, "regression": bool(regression), "verdict": verdict,
+            "reason": reason, "detail": detail}
+
+
+def _accuracy_checks(name: str, cur: Run, base: Run, th: Thresholds) -> list[dict[str, Any]]:
+    if name not in cur.predictions or name not in base.predictions:
+        return [_check(name, "top1", "%", None, None, None, regression=False, verdict="no data",
+                       detail="no per-image predictions saved for this row")]
+    labels = cur.labels
+    cur_ok, base_ok = cur.predictions[name] == labels, base.predictions[name] == labels
+    top1_cur, top1_base = 100.0 * float(cur_ok.mean()), 100.0 * float(base_ok.mean())
+    diff = top1_cur - top1_base
+    p, lost, gained = mcnemar_exact(base_ok, cur_ok)
+    significant = p < th.alpha and diff < 0
+    too_far = -diff > th.max_top1_drop + 1e-9
+    reasons = []
+    if significant:
+        reasons.append(f"McNemar p={p:.2g} < alpha {th.alpha:g}")
+    if too_far:
+        reasons.append(f"drop {-diff:.2f} points > max {th.max_top1_drop:g}")
+    verdict = "REGRESSION" if reasons else "improved" if (p < th.alpha and diff > 0) else "ok"
+    checks = [_check(name, "top1", "%", top1_base, top1_cur, diff, regression=bool(reasons), verdict=verdict,
+                     p_value=p, threshold=th.max_top1_drop, reason="; ".join(reasons),
+                     detail=f"{lost} images lost, {gained} gained of {labels.size}")]
+    if name != "source" and "source" in cur.predictions and "source" in base.predictions:
+        cur_ag = cur.predictions[name] == cur.predictions["source"]
+        base_ag = base.predictions[name] == base.predictions["source"]
+        ag_cur, ag_base = 100.0 * float(cur_ag.mean()), 100.0 * float(base_ag.mean())
+        ag_diff = ag_cur - ag_base
+        p_ag, lost_ag, gained_ag = mcnemar_exact(base_ag, cur_ag)
+        worse = -ag_diff > th.max_agreement_drop + 1e-9
+        checks.append(_check(
+            name, "agreement", "%", ag_base, ag_cur, ag_diff, regression=worse,
+            verdict="REGRESSION" if worse else "ok", p_value=p_ag, threshold=th.max_agreement_drop,
+            reason=f"agreement drop {-ag_diff:.2f} points > max {th.max_agreement_drop:g}" if worse else "",
+            detail=f"{lost_ag} images stopped agreeing with the source, {gained_ag} started"))
+    return checks
+
+
+def _latency_check(name: str, cur: Run, base: Run, th: Thresholds) -> dict[str, Any]:
+    a, b = base.latency.get(name), cur.latency.get(name)
+    if a is None or b is None or len(a) < 2 or len(b) < 2:
+        return _check(name, "latency_p50", "ms", None, None, None, regression=False, verdict="no data",
+                      detail="no raw latency samples saved for this row")
+    level = 1.0 - th.alpha
+    ratio, lo, hi, p = bootstrap_median_ratio(a, b, resamples=th.resamples, seed=th.seed, level=level)
+    significant = lo > 1.0
+    slow = significant and ratio > th.max_slowdown
+    if slow:
+        verdict = "REGRESSION"
+    elif hi < 1.0 and ratio < 1.0 / th.max_slowdown:
+        verdict = "faster"
+    else:
+        verdict = "ok" if not significant else "ok (slower, under max)"
+    return _check(
+        name, "latency_p50", "ms", float(np.median(a)), float(np.median(b)), ratio - 1.0, regression=slow,
+        verdict=verdict, p_value=p, ci=(lo, hi), ci_level=level, threshold=th.max_slowdown,
+        reason=f"p50 ratio {ratio:.3f} > max {th.max_slowdown:g}, {level:.0%} CI lower bound {lo:.3f} > 1" if slow else "",
+        detail=f"{len(a)} baseline and {len(b)} current batch-1 samples")
+
+
+def _size_check(name: str, cur_row: dict[str, Any], base_row: dict[str, Any], th: Thresholds) -> dict[str, Any]:
+    a, b = base_row.get("size_bytes"), cur_row.get("size_bytes")
+    if not a or not b:
+        return _check(name, "size", "bytes", a, b, None, regression=False, verdict="no data",
+                      detail="size unknown in one of the runs")
+    growth = b / a
+    bigger = growth > th.max_size_growth
+    return _check(name, "size", "bytes", float(a), float(b), growth - 1.0, regression=bigger,
+                  verdict="REGRESSION" if bigger else "ok", threshold=th.max_size_growth,
+                  reason=f"size ratio {growth:.3f} > max {th.max_size_growth:g}" if bigger else "")
+
+
+def _environment_notes(cur: dict[str, Any], base: dict[str, Any]) -> list[str]:
+    notes = []
+    for key in ("cpu", "isa_flags", "threads", "cores_available", "python"):
+        if cur.get(key) != base.get(key):
+            notes.append(f"{key}: baseline {base.get(key)!r}, current {cur.get(key)!r}")
+    cv, bv = cur.get("versions") or {}, base.get("versions") or {}
+    for lib in sorted(set(cv) | set(bv)):
+        if cv.get(lib) != bv.get(lib):
+            notes.append(f"{lib}: baseline {bv.get(lib, 'absent')}, current {cv.get(lib, 'absent')}")
+    return notes
+
+
+def compare_runs(cur: Run, base: Run, th: Thresholds) -> dict[str, Any]:
+    """Every check of ``cur`` against ``base``; raises :class:`CompareError` when they are not comparable."""
+    cf, bf = cur.fingerprints, base.fingerprints
+    if cf.get("evaluation_set") != bf.get("evaluation_set"):
+        raise CompareError(f"the run and the baseline were evaluated on different image sets (evaluation_set "
+                           f"fingerprint {cf.get('evaluation_set')} vs {bf.get('evaluation_set')}): not comparable")
+    if cf.get("model") != bf.get("model"):
+        raise CompareError(f"the run and the baseline compress different source models (model fingerprint "
+                           f"{cf.get('model')} vs {bf.get('model')}): not comparable")
+    if cur.labels.shape != base.labels.shape or not np.array_equal(cur.labels, base.labels):
+        raise CompareError("the run and the baseline saved different labels for the same evaluation set fingerprint")
+    notes = []
+    for key in ("recipe", "calibration"):
+        if cf.get(key) != bf.get(key):
+            notes.append(f"the {key} differs from the baseline's ({bf.get(key)} -> {cf.get(key)})")
+    env_notes = _environment_notes(cur.report.get("environment") or {}, base.report.get("environment") or {})
+    if env_notes:
+        notes.append("measured in a different environment, latency differences may come from it: "
+                     + "; ".join(env_notes))
+    checks: list[dict[str, Any]] = []
+    cur_rows, base_rows = cur.rows, base.rows
+    for name in [*cur_rows, *(n for n in base_rows if n not in cur_rows)]:
+        if name not in base_rows or name not in cur_rows:
+            where = "current run" if name in cur_rows else "baseline"
+            checks.append(_check(name, "presence", "", None, None, None, regression=False,
+                                 verdict=f"only in {where}", detail=f"result {name!r} is only in the {where}"))
+            continue
+        checks += _accuracy_checks(name, cur, base, th)
+        checks.append(_latency_check(name, cur, base, th))
+        checks.append(_size_check(name, cur_rows[name], base_rows[name], th))
+    checks.sort(key=lambda c: not c["regression"])  # stable: regressions first, then the run's row order
+    regressions = sum(c["regression"] for c in checks)
+    return {
+        "compare_version": COMPARE_VERSION,
+        "run": str(cur.path),
+        "baseline": str(base.path),
+        "run_created": cur.report.get("created"),
+        "baseline_created": base.report.get("created"),
+        "recipe": cur.report.get("recipe"),
+        "images": int(cur.labels.size),
+        "fingerprints": {"run": cf, "baseline": bf},
+        "thresholds": th.to_json(),
+        "passed": regressions == 0,
+        "regressions": regressions,
+        "checks": checks,
+        "notes": notes,
+    }
+
+
+def compare_dirs(run_dir: Path, baseline_dir: Path, *, resamples: int = 2000, seed: int = 0,
+                 **flags: float | None) -> dict[str, Any]:
+    cur = load_run(run_dir, "run")
+    base = load_run(baseline_dir, "baseline")
+    th = resolve_thresholds(cur.report, resamples=resamples, seed=seed, **flags)
+    return compare_runs(cur, base, th)
+
+
+# ---------------------------------------------------------------------- output
+
+
+def _num(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def _size(n: float | None) -> str:
+    if not n:
+        return "-"
+    return f"{n / 1e6:.3f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
+
+
+def _p(p: float | None) -> str:
+    return "-" if p is None else f"p={p:.2g}"
+
+
+def check_cells(c: dict[str, Any]) -> list[str]:
+    """result, metric, baseline, current, difference, p-value / CI, verdict."""
+    m, verdict = c["metric"], c["verdict"] if not c["regression"] else f"**{c['verdict']}**"
+    if c["baseline"] is None and c["current"] is None:
+        return [c["result"], m, "-", "-", "-", "-", f"{verdict} ({c['detail']})" if c["detail"] else verdict]
+    if m in ("top1", "agreement"):
+        stat = f"{_p(c['p_value'])} McNemar ({c['detail'].split(' of ')[0]})" if m == "top1" else \
+            f"{_p(c['p_value'])} McNemar"
+        base, cur, diff = f"{_num(c['baseline'])} %", f"{_num(c['current'])} %", f"{c['difference']:+.2f} pts"
+    elif m == "latency_p50":
+        lo, hi = c["ci"]
+        stat = f"ratio {c['difference'] + 1:.3f}, {c['ci_level']:.0%} CI [{lo:.3f}, {hi:.3f}]"
+        base, cur, diff = f"{_num(c['baseline'], 3)} ms", f"{_num(c['current'], 3)} ms", f"{100 * c['difference']:+.1f} %"
+    else:
+        stat = "-" if c["difference"] is None else f"ratio {c['difference'] + 1:.3f}"
+        base, cur = _size(c["baseline"]), _size(c["current"])
+        diff = "-" if c["difference"] is None else f"{100 * c['difference']:+.1f} %"
+    return [c["result"], m, base, cur, diff, stat, verdict]
+
+
+COMPARE_HEADER = ["result", "metric", "baseline", "current", "difference", "p-value / CI", "verdict"]
+
+
+def render_markdown(cmp: dict[str, Any]) -> str:
+    th = cmp["thresholds"]
+    src = th["from"]
+    head = "passed" if cmp["passed"] else f"REGRESSION ({cmp['regressions']} of {len(cmp['checks'])} checks)"
+    lines = [f"# compressor compare: {head}", ""]
+    lines.append(f"- run: `{cmp['run']}` ({cmp['run_created']}), baseline: `{cmp['baseline']}` "
+                 f"({cmp['baseline_created']}); recipe {cmp['recipe']}; {cmp['images']} evaluation images")
+    lines.append(f"- thresholds: alpha {th['alpha']:g} ({src['alpha']}), top-1 drop {th['max_top1_drop']:g} points "
+                 f"({src['max_top1_drop']}), slowdown {th['max_slowdown']:g}x ({src['max_slowdown']}), size growth "
+                 f"{th['max_size_growth']:g}x ({src['max_size_growth']}), agreement drop "
+                 f"{th['max_agreement_drop']:g} points ({src['max_agreement_drop']})")
+    lines += ["", "| " + " | ".join(COMPARE_HEADER) + " |", "|" + "---|" * len(COMPARE_HEADER)]
+    for c in cmp["checks"]:
+        lines.append("| " + " | ".join(check_cells(c)) + " |")
+    lines += ["", "top1: exact McNemar test on the images each run got right; a regression when p < alpha and "
+              "top-1 fell, or when it fell by more than the limit. latency_p50: current p50 / baseline p50 with a "
+              f"bootstrap interval ({th['resamples']} resamples, seed {th['seed']}); a regression when the interval "
+              "lies above 1 and the ratio is above the limit."]
+    for c in cmp["checks"]:
+        if c["regression"]:
+            lines.append(f"- **{c['result']} {c['metric']}**: {c['reason']} ({c['detail']})")
+    for note in cmp["notes"]:
+        lines.append(f"- note: {note}")
+    return "\n".join(lines) + "\n"
+
+
+def render_junit(cmp: dict[str, Any]) -> str:
+    """One testcase per (result, metric); a regression is a failure, a check without data a skip."""
+    import xml.etree.ElementTree as ET
+
+    checks = cmp["checks"]
+    skipped = [c for c in checks if c["verdict"] == "no data" or c["metric"] == "presence"]
+    suites = ET.Element("testsuites", name="compressor compare", tests=str(len(checks)),
+                        failures=str(cmp["regressions"]), errors="0")
+    suite = ET.SubElement(suites, "testsuite", name=f"compare {cmp['recipe']}", tests=str(len(checks)),
+                          failures=str(cmp["regressions"]), errors="0", skipped=str(len(skipped)))
+    props = ET.SubElement(suite, "properties")
+    for k in ("run", "baseline"):
+        ET.SubElement(props, "property", name=k, value=str(cmp[k]))
+    for c in checks:
+        case = ET.SubElement(suite, "testcase", classname=f"compare.{c['result']}", name=c["metric"], time="0")
+        cells = dict(zip(COMPARE_HEADER, check_cells(c)))
+        text = "; ".join(f"{k}: {v}" for k, v in cells.items() if k not in ("result", "metric"))
+        if c["regression"]:
+            failure = ET.SubElement(case, "failure", message=c["reason"], type="regression")
+            failure.text = f"{text}; {c['detail']}"
+        elif c in skipped:
+            ET.SubElement(case, "skipped", message=c["detail"] or c["verdict"])
+        else:
+            ET.SubElement(case, "system-out").text = text
+    ET.indent(suites)
+    return ET.tostring(suites, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def render_json(cmp: dict[str, Any]) -> str:
+    return json.dumps(cmp, indent=1, default=str) + "\n"
+
+
+# ---------------------------------------------------------------------- baselines
+
+
+def update_baseline(run_dir: Path, baseline_dir: Path) -> dict[str, int]:
+    """Copy a run's report and samples (not its engines) into ``baseline_dir``, replacing what was
+    there in one swap. Returns the bytes of each file written."""
+    run_dir, baseline_dir = Path(run_dir), Path(baseline_dir)
+    load_run(run_dir, "run")  # whole and readable
+    if baseline_dir.exists():
+        if not baseline_dir.is_dir():
+            raise CompareError(f"baseline {baseline_dir} exists and is not a directory")
+        if baseline_dir.resolve() == run_dir.resolve():
+            raise CompareError("the baseline directory is the run directory")
+        foreign = sorted(p.name for p in baseline_dir.iterdir() if p.name not in BASELINE_FILES)
+        if foreign:
+            raise CompareError(f"baseline {baseline_dir} holds files a baseline does not ({', '.join(foreign[:3])}"
+                               f"{', ...' if len(foreign) > 3 else ''}): not overwriting it")
+    baseline_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = baseline_dir.parent / f".{baseline_dir.name}.partial-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    written: dict[str, int] = {}
+    try:
+        for name in BASELINE_FILES:
+            if (run_dir / name).is_file():
+                shutil.copyfile(run_dir / name, staging / name)
+                written[name] = (staging / name).stat().st_size
+        trash = None
+        if baseline_dir.exists():
+            trash = baseline_dir.parent / f".{baseline_dir.name}.old-{os.getpid()}"
+            os.replace(baseline_dir, trash)
+        os.replace(staging, baseline_dir)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return written
