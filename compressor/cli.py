@@ -166,6 +166,36 @@ def list_targets() -> int:
     return 0
 
 
+@cli.command(name="build-engine")
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+def build_engine(engine_dir: Path) -> int:
+    """Build an engine that was written but not built (e.g. TensorRT, on the Jetson), from ENGINE_DIR."""
+    import json
+    import shutil
+    import tempfile
+
+    from .errors import ConfigError, TargetUnavailable
+    from .intake import load_model
+    from .registry import get_target
+
+    meta_path = engine_dir / "engine.json"
+    if not meta_path.is_file():
+        raise ConfigError(f"{engine_dir}: no engine.json (give an engine directory written by compress)")
+    meta = json.loads(meta_path.read_text())
+    target = get_target(meta["target"])(meta.get("config") or {}, field=f"{engine_dir.name}/engine.json")
+    avail = target.availability()
+    if not avail.ok:
+        raise TargetUnavailable(f"target {target.name!r} is not available here: {avail.reason}")
+    artifact = load_model(engine_dir / "model.onnx")
+    artifact.meta["precision"] = meta.get("precision", artifact.precision)
+    with tempfile.TemporaryDirectory(dir=engine_dir, prefix=".build-") as tmp:
+        files, info = target._build(artifact, Path(tmp))
+        for f in files:
+            shutil.move(str(f), engine_dir / f.name)
+    click.echo(f"built {', '.join(str(engine_dir / f.name) for f in files)}")
+    return 0
+
+
 @cli.command()
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("compress-out/demo"), show_default=True)
 @click.option("--epochs", type=click.IntRange(1, 100), default=6, show_default=True)

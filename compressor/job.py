@@ -84,16 +84,19 @@ def run_job(model_path: Path, recipe: Recipe, recipe_path: Path | None, options:
     passes, targets = recipe.build_passes(), recipe.build_targets()
     if not targets:
         raise ConfigError("targets: a recipe needs at least one target")
-    pipeline = Pipeline(passes, targets, baselines=recipe.build_targets("baselines"), seed=recipe.seed)
+    branches = recipe.build_branches()
+    pipeline = Pipeline(passes, targets, baselines=recipe.build_targets("baselines"), branches=branches,
+                        seed=recipe.seed)
+    passes = [*passes, *(p for b in branches for p in b.passes)]
     pipeline.check(guess_form(model_path))  # fail fast, before loading anything heavy
     if options.require_targets:
-        for t in [*targets, *pipeline.baselines]:
+        for t in pipeline.all_targets():
             avail = t.availability()
             if not avail.ok:
                 raise TargetUnavailable(f"{t.field}: target {t.name!r} cannot build here ({avail.reason}) "
                                         "and --require-targets is set")
     needs_data = [f"pass {p.name!r}" for p in passes if p.needs_data]
-    needs_data += [f"target {t.name!r}" for t in [*targets, *pipeline.baselines] if t.needs_data]
+    needs_data += [f"target {t.name!r}" for t in pipeline.all_targets() if t.needs_data]
     if needs_data and recipe.data is None and options.data_root is None:
         raise ConfigError(f"data: {needs_data[0]} needs calibration data; add a data section or --data")
 

@@ -36,6 +36,15 @@ def check_chain(passes: Sequence[Pass], targets: Sequence[Target], input_form: F
 
 
 @dataclass
+class BranchSpec:
+    """A side chain: passes from the main chain's output, then targets; engines named ``name-...``."""
+
+    name: str
+    passes: list[Pass]
+    targets: list[Target]
+
+
+@dataclass
 class PassRecord:
     index: int
     name: str
@@ -157,6 +166,7 @@ class Pipeline:
         targets: Sequence[Target] = (),
         *,
         baselines: Sequence[Target] = (),
+        branches: Sequence[BranchSpec] = (),
         hooks: Sequence[Hook] = (),
         cache: PassCache | None = None,
         seed: int = 0,
@@ -164,6 +174,7 @@ class Pipeline:
         self.passes = list(passes)
         self.targets = list(targets)
         self.baselines = list(baselines)  # targets that take the source model, as fair references
+        self.branches = list(branches)
         self.hooks = HookList(hooks)
         self.cache = cache
         self.seed = seed
@@ -171,16 +182,24 @@ class Pipeline:
     def check(self, input_form: Form) -> list[Form]:
         for t in self.baselines:
             t.check_input(input_form, t.field)
-        return check_chain(self.passes, self.targets, input_form)
+        forms = check_chain(self.passes, self.targets, input_form)
+        for b in self.branches:
+            check_chain(b.passes, b.targets, forms[-1])
+        return forms
 
     def preflight(self, model: ModelArtifact, data: DataBundle | None) -> None:
         """Every pass checks what it can before any pass runs (e.g. a teacher's classes). A pass
         whose output is already in the cache is not checked again; its cached output is the
         next pass's input."""
+        main = self._preflight_chain(self.passes, model, data)
+        for b in self.branches:
+            self._preflight_chain(b.passes, main, data)
+
+    def _preflight_chain(self, passes: Sequence[Pass], preview: ModelArtifact | None,
+                         data: DataBundle | None) -> ModelArtifact | None:
         from .errors import ConfigError
 
-        preview: ModelArtifact | None = model
-        for p in self.passes:
+        for p in passes:
             if p.needs_data and data is None:
                 raise ConfigError(f"{p.field}: pass {p.name!r} needs data (give the recipe a data section)")
             hit = self.cache.get(self.cache.key(p, preview, data)) if (self.cache and preview is not None) else None
@@ -189,6 +208,7 @@ class Pipeline:
                 continue
             p.preflight(preview, data)
             preview = p.preview(preview) if preview is not None else None
+        return preview
 
     # ------------------------------------------------------------------ running
     def run(
@@ -211,9 +231,17 @@ class Pipeline:
         artifact = model
         for index, p in enumerate(self.passes):
             artifact = self._run_pass(index, p, artifact, data, Path(tmp.name), threads, result)
+        branch_outputs = []
+        for b in self.branches:
+            out = artifact
+            for p in b.passes:
+                out = self._run_pass(len(result.records), p, out, data, Path(tmp.name), threads, result)
+            branch_outputs.append(out)
         if out_dir is not None:
             self._build_targets(model, self.baselines, Path(out_dir), result, data, prefix="source-")
             self._build_targets(artifact, self.targets, Path(out_dir), result, data)
+            for b, out in zip(self.branches, branch_outputs):
+                self._build_targets(out, b.targets, Path(out_dir), result, data, prefix=f"{b.name}-")
         if data is not None and out_dir is not None:
             self._measure(data, evaluation, threads, result)
         self.hooks.on_run_end(result)
@@ -284,6 +312,13 @@ class Pipeline:
                 continue
             engine.info.setdefault("field", t.field)
             result.engines.append(engine)
+            if not engine.built:
+                reason = engine.info["not_built"]
+                result.failures.append(TargetFailure(t.name, t.field, f"{reason}; wrote {engine.path.name} and "
+                                                     f"the build command to {engine.path.parent.name}/",
+                                                     unavailable=True))
+                self.hooks.on_target_end(t, None, reason)
+                continue
             self.hooks.on_target_end(t, engine, None)
 
     def _measure(self, data: DataBundle, cfg: EvaluationConfig, threads: int, result: RunResult) -> None:
@@ -311,16 +346,23 @@ class Pipeline:
                         runner=TorchRunner(art.torch_module(), threads=threads, fixed_batch=art.meta.get("fixed_batch")),
                         size_bytes=len(state_dict_bytes(art.model)),
                     ))
+        targets: dict[str, Target] = {}
         for engine, target in self._engine_targets(result):
+            name, runtime = engine.name, dict(engine.info.get("runtime_build", {}))
             try:
-                runner = target.load(engine, threads=threads)
+                if engine.built:
+                    runner = target.load(engine, threads=threads)
+                else:  # e.g. TensorRT without a GPU: the same graph on the closest runtime here
+                    proxy, runner = target.load_proxy(engine, threads=threads)
+                    name = f"{engine.name}-proxy-{proxy}"
+                    runtime = {"proxy": f"{proxy} runs the graph {target.name} would build; "
+                                        f"{engine.info['not_built']}", **runtime}
             except Exception as exc:
                 self._runtime_failure(result, target, engine.name, exc)
                 continue
-            subjects.append(Subject(name=engine.name, target=engine.target, precision=engine.precision, runner=runner,
-                                    size_bytes=engine.size_bytes, engine=str(engine.path),
-                                    runtime=dict(engine.info.get("runtime_build", {}))))
-        targets = {e.name: t for e, t in self._engine_targets(result)}
+            targets[name] = target
+            subjects.append(Subject(name=name, target=engine.target, precision=engine.precision, runner=runner,
+                                    size_bytes=engine.size_bytes, engine=str(engine.path), runtime=runtime))
 
         def failed(subject: Subject, exc: Exception) -> None:
             self._runtime_failure(result, targets.get(subject.name), subject.name, exc)
@@ -340,8 +382,11 @@ class Pipeline:
         result.failures.append(TargetFailure(target.name if target else engine, target.field if target else engine,
                                              message, unavailable=False))
 
+    def all_targets(self) -> list[Target]:
+        return [*self.baselines, *self.targets, *(t for b in self.branches for t in b.targets)]
+
     def _engine_targets(self, result: RunResult) -> list[tuple[Engine, Target]]:
-        by_field = {t.field: t for t in [*self.baselines, *self.targets]}
+        by_field = {t.field: t for t in self.all_targets()}
         return [(e, by_field[e.info["field"]]) for e in result.engines]
 
 

@@ -54,6 +54,18 @@ class AcceptanceConfig(BaseModel):
 Step = str | dict[str, dict[str, Any] | None]
 
 
+class Branch(BaseModel):
+    """More passes and targets that start from the main chain's output, so that one report puts
+    several runtimes side by side (e.g. NNCF INT8 for OpenVINO beside ORT QDQ beside TFLite)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.]+$")
+    """prefix of the branch's engine names"""
+    passes: list[Step] = Field(default_factory=list)
+    targets: list[Step] = Field(min_length=1)
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -67,6 +79,8 @@ class Recipe(BaseModel):
     targets: list[Step] = Field(default_factory=list)
     baselines: list[Step] = Field(default_factory=list)
     """targets that take the source model as it is (e.g. OpenVINO FP32), as fair references"""
+    branches: list[Branch] = Field(default_factory=list)
+    """side chains from the main chain's output, each with its own passes and targets"""
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     acceptance: AcceptanceConfig = Field(default_factory=AcceptanceConfig)
 
@@ -86,20 +100,30 @@ class Recipe(BaseModel):
         ((name, config),) = step.items()
         return name, dict(config or {})
 
-    def build_passes(self) -> list[Any]:
+    def build_passes(self, steps: list[Step] | None = None, section: str = "passes") -> list[Any]:
         out = []
-        for i, step in enumerate(self.passes):
+        for i, step in enumerate(self.passes if steps is None else steps):
             name, config = self._split(step)
-            field = f"passes[{i}].{name}"
-            out.append(get_pass(name, f"passes[{i}]")(config, field=field))
+            field = f"{section}[{i}].{name}"
+            out.append(get_pass(name, f"{section}[{i}]")(config, field=field))
         return out
 
-    def build_targets(self, section: str = "targets") -> list[Any]:
+    def build_targets(self, section: str = "targets", steps: list[Step] | None = None) -> list[Any]:
         out = []
-        for i, step in enumerate(getattr(self, section)):
+        for i, step in enumerate(getattr(self, section) if steps is None else steps):
             name, config = self._split(step)
             out.append(get_target(name, f"{section}[{i}]")(config, field=f"{section}[{i}].{name}"))
         return out
+
+    def build_branches(self) -> list[Any]:
+        from .pipeline import BranchSpec
+
+        names = [b.name for b in self.branches]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"branches: names must differ, got {names}")
+        return [BranchSpec(b.name, self.build_passes(b.passes, f"branches[{i}].passes"),
+                           self.build_targets(f"branches[{i}].targets", b.targets))
+                for i, b in enumerate(self.branches)]
 
     def check(self, input_form: Form = Form.TORCH) -> list[Form]:
         """Validate every pass/target config and the chain of forms; return the forms after each pass."""
@@ -110,7 +134,10 @@ class Recipe(BaseModel):
             raise ConfigError("targets: a recipe needs at least one target")
         for t in self.build_targets("baselines"):
             t.check_input(input_form, t.field)
-        return check_chain(passes, targets, input_form)
+        forms = check_chain(passes, targets, input_form)
+        for b in self.build_branches():
+            check_chain(b.passes, b.targets, forms[-1])
+        return forms
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_defaults=True)

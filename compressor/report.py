@@ -159,7 +159,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     else:
         lines.append("No measurements (the recipe has no data section).")
     for f in report["not_built"]:
-        lines.append(f"- **{f['target']}**: not built here — {f['reason']}")
+        state = "not built here" if f.get("unavailable", True) else "FAILED"
+        lines.append(f"- **{f['target']}** (`{f['field']}`): {state} — {f['reason']}")
     lines += ["", "## Passes", "", "| # | pass | forms | time s | cached | figures |", "|---|---|---|---|---|---|"]
     for p in report["passes"]:
         figures = json.dumps(p["metrics"], default=str)
@@ -216,7 +217,8 @@ def print_table(report: dict[str, Any], console: Any = None) -> None:
         table.add_row(*row)
     console.print(table)
     for f in report["not_built"]:
-        console.print(f"[yellow]{f['target']}[/]: not built here — {f['reason']}")
+        state = "not built here" if f.get("unavailable", True) else "[red]FAILED[/]"
+        console.print(f"[yellow]{f['target']}[/]: {state} — {f['reason']}")
     for c in report["acceptance"]["checks"]:
         if not c["passed"]:
             console.print(f"[red]acceptance failed[/]: {c['result']} {c['metric']} = {c['value']} {c['unit']} "

@@ -107,16 +107,22 @@ class Target(ABC):
         if self.needs_data and data is None:
             raise TargetError(f"{self.field}: target {self.name!r} needs calibration data; add a data section or --data")
         avail = self.availability()
-        if not avail.ok:
-            raise TargetUnavailable(f"target {self.name!r} is not available here: {avail.reason}")
+        not_built = None if avail.ok else f"target {self.name!r} is not available here: {avail.reason}"
+        if not_built and not self.has_proxy:
+            raise TargetUnavailable(not_built)
         name = prefix + self.engine_name(artifact)
         final = out_dir / name
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
         try:
-            files, info = self._build(artifact, tmp, data)
-            (tmp / "engine.json").write_text(json.dumps({"target": self.name, "precision": artifact.precision,
-                                                         "lineage": artifact.lineage, **info}, indent=1, default=str))
+            if not_built:
+                files, info = self._build_portable(artifact, tmp, not_built)
+                info["not_built"] = not_built
+            else:
+                files, info = self._build(artifact, tmp, data)
+            (tmp / "engine.json").write_text(json.dumps({
+                "target": self.name, "precision": artifact.precision, "config": self.config.model_dump(mode="json"),
+                "lineage": artifact.lineage, **info}, indent=1, default=str))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -126,7 +132,7 @@ class Target(ABC):
         except Exception as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise TargetError(f"target {self.name!r} failed to build: {type(exc).__name__}: {exc}") from exc
-        return Engine(self.name, name, [final / f.name for f in files], artifact.precision, info)
+        return Engine(self.name, name, [final / f.name for f in files], artifact.precision, info, built=not not_built)
 
     @abstractmethod
     def _build(self, artifact: ModelArtifact, tmp_dir: Path, data: Any = None) -> tuple[list[Path], dict[str, Any]]:
@@ -135,6 +141,19 @@ class Target(ABC):
     @abstractmethod
     def load(self, engine: Engine, *, threads: int) -> Runner:
         """A runner for the built engine, using exactly ``threads`` threads."""
+
+    # Targets whose engine is built on the device (TensorRT on a Jetson) set ``has_proxy``: where
+    # they are unavailable, they still write what the device needs to build it and name a runtime
+    # that runs the same graph here as the closest proxy for its accuracy.
+    has_proxy: ClassVar[bool] = False
+
+    def _build_portable(self, artifact: ModelArtifact, tmp_dir: Path, reason: str) -> tuple[list[Path], dict[str, Any]]:
+        """Write the engine's inputs and build command without building it."""
+        raise NotImplementedError
+
+    def load_proxy(self, engine: Engine, *, threads: int) -> tuple[str, Runner]:
+        """(proxy runtime's name, runner) for an engine that was not built here."""
+        raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "config": self.config.model_dump(mode="json")}

@@ -53,7 +53,7 @@ def test_impossible_order_names_the_step():
     recipe = parse_recipe(_raw(passes=["export_onnx", "fuse"]))
     with pytest.raises(PipelineOrderError, match=r"passes\[1\].fuse: pass 'fuse' cannot take a onnx model"):
         recipe.check(Form.TORCH)
-    recipe = parse_recipe(_raw(passes=["fuse"], targets=["onnxruntime"]))
+    recipe = parse_recipe(_raw(passes=[{"quantize_ptq": {"backend": "openvino"}}], targets=["onnxruntime"]))
     with pytest.raises(PipelineOrderError, match=r"targets\[0\].onnxruntime"):
         recipe.check(Form.TORCH)
 

@@ -32,7 +32,8 @@ class OnnxRuntimeTarget(Target):
     name = "onnxruntime"
     summary = "ONNX Runtime, CPU execution provider (FP32 or INT8 QDQ)"
     Config = OnnxRuntimeConfig
-    consumes = frozenset({Form.ONNX})
+    consumes = frozenset({Form.ONNX, Form.TORCH, Form.EXPORTED})
+    """a torch model is exported first (export_onnx with its defaults), e.g. as an FP32 baseline"""
     libraries = ("onnxruntime",)
 
     @classmethod
@@ -46,12 +47,23 @@ class OnnxRuntimeTarget(Target):
         return Availability(True, f"onnxruntime {ort.__version__} CPUExecutionProvider")
 
     def _build(self, artifact: ModelArtifact, tmp_dir: Path, data: Any = None) -> tuple[list[Path], dict[str, Any]]:
+        info: dict[str, Any] = {"graph_optimization": self.config.graph_optimization}
+        if artifact.form is not Form.ONNX:
+            from ..pass_base import PassContext
+            from ..passes.export_onnx import ExportOnnx
+
+            work = tmp_dir / ".export"
+            work.mkdir()
+            exported = ExportOnnx()(artifact, PassContext(work_dir=work))
+            artifact = exported.artifact
+            info["exported"] = exported.metrics
         assert artifact.path is not None
         files = []
         for f in artifact.files():
             shutil.copy2(f, tmp_dir / f.name)
             files.append(tmp_dir / f.name)
-        return files, {"graph_optimization": self.config.graph_optimization}
+        shutil.rmtree(tmp_dir / ".export", ignore_errors=True)
+        return files, info
 
     def load(self, engine: Engine, *, threads: int) -> Runner:
         return OrtRunner(engine.path, threads=threads, graph_optimization=self.config.graph_optimization)

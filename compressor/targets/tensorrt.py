@@ -2,12 +2,16 @@
 
 Written against TensorRT's documented Python API (``tensorrt.Builder``, ``OnnxParser``,
 optimization profiles, timing cache, DLA). TensorRT needs an NVIDIA GPU (or a Jetson) and its
-own Python package; where either is missing, :meth:`availability` says which, and the pipeline
-records the engine as not built here.
+own Python package; where either is missing, :meth:`availability` says which, and the target
+still writes what the device needs (the QDQ ONNX and ``build_engine.sh`` with a ``trtexec`` line
+and the project's own ``compress build-engine``); the pipeline marks the engine "not built here"
+and measures the same ONNX graph on ONNX Runtime as the closest proxy for its accuracy.
 """
 
 from __future__ import annotations
 
+import shlex
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +46,7 @@ class TensorRTTarget(Target):
     Config = TensorRTConfig
     consumes = frozenset({Form.ONNX})
     libraries = ("tensorrt",)
+    has_proxy = True
 
     @classmethod
     def availability(cls) -> Availability:
@@ -102,6 +107,58 @@ class TensorRTTarget(Target):
 
     def load(self, engine: Engine, *, threads: int) -> Runner:
         return TRTRunner(engine.path)
+
+    # ------------------------------------------------------------------ not built here
+    def trtexec_command(self, onnx_name: str, input_name: str, sample_shape: tuple[int, ...]) -> str:
+        """The ``trtexec`` line that builds the same engine as :meth:`_build` on the device."""
+        cfg = self.config
+        dims = "x".join(str(d) for d in sample_shape)
+        args = ["trtexec", f"--onnx={onnx_name}", "--saveEngine=model.engine",
+                f"--minShapes={input_name}:{cfg.min_batch}x{dims}", f"--optShapes={input_name}:{cfg.opt_batch}x{dims}",
+                f"--maxShapes={input_name}:{cfg.max_batch}x{dims}", f"--memPoolSize=workspace:{cfg.workspace_mb}M"]
+        if cfg.precision in ("int8", "fp16"):
+            args.append("--fp16")
+        if cfg.precision == "int8":
+            args.append("--int8")
+        args.append(f"--timingCacheFile={cfg.timing_cache or 'timing.cache'}")
+        if cfg.dla_core is not None:
+            args += [f"--useDLACore={cfg.dla_core}", "--allowGPUFallback"]
+        return " ".join(shlex.quote(a) for a in args)
+
+    def _build_portable(self, artifact: ModelArtifact, tmp_dir: Path, reason: str) -> tuple[list[Path], dict[str, Any]]:
+        import onnx
+
+        from .. import qdq_rules
+
+        assert artifact.path is not None
+        model = tmp_dir / "model.onnx"
+        shutil.copy2(artifact.path, model)
+        proto = onnx.load(str(model))
+        input_name = proto.graph.input[0].name
+        trtexec = self.trtexec_command(model.name, input_name, tuple(artifact.input_spec.sample_shape))
+        script = tmp_dir / "build_engine.sh"
+        script.write_text(
+            "#!/bin/sh\n"
+            f"# Build the TensorRT engine on the device (Jetson / NVIDIA GPU). Not built where this was made:\n"
+            f"# {reason}\n"
+            "set -e\ncd \"$(dirname \"$0\")\"\n"
+            "# with TensorRT's command-line tool:\n"
+            f"{trtexec}\n"
+            "# or, with compressor installed (same settings, through TensorRT's Python API):\n"
+            "# compress build-engine .\n"
+        )
+        script.chmod(0o755)
+        rules = qdq_rules.check(proto) if artifact.precision == "int8" else None
+        info: dict[str, Any] = {"trtexec": trtexec, "build_command": "compress build-engine <engine directory>",
+                                "input_name": input_name}
+        if rules is not None:
+            info["qdq_rules"] = rules.to_json()
+        return [model, script], info
+
+    def load_proxy(self, engine: Engine, *, threads: int) -> tuple[str, Runner]:
+        from .onnxruntime import OrtRunner
+
+        return "onnxruntime", OrtRunner(engine.path, threads=threads)
 
 
 class TRTRunner(Runner):
