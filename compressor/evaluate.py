@@ -171,6 +171,8 @@ def latency(runners: list[Runner], sample: np.ndarray, cfg: EvaluationConfig,
             progress(f"batch-1 latency, round {rnd + 1}/{rounds}")
         for i in order if rnd % 2 == 0 else order[::-1]:
             r, got = runners[i], samples[i]
+            for _ in range(min(cfg.warmup, 3)):  # let the previous runtime's worker threads go idle
+                r(one)
             n0, start = len(got), clock()
             while len(got) - n0 < runs or clock() - start < seconds:
                 t0 = clock()
