@@ -306,4 +306,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
+    import signal
+
+    def terminated(signum: int, frame: object) -> None:  # `kill`, CI timeouts: clean up like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
     sys.exit(main())
