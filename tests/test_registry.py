@@ -25,6 +25,9 @@ BUILTIN = {"fuse", "export_onnx", "quantize_ptq", "prune_structured", "distill"}
 # passes with required fields: their smallest valid config (files from the model_files fixture)
 REQUIRED = {"distill": {"teacher": "{pickle}", "teacher_trusted": True,
                         "train": {"max_steps": 2, "batch_size": 32, "val_samples": 20}}}
+# targets whose default config cannot pass the FP32 smoke test below (it builds without calibration
+# data and compares logits at FP32 tolerance): the config that can
+TARGET_CONFIGS = {"tflite": {"quantization": "none"}}
 
 
 def _cases(registry, extra):
@@ -64,7 +67,7 @@ def _reference_logits(art: ModelArtifact, x: np.ndarray) -> np.ndarray:
 
 def test_builtins_are_registered():
     assert BUILTIN <= set(pass_registry())
-    assert {"openvino", "onnxruntime", "tensorrt"} <= set(target_registry())
+    assert {"openvino", "onnxruntime", "tensorrt", "tflite"} <= set(target_registry())
 
 
 @pytest.mark.parametrize("name, config", list(_cases(pass_registry(), EXTRA_CONFIGS)))
@@ -90,7 +93,7 @@ def test_every_target_builds_and_runs(name, forms, digits, tmp_path):
     avail = cls.availability()
     if not avail.ok:
         pytest.skip(f"{name} cannot run here: {avail.reason}")
-    target = cls()
+    target = cls(TARGET_CONFIGS.get(name, {}))
     x, _ = digits.evaluation_set((16, 16), "RGB")
     from compressor.data import preprocess
 

@@ -1,0 +1,610 @@
+"""tflite: a LiteRT (TFLite) flatbuffer made by Google's PyTorch converter (litert-torch, formerly
+ai-edge-torch) and run by the LiteRT interpreter (ai-edge-litert) on its default XNNPACK delegate.
+
+Quantization (``quantization``):
+
+* ``none``: the FP32 flatbuffer from ``litert_torch.convert``.
+* ``fp16``: the FP32 flatbuffer with conv / depthwise / fully-connected weights cast to FP16 by
+  ai-edge-quantizer (``float_casting``, weight-only). Half the size; XNNPACK on x86 unpacks the
+  weights and computes in FP32, so it is no faster than FP32.
+* ``dynamic_int8``: per-channel int8 weights by ai-edge-quantizer (``dynamic_wi8_afp32``);
+  activations are quantized at run time by the kernels.
+* ``int8``: full integer. PT2E: the module is captured with ``torch.export``, annotated by
+  litert-torch's ``PT2EQuantizer`` (per-channel symmetric int8 weights, int8 activations from
+  histogram observers), calibrated on the recipe's calibration images, and converted by
+  ``litert_torch.convert(..., quant_config=QuantConfig(pt2e_quantizer=...))``. Every conv, add,
+  pool and the classifier then run as int8 kernels.
+  The converter gives the model an int8 input and output; ``io: float`` (the default) adds a
+  QUANTIZE op on the input and a DEQUANTIZE op on the output so that it takes and returns float32
+  like the other engines (XNNPACK runs both in the same partition; faster than doing it in numpy).
+  ``int8_method: ai_edge_quantizer`` quantizes the FP32 flatbuffer with ai-edge-quantizer's
+  ``static_wi8_ai8`` (min/max calibration in the LiteRT interpreter) instead.
+
+The engine's ``info`` counts the flatbuffer's operators by type and tensor types; the runner's
+``runtime_info`` says how many partitions XNNPACK took and which operators it left to the
+built-in kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from ..artifact import Form, ModelArtifact
+from ..errors import TargetError
+from ..pass_base import PassConfig
+from ..registry import register_target
+from ..target_base import Availability, Engine, Runner, Target
+
+log = logging.getLogger(__name__)
+
+_INSTALL = "install the tflite extra (litert-torch 0.10, ai-edge-litert 2.3; see pyproject.toml)"
+PRECISION = {"none": "fp32", "fp16": "fp16", "dynamic_int8": "dynamic_int8", "int8": "int8"}
+
+
+class TFLiteConfig(PassConfig):
+    quantization: Literal["none", "fp16", "dynamic_int8", "int8"] = "int8"
+    """none: FP32; fp16: FP16 weights; dynamic_int8: int8 weights, activations quantized at run time;
+    int8: full integer with calibration on the recipe's data"""
+    int8_method: Literal["pt2e", "ai_edge_quantizer"] = "pt2e"
+    """int8: PT2E quantization in torch before conversion (histogram activation ranges), or
+    ai-edge-quantizer static_wi8_ai8 on the FP32 flatbuffer (min/max ranges)"""
+    per_channel: bool = True
+    """int8 / dynamic_int8: per-output-channel weight scales (else one per tensor)"""
+    samples: int | None = Field(default=None, ge=1)
+    """int8: calibration images (default: the recipe's data.calibration.samples)"""
+    calibration_batch: int = Field(default=32, ge=1)
+    """int8 (pt2e): images per calibration forward pass (batch 1 if the model cannot be exported
+    with a dynamic batch dimension)"""
+    io: Literal["float", "quantized"] = "float"
+    """int8: float: a QUANTIZE op on the input and a DEQUANTIZE op on the output make the model take
+    and return float32 (XNNPACK runs them with the rest); quantized: keep the converter's int8 input
+    and output (the runner then quantizes batches in numpy)"""
+    export: Literal["auto", "strict", "non_strict"] = "auto"
+    """int8 (pt2e): torch.export mode of the capture; auto tries strict (which records the source
+    functions the quantizer's add / pool patterns match) and falls back to non-strict"""
+
+
+@contextlib.contextmanager
+def _quiet_litert() -> Iterator[None]:
+    """litert-torch prints a progress tree on stdout unless LITERT_TORCH_SHOW_PROGRESS is off."""
+    key = "LITERT_TORCH_SHOW_PROGRESS"
+    old = os.environ.get(key)
+    os.environ[key] = "n"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+@register_target
+class TFLiteTarget(Target):
+    name = "tflite"
+    summary = "LiteRT / TFLite flatbuffer (litert-torch), LiteRT interpreter on XNNPACK (FP32, FP16, INT8)"
+    Config = TFLiteConfig
+    consumes = frozenset({Form.TORCH})
+    libraries = ("litert-torch", "ai-edge-litert", "ai-edge-quantizer", "torchao")
+    needs_data = True
+    """the default (int8) calibrates on the recipe's data; instances set it from their config"""
+
+    def __init__(self, config: Any = None, /, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.needs_data = self.config.quantization == "int8"
+
+    @classmethod
+    def availability(cls) -> Availability:
+        try:
+            import ai_edge_litert
+            from ai_edge_litert.interpreter import Interpreter  # noqa: F401
+        except ImportError as exc:
+            return Availability(False, f"ai-edge-litert is not installed ({exc}); {_INSTALL}")
+        try:
+            import litert_torch  # noqa: F401
+        except ImportError as exc:
+            return Availability(False, f"litert-torch is not installed ({exc}); {_INSTALL}")
+        except Exception as exc:  # a broken install (e.g. a mismatched torch) fails in other ways
+            return Availability(False, f"litert-torch cannot be imported: {type(exc).__name__}: {exc}")
+        return Availability(True, f"ai-edge-litert {ai_edge_litert.__version__} interpreter, XNNPACK delegate")
+
+    def engine_name(self, artifact: ModelArtifact) -> str:
+        return f"{self.name}-{self._precision(artifact)}"
+
+    def _precision(self, artifact: ModelArtifact) -> str:
+        q = self.config.quantization
+        return artifact.precision if q == "none" else PRECISION[q]
+
+    def build(self, artifact: ModelArtifact, out_dir: Path, *, prefix: str = "", data: Any = None) -> Engine:
+        engine = super().build(artifact, out_dir, prefix=prefix, data=data)
+        engine.precision = self._precision(artifact)
+        return engine
+
+    # ------------------------------------------------------------------ conversion
+    def _build(self, artifact: ModelArtifact, tmp_dir: Path, data: Any = None) -> tuple[list[Path], dict[str, Any]]:
+        import torch
+
+        cfg = self.config
+        module = artifact.torch_module()
+        if hasattr(module, "eval"):
+            module = module.eval()
+        sample = torch.zeros(artifact.input_spec.with_batch(1), dtype=torch.float32)
+        path = tmp_dir / "model.tflite"
+        info: dict[str, Any] = {"quantization": cfg.quantization, "input_shape": list(sample.shape)}
+        started = time.perf_counter()
+        with _quiet_litert():
+            if cfg.quantization == "int8" and cfg.int8_method == "pt2e":
+                x = self._calibration(artifact, data)
+                content = self._convert_pt2e(module, sample, x, info, artifact)
+                info["calibration_samples"] = len(x)
+            else:
+                content = self._convert(module, sample, artifact)
+                info["route"] = "litert_torch.convert"
+                if cfg.quantization != "none":
+                    x = self._calibration(artifact, data) if cfg.quantization == "int8" else None
+                    content = self._ai_edge_quantize(content, x, info)
+                    if x is not None:
+                        info["calibration_samples"] = len(x)
+        if cfg.quantization == "int8" and cfg.io == "float":
+            content, changed = float_io(content)
+            info["io"] = "float32 (QUANTIZE / DEQUANTIZE ops added)" if changed else "float32"
+        elif cfg.quantization == "int8":
+            info["io"] = "as converted (int8; the runner quantizes in numpy)"
+        path.write_bytes(content)
+        info["convert_seconds"] = round(time.perf_counter() - started, 2)
+        info["flatbuffer"] = flatbuffer_summary(content)
+        info["runtime_build"] = {"converter": f"litert-torch {_version('litert-torch')}",
+                                 "interpreter": f"ai-edge-litert {_version('ai-edge-litert')}"}
+        return [path], info
+
+    def _calibration(self, artifact: ModelArtifact, data: Any) -> np.ndarray:
+        from ..data import preprocess
+
+        if data is None:
+            raise TargetError(f"{self.field}: target 'tflite' with quantization int8 needs calibration data; "
+                              "add a data section or --data")
+        size = tuple(artifact.input_spec.sample_shape[1:])
+        images = data.calibration_images(size, artifact.preprocessing.color, self.config.samples)
+        return preprocess(images, artifact.preprocessing)
+
+    def _convert(self, module: Any, sample: Any, artifact: ModelArtifact, **kwargs: Any) -> bytes:
+        import litert_torch
+
+        try:
+            edge = litert_torch.convert(module, (sample,), **kwargs)
+            return bytes(edge.model_content())
+        except Exception as exc:
+            raise self._conversion_error(exc, artifact) from exc
+
+    def _convert_pt2e(self, module: Any, sample: Any, x: np.ndarray, info: dict[str, Any],
+                      artifact: ModelArtifact) -> bytes:
+        import torch
+        from litert_torch.quantize import pt2e_quantizer, quant_config
+        from torchao.quantization.pt2e import quantize_pt2e
+
+        cfg = self.config
+        quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
+            pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=cfg.per_channel, is_dynamic=False))
+        errors: list[str] = []
+        quantized, last = None, None
+        for captured, mode, batch in self._captures(module, sample, x, errors):
+            try:
+                prepared = quantize_pt2e.prepare_pt2e(captured, quantizer)
+                with torch.no_grad():
+                    for i in range(0, len(x), batch):
+                        prepared(torch.from_numpy(x[i : i + batch]))
+                quantized = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
+            except Exception as exc:
+                errors.append(f"{mode}, calibration batch {batch}: {type(exc).__name__}: {_first_line(exc)}")
+                log.debug("tflite: PT2E with %s export at batch %d failed", mode, batch, exc_info=True)
+                last = exc
+                continue
+            break
+        if quantized is None:
+            exc = RuntimeError("; ".join(errors))
+            raise self._conversion_error(exc, artifact, stage="PT2E quantization") from last
+        _to_eval(quantized)
+        info.update(route="pt2e (torchao prepare_pt2e/convert_pt2e, litert_torch PT2EQuantizer) + litert_torch.convert",
+                    export=mode, calibration_batch=batch, per_channel=cfg.per_channel,
+                    activation_observer="histogram", weights="int8 symmetric " + (
+                        "per-channel" if cfg.per_channel else "per-tensor"))
+        config = quant_config.QuantConfig(pt2e_quantizer=quantizer)
+        return self._convert(quantized, sample, artifact, quant_config=config)
+
+    def _captures(self, module: Any, sample: Any, x: np.ndarray, errors: list[str]) -> Iterator[tuple[Any, str, int]]:
+        """torch.export captures of the module for PT2E, best first: strict if possible (it records
+        the source functions that the quantizer's add / pool patterns match), and with a dynamic
+        batch dimension if possible (calibration then runs in batches)."""
+        import torch
+
+        cfg = self.config
+        modes = {"auto": [True, False], "strict": [True], "non_strict": [False]}[cfg.export]
+        batch = min(cfg.calibration_batch, len(x))
+        for strict in modes:
+            name = "strict" if strict else "non_strict"
+            shapes: list[Any] = [None]
+            if batch > 1:
+                shapes.insert(0, ({0: torch.export.Dim("batch", min=1, max=max(1024, batch))},))
+            for dynamic in shapes:
+                example = torch.from_numpy(x[:batch]) if dynamic is not None else sample
+                try:
+                    captured = torch.export.export(module, (example,), dynamic_shapes=dynamic, strict=strict).module()
+                except Exception as exc:
+                    errors.append(f"{name} export{' (dynamic batch)' if dynamic else ''}: "
+                                  f"{type(exc).__name__}: {_first_line(exc)}")
+                    continue
+                if not strict:
+                    _tag_sources(captured)
+                yield captured, name, batch if dynamic is not None else 1
+
+    def _ai_edge_quantize(self, content: bytes, x: np.ndarray | None, info: dict[str, Any]) -> bytes:
+        from ai_edge_quantizer import qtyping, quantizer, recipe
+
+        cfg = self.config
+        granularity = qtyping.QuantGranularity.CHANNELWISE if cfg.per_channel else qtyping.QuantGranularity.TENSORWISE
+        qt = quantizer.Quantizer(bytearray(content))
+        op_name = qtyping.TFLOperationName
+        if cfg.quantization == "fp16":
+            for op in (op_name.CONV_2D, op_name.DEPTHWISE_CONV_2D, op_name.FULLY_CONNECTED, op_name.CONV_2D_TRANSPOSE):
+                qt.add_weight_only_config(regex=".*", operation_name=op, num_bits=16,
+                                          algorithm_key=quantizer.AlgorithmName.FLOAT_CASTING)
+            info["route"] += " + ai-edge-quantizer float_casting (fp16 weights)"
+        elif cfg.quantization == "dynamic_int8":
+            qt.add_dynamic_config(regex=".*", operation_name=op_name.ALL_SUPPORTED, num_bits=8,
+                                  granularity=granularity)
+            info["route"] += " + ai-edge-quantizer dynamic_wi8_afp32"
+        else:
+            assert x is not None
+            qt.add_static_config(regex=".*", operation_name=op_name.ALL_SUPPORTED, activation_num_bits=8,
+                                 weight_num_bits=8, weight_granularity=granularity)
+            info["route"] += " + ai-edge-quantizer static_wi8_ai8 (min/max calibration)"
+        calibration = None
+        if qt.need_calibration:
+            assert x is not None
+            from ai_edge_litert.interpreter import Interpreter
+
+            signatures = Interpreter(model_content=content).get_signature_list()
+            key = next(iter(signatures))
+            name = signatures[key]["inputs"][0]
+            calibration = qt.calibrate({key: [{name: x[i : i + 1]} for i in range(len(x))]}, num_threads=1)
+        with contextlib.redirect_stdout(_DevNull()):
+            result = qt.quantize(calibration, enable_progress_report=False)
+        info["per_channel"] = cfg.per_channel
+        return bytes(result.quantized_model)
+
+    def _conversion_error(self, exc: BaseException, artifact: ModelArtifact, stage: str = "conversion") -> TargetError:
+        op = unsupported_op(exc)
+        producer = (f"the graph produced by pass {artifact.lineage[-1]['pass']!r}" if artifact.lineage
+                    else "the source model (no pass ran before it)")
+        what = f"cannot convert op {op}" if op else "conversion failed"
+        return TargetError(f"{self.field}: target 'tflite' (litert-torch {stage}) {what} in {producer}: "
+                           f"{type(exc).__name__}: {_first_line(exc)}")
+
+    # ------------------------------------------------------------------ running
+    def load(self, engine: Engine, *, threads: int) -> Runner:
+        return TFLiteRunner(engine.path, threads=threads)
+
+
+class TFLiteRunner(Runner):
+    """One LiteRT interpreter per batch size (the input resized, then tensors allocated), XNNPACK
+    delegate with exactly ``threads`` threads. Float NCHW batches in, float logits out; quantized
+    inputs and outputs are (de)quantized with the model's own scales. A graph that cannot be
+    resized to a batch is run sample by sample at batch 1 (``runtime_info`` says so)."""
+
+    def __init__(self, path: Path, *, threads: int) -> None:
+        self.name = "tflite"
+        self.path = Path(path)
+        self.threads = threads
+        self._interpreters: dict[int, Any] = {}
+        self._looped: set[int] = set()
+        self._io: dict[int, tuple[dict, dict]] = {}
+
+    def _make(self, batch: int) -> Any:
+        from ai_edge_litert.interpreter import Interpreter
+
+        interp = Interpreter(model_path=str(self.path), num_threads=self.threads)
+        inp = interp.get_input_details()[0]
+        if batch != int(inp["shape"][0]):
+            interp.resize_tensor_input(inp["index"], [batch, *[int(d) for d in inp["shape"][1:]]], strict=False)
+        interp.allocate_tensors()
+        out = interp.get_output_details()[0]
+        if int(out["shape"][0]) != batch:
+            raise ValueError(f"output batch {out['shape'][0]} after resizing the input to {batch}")
+        return interp
+
+    def prepare(self, batch: int) -> None:
+        if batch in self._interpreters or batch in self._looped:
+            return
+        if 1 not in self._interpreters:
+            self._add(1, self._make(1))
+        if batch == 1:
+            return
+        try:
+            self._add(batch, self._make(batch))
+        except Exception as exc:
+            log.warning("tflite: cannot resize %s to batch %d (%s); running it sample by sample", self.path, batch, exc)
+            self._looped.add(batch)
+
+    def _add(self, batch: int, interp: Any) -> None:
+        self._interpreters[batch] = interp
+        self._io[batch] = (interp.get_input_details()[0], interp.get_output_details()[0])
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        batch = len(x)
+        if batch not in self._interpreters and batch not in self._looped:
+            self.prepare(batch)
+        if batch in self._looped:
+            return np.concatenate([self._run(1, x[i : i + 1]) for i in range(batch)])
+        return self._run(batch, x)
+
+    def _run(self, batch: int, x: np.ndarray) -> np.ndarray:
+        interp = self._interpreters[batch]
+        inp, out = self._io[batch]
+        interp.set_tensor(inp["index"], _quantize(x, inp))
+        interp.invoke()
+        return _dequantize(interp.get_tensor(out["index"]), out)
+
+    def runtime_info(self) -> dict[str, Any]:
+        import ai_edge_litert
+
+        if 1 not in self._interpreters:
+            self.prepare(1)
+        interp = self._interpreters[1]
+        inp, out = self._io[1]
+        partitions, undelegated = delegation(interp)
+        return {
+            "runtime": f"ai-edge-litert {ai_edge_litert.__version__}",
+            "threads": self.threads,
+            "delegate": "XNNPACK" if partitions else "none (built-in kernels)",
+            "xnnpack_partitions": partitions,
+            "undelegated_ops": dict(undelegated.most_common()),
+            "input_dtype": np.dtype(inp["dtype"]).name,
+            "output_dtype": np.dtype(out["dtype"]).name,
+            "input_quantization": _qparams(inp),
+            "output_quantization": _qparams(out),
+            "batching": ("resized interpreter per batch size" if not self._looped else
+                         f"batch 1 loop for batch sizes {sorted(self._looped)} (input cannot be resized)"),
+            "batch_sizes": sorted(self._interpreters),
+        }
+
+    def close(self) -> None:
+        self._interpreters.clear()
+        self._io.clear()
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:
+    dtype = np.dtype(detail["dtype"])
+    if dtype == np.float32:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    scale, zero = detail["quantization"]
+    info = np.iinfo(dtype)
+    q = np.multiply(x, np.float32(1.0 / scale), dtype=np.float32)
+    q += np.float32(zero)
+    np.rint(q, out=q)
+    np.clip(q, info.min, info.max, out=q)
+    return q.astype(dtype)
+
+
+def _dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
+    if np.dtype(detail["dtype"]) == np.float32:
+        return y.copy()
+    scale, zero = detail["quantization"]
+    return (y.astype(np.float32) - np.float32(zero)) * np.float32(scale)
+
+
+def _qparams(detail: dict) -> dict[str, float] | None:
+    scale, zero = detail["quantization"]
+    return None if not scale else {"scale": float(scale), "zero_point": int(zero)}
+
+
+def _to_eval(module: Any) -> None:
+    """Put a converted PT2E graph in eval mode (plain .eval() is refused on exported graphs)."""
+    try:
+        from torchao.quantization.pt2e import move_exported_model_to_eval
+
+        move_exported_model_to_eval(module)
+    except Exception:  # only silences litert-torch's "converted in training mode" warning
+        pass
+    module.training = False
+
+
+def _tag_sources(graph_module: Any) -> None:
+    """Non-strict torch.export records no ``source_fn_stack``; litert-torch's PT2EQuantizer finds
+    add / mul / cat / pooling partitions by it. Tag those aten nodes as strict export would."""
+    import operator
+
+    import torch
+    import torch.nn.functional as F
+
+    aten = torch.ops.aten
+    sources = {
+        aten.add.Tensor: operator.add, aten.add_.Tensor: operator.add,
+        aten.mul.Tensor: operator.mul, aten.mul_.Tensor: operator.mul,
+        aten.cat.default: torch.cat,
+        aten.max_pool2d.default: F.max_pool2d, aten.max_pool2d_with_indices.default: F.max_pool2d,
+        aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
+    }
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and node.target in sources and not node.meta.get("source_fn_stack"):
+            node.meta["source_fn_stack"] = [(node.name, sources[node.target])]
+
+
+def unsupported_op(exc: BaseException) -> str | None:
+    """The aten op named by a litert-torch lowering error, searched along the exception chain."""
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e)
+        for pattern in (r"Lowering not found: (\S+)", r"target=torch\.ops\.([\w.]+)", r"target=([\w.]+)\]"):
+            m = re.search(pattern, text)
+            if m:
+                return m.group(1).rstrip(".,")
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:400] if text else ""
+
+
+def _version(dist: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+class _DevNull:
+    def write(self, _s: str) -> int:
+        return 0
+
+    def flush(self) -> None:
+        pass
+
+
+def flatbuffer_summary(content: bytes) -> dict[str, Any]:
+    """Operators of the main subgraph by type, and by type with their tensor types
+    (``CONV_2D:INT8,INT8,INT32->INT8``), read from the flatbuffer with LiteRT's schema."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    types = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    model = schema.Model.GetRootAs(content, 0)
+    graph = model.Subgraphs(0)
+    by_type: Counter[str] = Counter()
+    by_dtype: Counter[str] = Counter()
+    for i in range(graph.OperatorsLength()):
+        op = graph.Operators(i)
+        code = model.OperatorCodes(op.OpcodeIndex())
+        builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+        name = names.get(builtin, str(builtin))
+        if name == "CUSTOM" and code.CustomCode():
+            name = f"CUSTOM:{code.CustomCode().decode()}"
+        ins = [types.get(graph.Tensors(t).Type(), "?") for t in op.InputsAsNumpy() if t >= 0] \
+            if op.InputsLength() else []
+        outs = [types.get(graph.Tensors(t).Type(), "?") for t in op.OutputsAsNumpy()] if op.OutputsLength() else []
+        by_type[name] += 1
+        by_dtype[f"{name}:{','.join(ins)}->{','.join(outs)}"] += 1
+    tensor_types: Counter[str] = Counter(types.get(graph.Tensors(i).Type(), "?") for i in range(graph.TensorsLength()))
+    inp = graph.Tensors(graph.Inputs(0))
+    out = graph.Tensors(graph.Outputs(0))
+    return {
+        "ops": graph.OperatorsLength(),
+        "op_types": dict(by_type.most_common()),
+        "op_dtypes": dict(by_dtype.most_common()),
+        "tensor_types": dict(tensor_types.most_common()),
+        "input": {"type": types.get(inp.Type()), "shape": inp.ShapeAsNumpy().tolist()},
+        "output": {"type": types.get(out.Type()), "shape": out.ShapeAsNumpy().tolist()},
+        "float_compute_ops": sum(n for k, n in by_dtype.items() if k.split(":")[0] in _COMPUTE and "->FLOAT32" in k),
+    }
+
+
+def float_io(content: bytes) -> tuple[bytes, bool]:
+    """Give a model with quantized (int8) input/output float32 ones: a QUANTIZE op before the first
+    op and a DEQUANTIZE op after the last, both with the tensors' own scales, which XNNPACK runs in
+    the same partition. Returns the model and whether it changed."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(content))
+    graph = model.subgraphs[0]
+    quantized = (schema.TensorType.INT8, schema.TensorType.UINT8, schema.TensorType.INT16)
+    changed = False
+
+    def opcode(builtin: int, version: int) -> int:
+        for i, code in enumerate(model.operatorCodes):
+            if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin:
+                return i
+        code = schema.OperatorCodeT()
+        code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), version
+        model.operatorCodes.append(code)
+        return len(model.operatorCodes) - 1
+
+    def float_twin(index: int, suffix: str) -> int:
+        old = graph.tensors[index]
+        new = schema.TensorT()
+        new.shape, new.shapeSignature, new.hasRank = list(old.shape), old.shapeSignature, old.hasRank
+        new.type, new.name = schema.TensorType.FLOAT32, (old.name or b"") + suffix.encode()
+        buffer = schema.BufferT()
+        model.buffers.append(buffer)
+        new.buffer = len(model.buffers) - 1
+        graph.tensors.append(new)
+        return len(graph.tensors) - 1
+
+    def retarget(kind: str, old: int, new: int) -> None:
+        for sig in model.signatureDefs or []:
+            for m in getattr(sig, kind) or []:
+                if m.tensorIndex == old:
+                    m.tensorIndex = new
+
+    for pos, index in enumerate(list(graph.inputs)):
+        if graph.tensors[index].type in quantized:
+            new = float_twin(index, "_float")
+            op = schema.OperatorT()
+            op.opcodeIndex, op.inputs, op.outputs = opcode(schema.BuiltinOperator.QUANTIZE, 2), [new], [index]
+            graph.operators.insert(0, op)
+            graph.inputs[pos] = new
+            retarget("inputs", index, new)
+            changed = True
+    for pos, index in enumerate(list(graph.outputs)):
+        if graph.tensors[index].type in quantized:
+            new = float_twin(index, "_float")
+            op = schema.OperatorT()
+            op.opcodeIndex, op.inputs, op.outputs = opcode(schema.BuiltinOperator.DEQUANTIZE, 2), [index], [new]
+            graph.operators.append(op)
+            graph.outputs[pos] = new
+            retarget("outputs", index, new)
+            changed = True
+    if not changed:
+        return content, False
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), True
+
+
+_COMPUTE = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MUL", "MEAN", "SUM", "AVERAGE_POOL_2D",
+            "MAX_POOL_2D", "BATCH_MATMUL", "TRANSPOSE_CONV", "CONCATENATION"}
+
+
+def delegation(interp: Any) -> tuple[int, Counter[str]]:
+    """How many partitions XNNPACK took, and the original operators left to the built-in kernels.
+
+    An operator runs outside the delegate exactly when one of its outputs feeds a delegate
+    partition or the model's output without being produced by a partition, or feeds such an
+    operator; the walk goes backwards from those tensors."""
+    nodes = interp._get_ops_details()
+    delegates = [n for n in nodes if n["op_name"] == "DELEGATE"]
+    if not delegates:
+        return 0, Counter(n["op_name"] for n in nodes)
+    delegated_out = {int(t) for d in delegates for t in d["outputs"]}
+    originals = [n for n in nodes if n["op_name"] != "DELEGATE"]
+    producer = {int(t): n for n in originals for t in n["outputs"]}
+    frontier = [int(t) for d in delegates for t in d["inputs"]]
+    frontier += [int(d["index"]) for d in interp.get_output_details()]
+    outside: dict[int, dict] = {}
+    while frontier:
+        t = frontier.pop()
+        if t in delegated_out or t not in producer:
+            continue
+        node = producer[t]
+        if node["index"] in outside:
+            continue
+        outside[node["index"]] = node
+        frontier.extend(int(i) for i in node["inputs"] if i >= 0)
+    return len(delegates), Counter(n["op_name"] for n in outside.values())
