@@ -89,10 +89,16 @@ class OrtRunner(Runner):
         opts.optimized_model_filepath = str(self._optimized)
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+        batch = self.session.get_inputs()[0].shape[0]
+        self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None  # e.g. a fixed-batch torch.export
         self.graph_optimization = graph_optimization
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x})[0]
+        step = self.fixed_batch
+        if step is None or len(x) == step:
+            return self.session.run(None, {self.input_name: x})[0]
+        return np.concatenate([self.session.run(None, {self.input_name: x[i : i + step]})[0]
+                               for i in range(0, len(x), step)])
 
     def runtime_info(self) -> dict[str, Any]:
         import onnx
@@ -107,6 +113,7 @@ class OrtRunner(Runner):
             "providers": self.session.get_providers(),
             "threads": self.threads,
             "graph_optimization": self.graph_optimization,
+            "fixed_batch": self.fixed_batch,
             "kernels": dict(kernels.most_common()),
             "isa": cpu_isa(),
         }
