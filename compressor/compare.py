@@ -522,13 +522,9 @@ def update_baseline(run_dir: Path, baseline_dir: Path) -> dict[str, int]:
             if (run_dir / name).is_file():
                 shutil.copyfile(run_dir / name, staging / name)
                 written[name] = (staging / name).stat().st_size
-        trash = None
-        if baseline_dir.exists():
-            trash = baseline_dir.parent / f".{baseline_dir.name}.old-{os.getpid()}"
-            os.replace(baseline_dir, trash)
-        os.replace(staging, baseline_dir)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+        from .report import replace_dir
+
+        replace_dir(staging, baseline_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -19,7 +19,7 @@ from .pipeline import PassCache, Pipeline
 from .training import world
 from .recipe import Recipe
 from .compare import save_samples
-from .report import build_report, write_report
+from .report import build_report, replace_dir, write_report
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def run_job(model_path: Path, recipe: Recipe, recipe_path: Path | None, options:
         report["samples"] = save_samples(result, data, staging)  # what compress compare needs
         _relocate_paths(report, staging, out_dir)
         write_report(report, staging)
-        _finalize(staging, out_dir)
+        replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -171,14 +171,3 @@ def _relocate_paths(report: dict[str, Any], staging: Path, out_dir: Path) -> Non
     for r in report["results"]:
         if r.get("engine") and r["engine"].startswith(old):
             r["engine"] = r["engine"].replace(old, new, 1)
-
-
-def _finalize(staging: Path, out_dir: Path) -> None:
-    """Swap the finished staging directory into place."""
-    trash = None
-    if out_dir.exists():
-        trash = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        os.replace(out_dir, trash)
-    os.replace(staging, out_dir)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)

@@ -186,6 +186,20 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def replace_dir(staging: Path, dest: Path) -> None:
+    """Swap a finished staging directory into place of ``dest`` (renames; the old one is removed)."""
+    import os
+    import shutil
+
+    trash = None
+    if dest.exists():
+        trash = dest.parent / f".{dest.name}.old-{os.getpid()}"
+        os.replace(dest, trash)
+    os.replace(staging, dest)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
 def atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
