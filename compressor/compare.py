@@ -16,8 +16,16 @@ it, what a later comparison needs that the report does not carry:
 - ``agreement`` (engines only): top-1 agreement with the run's own source model; a regression
   when it went down by more than ``max_agreement_drop`` points (McNemar's p is shown, not used);
 - ``latency_p50``: current p50 / baseline p50 with a seeded percentile-bootstrap confidence
-  interval (level 1 - alpha) of that ratio of medians; a regression when the interval lies above 1
-  and the ratio is above ``max_slowdown``;
+  interval (level 1 - alpha), and, for engine rows, the same ratio relative to the run's own
+  source row (timed in the same interleaved rounds): (engine p50 / source p50 now) / (engine p50 /
+  source p50 in the baseline), its interval from resampling all four sample sets. The source row
+  is the same model file in both runs, so its own ratio is the machine's (load, clock, host) and
+  is a reference, never flagged. By default (``latency="both"``) a slowdown is a regression when
+  it shows in both ratios: each interval lies above 1 and each ratio is above ``max_slowdown``
+  (an intersection-union test, so still level alpha). Either alone misleads on a shared machine:
+  a busier machine slows every row by a third, and between two quiet runs PyTorch eager (the
+  source row) drifts by 15 % while the engine stays within 3 % (benchmarks/regression_gate.py).
+  ``"relative"`` and ``"absolute"`` use one ratio only;
 - ``size``: current bytes / baseline bytes; a regression above ``max_size_growth``.
 
 Runs on different evaluation sets or different source model files cannot be compared
@@ -181,13 +189,18 @@ class Thresholds:
     max_agreement_drop: float = DEFAULTS["max_agreement_drop"]
     resamples: int = 2000
     seed: int = 0
+    latency: str = "both"  # "relative", "absolute"
     sources: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in (*DEFAULTS, "resamples", "seed")} | {"from": dict(self.sources)}
+        return {k: getattr(self, k) for k in (*DEFAULTS, "resamples", "seed", "latency")} | {"from": dict(self.sources)}
 
 
-def resolve_thresholds(report: dict[str, Any], resamples: int = 2000, seed: int = 0, **flags: float | None) -> Thresholds:
+LATENCY_MODES = ("both", "relative", "absolute")
+
+
+def resolve_thresholds(report: dict[str, Any], resamples: int = 2000, seed: int = 0, latency: str = "both",
+                       **flags: float | None) -> Thresholds:
     """Each threshold from its flag, else from the run's recipe ``acceptance`` section, else the default.
 
     The recipe's ``acceptance.max_top1_drop`` (points below the source model) is read as the
@@ -195,8 +208,10 @@ def resolve_thresholds(report: dict[str, Any], resamples: int = 2000, seed: int 
     unknown = set(flags) - set(DEFAULTS)
     if unknown:
         raise TypeError(f"unknown thresholds: {sorted(unknown)}")
+    if latency not in LATENCY_MODES:
+        raise TypeError(f"latency mode must be one of {LATENCY_MODES}, not {latency!r}")
     acceptance = ((report.get("recipe_config") or {}).get("acceptance") or {})
-    th = Thresholds(resamples=resamples, seed=seed)
+    th = Thresholds(resamples=resamples, seed=seed, latency=latency)
     for key, default in DEFAULTS.items():
         if flags.get(key) is not None:
             value, source = flags[key], "flag"
@@ -224,25 +239,34 @@ def mcnemar_exact(base_ok: np.ndarray, cur_ok: np.ndarray) -> tuple[float, int, 
     return min(p, 1.0), lost, gained
 
 
-def bootstrap_median_ratio(base: np.ndarray, cur: np.ndarray, *, resamples: int, seed: int,
-                           level: float) -> tuple[float, float, float, float]:
+def bootstrap_median_ratio(base: np.ndarray, cur: np.ndarray, *, resamples: int, seed: int, level: float,
+                           base_ref: np.ndarray | None = None, cur_ref: np.ndarray | None = None,
+                           ) -> tuple[float, float, float, float]:
     """median(cur) / median(base), the percentile-bootstrap interval of that ratio at ``level``
-    (both samples resampled independently, with replacement, ``resamples`` times, seeded), and a
-    two-sided bootstrap p-value for "the ratio is 1"."""
-    base, cur = np.asarray(base, np.float64), np.asarray(cur, np.float64)
+    (each sample resampled independently, with replacement, ``resamples`` times, seeded), and a
+    two-sided bootstrap p-value for "the ratio is 1".
+
+    With ``base_ref`` and ``cur_ref`` (the reference row of each run, timed alongside), the
+    statistic is the ratio of ratios (median(cur) / median(cur_ref)) / (median(base) /
+    median(base_ref)), and all four samples are resampled."""
+    samples = [np.asarray(x, np.float64) for x in (base, cur)]
+    relative = base_ref is not None and cur_ref is not None
+    if relative:
+        samples += [np.asarray(x, np.float64) for x in (base_ref, cur_ref)]
     rng = np.random.default_rng(seed)
     ratios = np.empty(resamples)
-    chunk = max(1, 4_000_000 // max(len(base), len(cur)))
+    chunk = max(1, 4_000_000 // max(len(x) for x in samples))
     for start in range(0, resamples, chunk):
         k = min(chunk, resamples - start)
-        mb = np.median(base[rng.integers(0, len(base), (k, len(base)))], axis=1)
-        mc = np.median(cur[rng.integers(0, len(cur), (k, len(cur)))], axis=1)
-        ratios[start:start + k] = mc / mb
+        med = [np.median(x[rng.integers(0, len(x), (k, len(x)))], axis=1) for x in samples]
+        ratios[start:start + k] = med[1] / med[0] * (med[2] / med[3] if relative else 1.0)
     tail = (1.0 - level) / 2.0
     lo, hi = np.quantile(ratios, [tail, 1.0 - tail])
     below, above = (ratios <= 1.0).sum(), (ratios >= 1.0).sum()
     p = min(1.0, 2.0 * (min(below, above) + 1) / (resamples + 1))
-    return float(np.median(cur) / np.median(base)), float(lo), float(hi), float(p)
+    m = [float(np.median(x)) for x in samples]
+    ratio = m[1] / m[0] * (m[2] / m[3] if relative else 1.0)
+    return float(ratio), float(lo), float(hi), float(p)
 
 
 # ---------------------------------------------------------------------- the comparison
@@ -293,26 +317,69 @@ def _accuracy_checks(name: str, cur: Run, base: Run, th: Thresholds) -> list[dic
     return checks
 
 
+REFERENCE_ROW = "source"
+
+
+def _slowdown(ratio: float, lo: float, th: Thresholds) -> bool:
+    return lo > 1.0 and ratio > th.max_slowdown
+
+
 def _latency_check(name: str, cur: Run, base: Run, th: Thresholds) -> dict[str, Any]:
     a, b = base.latency.get(name), cur.latency.get(name)
     if a is None or b is None or len(a) < 2 or len(b) < 2:
         return _check(name, "latency_p50", "ms", None, None, None, regression=False, verdict="no data",
                       detail="no raw latency samples saved for this row")
     level = 1.0 - th.alpha
+    samples = f"{len(a)} baseline and {len(b)} current batch-1 samples"
     ratio, lo, hi, p = bootstrap_median_ratio(a, b, resamples=th.resamples, seed=th.seed, level=level)
-    significant = lo > 1.0
-    slow = significant and ratio > th.max_slowdown
+    a_ref, b_ref = base.latency.get(REFERENCE_ROW), cur.latency.get(REFERENCE_ROW)
+    have_ref = a_ref is not None and b_ref is not None and len(a_ref) >= 2 and len(b_ref) >= 2
+    if th.latency != "absolute" and name == REFERENCE_ROW:
+        # The same source file in both runs: its p50 ratio is the machine's, not a regression.
+        return _check(name, "latency_p50", "ms", float(np.median(a)), float(np.median(b)), ratio - 1.0,
+                      regression=False, verdict="reference", p_value=p, ci=(lo, hi), ci_level=level,
+                      detail=f"{samples}; the source model is the same file in both runs, so this ratio is the "
+                             f"machine's (load, clock, host); engine rows are also judged relative to it")
+    rel = None
+    if th.latency != "absolute" and have_ref:
+        r_ratio, r_lo, r_hi, r_p = bootstrap_median_ratio(a, b, resamples=th.resamples, seed=th.seed, level=level,
+                                                          base_ref=a_ref, cur_ref=b_ref)
+        rel = {"ratio": r_ratio, "ci": [r_lo, r_hi], "p_value": r_p,
+               "of_source": [float(np.median(a) / np.median(a_ref)), float(np.median(b) / np.median(b_ref))]}
+    abs_slow = _slowdown(ratio, lo, th)
+    rel_slow = rel is not None and _slowdown(rel["ratio"], rel["ci"][0], th)
+    abs_fast = hi < 1.0 and ratio < 1.0 / th.max_slowdown
+    rel_fast = rel is not None and rel["ci"][1] < 1.0 and rel["ratio"] < 1.0 / th.max_slowdown
+    if rel is None:  # absolute mode, or no source row to judge by
+        slow, fast, significant = abs_slow, abs_fast, lo > 1.0
+    elif th.latency == "relative":
+        slow, fast, significant = rel_slow, rel_fast, rel["ci"][0] > 1.0
+    else:  # both: slower in raw milliseconds and slower relative to the machine's reference row
+        slow, fast, significant = abs_slow and rel_slow, abs_fast and rel_fast, lo > 1.0 and rel["ci"][0] > 1.0
     if slow:
         verdict = "REGRESSION"
-    elif hi < 1.0 and ratio < 1.0 / th.max_slowdown:
+    elif fast:
         verdict = "faster"
     else:
-        verdict = "ok" if not significant else "ok (slower, under max)"
-    return _check(
+        verdict = "ok (slower, under max)" if significant else "ok"
+    reasons = []
+    if slow and th.latency != "relative":
+        reasons.append(f"p50 ratio {ratio:.3f} > max {th.max_slowdown:g}, {level:.0%} CI lower bound {lo:.3f} > 1")
+    if slow and rel is not None:
+        reasons.append(f"relative to the source row {rel['ratio']:.3f} > max {th.max_slowdown:g}, "
+                       f"{level:.0%} CI lower bound {rel['ci'][0]:.3f} > 1")
+    detail = samples
+    if rel is not None:
+        detail += (f"; engine p50 / source p50 {rel['of_source'][0]:.3f} in the baseline, {rel['of_source'][1]:.3f} "
+                   f"now (ratio {rel['ratio']:.3f}, {level:.0%} CI {rel['ci'][0]:.3f}-{rel['ci'][1]:.3f})")
+    elif th.latency != "absolute":
+        detail += "; no source row in one of the runs: raw milliseconds only"
+    check = _check(
         name, "latency_p50", "ms", float(np.median(a)), float(np.median(b)), ratio - 1.0, regression=slow,
         verdict=verdict, p_value=p, ci=(lo, hi), ci_level=level, threshold=th.max_slowdown,
-        reason=f"p50 ratio {ratio:.3f} > max {th.max_slowdown:g}, {level:.0%} CI lower bound {lo:.3f} > 1" if slow else "",
-        detail=f"{len(a)} baseline and {len(b)} current batch-1 samples")
+        reason="; ".join(reasons), detail=detail)
+    check["relative"] = rel
+    return check
 
 
 def _size_check(name: str, cur_row: dict[str, Any], base_row: dict[str, Any], th: Thresholds) -> dict[str, Any]:
@@ -385,14 +452,15 @@ def compare_runs(cur: Run, base: Run, th: Thresholds) -> dict[str, Any]:
         "regressions": regressions,
         "checks": checks,
         "notes": notes,
+        "same_environment": not env_notes,
     }
 
 
 def compare_dirs(run_dir: Path, baseline_dir: Path, *, resamples: int = 2000, seed: int = 0,
-                 **flags: float | None) -> dict[str, Any]:
+                 latency: str = "both", **flags: float | None) -> dict[str, Any]:
     cur = load_run(run_dir, "run")
     base = load_run(baseline_dir, "baseline")
-    th = resolve_thresholds(cur.report, resamples=resamples, seed=seed, **flags)
+    th = resolve_thresholds(cur.report, resamples=resamples, seed=seed, latency=latency, **flags)
     return compare_runs(cur, base, th)
 
 
@@ -424,8 +492,13 @@ def check_cells(c: dict[str, Any]) -> list[str]:
         base, cur, diff = f"{_num(c['baseline'])} %", f"{_num(c['current'])} %", f"{c['difference']:+.2f} pts"
     elif m == "latency_p50":
         lo, hi = c["ci"]
+        rel = c.get("relative")
         stat = f"ratio {c['difference'] + 1:.3f}, {c['ci_level']:.0%} CI [{lo:.3f}, {hi:.3f}]"
-        base, cur, diff = f"{_num(c['baseline'], 3)} ms", f"{_num(c['current'], 3)} ms", f"{100 * c['difference']:+.1f} %"
+        base, cur = f"{_num(c['baseline'], 3)} ms", f"{_num(c['current'], 3)} ms"
+        if rel:
+            stat += f"; vs source {rel['ratio']:.3f} [{rel['ci'][0]:.3f}, {rel['ci'][1]:.3f}]"
+            base, cur = f"{base} ({rel['of_source'][0]:.3f}x src)", f"{cur} ({rel['of_source'][1]:.3f}x src)"
+        diff = f"{100 * c['difference']:+.1f} %"
     else:
         stat = "-" if c["difference"] is None else f"ratio {c['difference'] + 1:.3f}"
         base, cur = _size(c["baseline"]), _size(c["current"])
@@ -446,14 +519,21 @@ def render_markdown(cmp: dict[str, Any]) -> str:
     lines.append(f"- thresholds: alpha {th['alpha']:g} ({src['alpha']}), top-1 drop {th['max_top1_drop']:g} points "
                  f"({src['max_top1_drop']}), slowdown {th['max_slowdown']:g}x ({src['max_slowdown']}), size growth "
                  f"{th['max_size_growth']:g}x ({src['max_size_growth']}), agreement drop "
-                 f"{th['max_agreement_drop']:g} points ({src['max_agreement_drop']})")
+                 f"{th['max_agreement_drop']:g} points ({src['max_agreement_drop']}); latency "
+                 f"{th.get('latency', 'absolute')}")
     lines += ["", "| " + " | ".join(COMPARE_HEADER) + " |", "|" + "---|" * len(COMPARE_HEADER)]
     for c in cmp["checks"]:
         lines.append("| " + " | ".join(check_cells(c)) + " |")
     lines += ["", "top1: exact McNemar test on the images each run got right; a regression when p < alpha and "
-              "top-1 fell, or when it fell by more than the limit. latency_p50: current p50 / baseline p50 with a "
-              f"bootstrap interval ({th['resamples']} resamples, seed {th['seed']}); a regression when the interval "
-              "lies above 1 and the ratio is above the limit."]
+              "top-1 fell, or when it fell by more than the limit. latency_p50: current p50 / baseline p50, and "
+              "(vs source) each engine's p50 as a multiple of its own run's source p50, timed in the same "
+              "interleaved rounds; the source row's own ratio is the machine's (reference, never flagged). "
+              + {"both": "A slowdown counts when it shows in both: a busier machine slows the source too, and the "
+                         "source's own jitter leaves the raw milliseconds alone. ",
+                 "relative": "A slowdown counts relative to the source only. ",
+                 "absolute": "Raw milliseconds only. "}[th.get("latency", "absolute")]
+              + f"Bootstrap interval ({th['resamples']} resamples, seed {th['seed']}); a regression when the "
+              "interval lies above 1 and the ratio is above the limit."]
     for c in cmp["checks"]:
         if c["regression"]:
             lines.append(f"- **{c['result']} {c['metric']}**: {c['reason']} ({c['detail']})")

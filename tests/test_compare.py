@@ -169,6 +169,14 @@ def test_mcnemar_and_bootstrap():
     assert 1.3 < lo < ratio < hi < 1.7 and p < 0.01
     ratio, lo, hi, p = bootstrap_median_ratio(a, b, resamples=2000, seed=0, level=0.99)
     assert lo < 1 < hi and p > 0.01
+    # Ratio of ratios: both rows of the current run 1.4x slower (the machine) is no change; the
+    # engine alone 1.4x slower is.
+    ra, rb = rng.lognormal(0, 0.2, 400), rng.lognormal(0, 0.2, 400)
+    ratio, lo, hi, p = bootstrap_median_ratio(a, 1.4 * b, resamples=2000, seed=0, level=0.99,
+                                              base_ref=ra, cur_ref=1.4 * rb)
+    assert lo < 1 < hi and p > 0.01
+    ratio, lo, hi, p = bootstrap_median_ratio(a, 1.4 * b, resamples=2000, seed=0, level=0.99, base_ref=ra, cur_ref=rb)
+    assert 1.15 < lo < ratio < hi < 1.7 and p < 0.01
     assert bootstrap_median_ratio(a, b, resamples=500, seed=3, level=0.9) == \
         bootstrap_median_ratio(a, b, resamples=500, seed=3, level=0.9)  # seeded
 
@@ -203,6 +211,9 @@ def test_damaged_quantization_is_an_accuracy_regression(runs, tmp_path, capsys):
     """The INT8 engine calibrated on one image instead of 64 loses many images."""
     code, cmp, xml, out, _ = _compare(capsys, runs["damaged"], runs["base"], tmp_path, *REAL_RUN_SLOWDOWN)
     assert code == 1
+    for fail_on in ("accuracy", "auto"):  # an accuracy regression fails whatever the environment
+        assert _cli(capsys, "compare", runs["damaged"], "--baseline", runs["base"], "--fail-on", fail_on,
+                    *REAL_RUN_SLOWDOWN)[0] == 1
     top1 = next(c for c in cmp["checks"] if c["result"] == "openvino-int8" and c["metric"] == "top1")
     assert top1["regression"] and top1["p_value"] < 0.01 and top1["difference"] < 0
     assert ("source", "top1") not in _flagged(cmp)
@@ -249,34 +260,78 @@ def test_planted_accuracy_damage_significance_and_threshold(runs, tmp_path, caps
     assert code == 1 and cmp["thresholds"]["from"]["max_top1_drop"] == "recipe"
 
 
-def _synthetic_latency(run: Path, seed: int, scale: float) -> None:
+def _synthetic_latency(run: Path, seed: int, scale: float, engine_scale: float = 1.0) -> None:
+    """Every row's samples drawn from one lognormal times ``scale`` (the machine), engine rows
+    times ``engine_scale`` too (the engine itself)."""
     rng = np.random.default_rng(seed)
     z = _npz(run / LATENCY_FILE)
-    np.savez_compressed(run / LATENCY_FILE, **{k: (scale * rng.lognormal(np.log(0.5), 0.15, 300)).astype(np.float32)
-                                               for k in z})
+    np.savez_compressed(run / LATENCY_FILE, **{
+        k: (scale * (1.0 if k == "source" else engine_scale) * rng.lognormal(np.log(0.5), 0.15, 300)).astype(np.float32)
+        for k in z})
+
+
+def _latency(cmp, row):
+    return next(c for c in cmp["checks"] if c["result"] == row and c["metric"] == "latency_p50")
 
 
 def test_latency_slowdown_is_flagged_and_noise_is_not(runs, tmp_path, capsys):
     base = _copy(runs["base"], tmp_path / "base")
     _synthetic_latency(base, 0, 1.0)
+    # The engine 1.5x slower while the source row (same machine, same rounds) is not: flagged.
     slow = _copy(runs["rerun"], tmp_path / "slow")
-    _synthetic_latency(slow, 1, 1.5)
+    _synthetic_latency(slow, 1, 1.0, engine_scale=1.5)
     code, cmp, xml, out, _ = _compare(capsys, slow, base, tmp_path)
-    assert code == 1
-    assert _flagged(cmp) == {("source", "latency_p50"), ("openvino-int8", "latency_p50")}
-    for c in cmp["checks"][:2]:
-        assert c["ci"][0] > 1 and c["difference"] == pytest.approx(0.5, abs=0.08)
+    assert code == 1 and cmp["thresholds"]["latency"] == "both"
+    assert _flagged(cmp) == {("openvino-int8", "latency_p50")}
+    c = cmp["checks"][0]
+    assert c["ci"][0] > 1 and c["difference"] == pytest.approx(0.5, abs=0.1)
+    assert c["relative"]["ci"][0] > 1 and c["relative"]["ratio"] == pytest.approx(1.5, abs=0.15)
+    assert "relative to the source row" in c["reason"]
+    src = _latency(cmp, "source")
+    assert src["verdict"] == "reference" and not src["regression"]
     assert len(xml.findall(".//testcase")) == len(cmp["checks"]) == 7
-    assert len(xml.findall(".//testcase/failure")) == 2 and xml.find("testsuite").get("failures") == "2"
-    assert "99% CI" in out
+    assert len(xml.findall(".//testcase/failure")) == 1 and xml.find("testsuite").get("failures") == "1"
+    assert "99% CI" in out and "; vs source 1." in out and "x src)" in out
+    # --fail-on: accuracy only reports it; auto gates it while the environment is the baseline's ...
+    code, cmp, *_, err = _compare(capsys, slow, base, tmp_path, "--fail-on", "accuracy")
+    assert code == 0 and cmp["regressions"] == 1 and "outside --fail-on accuracy" in err
+    code, cmp, *_ = _compare(capsys, slow, base, tmp_path, "--fail-on", "auto")
+    assert code == 1 and cmp["same_environment"]
+    # ... and not once the run comes from another CPU.
+    report = json.loads((slow / "report.json").read_text())
+    report["environment"]["cpu"] = "another CPU"
+    (slow / "report.json").write_text(json.dumps(report))
+    code, cmp, *_, err = _compare(capsys, slow, base, tmp_path, "--fail-on", "auto")
+    assert code == 0 and not cmp["same_environment"] and "environment differs" in err
+    assert any("cpu: baseline" in n for n in cmp["notes"])
+    # The whole machine 1.5x slower (every row, the source too): the engine did not regress
+    # relative to the source, so neither "both" nor "relative" flags it; "absolute" flags both rows.
+    busy = _copy(runs["rerun"], tmp_path / "busy")
+    _synthetic_latency(busy, 1, 1.5)
+    for mode in ("both", "relative"):
+        code, cmp, *_ = _compare(capsys, busy, base, tmp_path, "--latency", mode)
+        assert code == 0 and not _flagged(cmp), mode
+        assert _latency(cmp, "source")["difference"] == pytest.approx(0.5, abs=0.1)
+    code, cmp, *_ = _compare(capsys, busy, base, tmp_path, "--latency", "absolute")
+    assert code == 1 and _flagged(cmp) == {("source", "latency_p50"), ("openvino-int8", "latency_p50")}
+    for c in cmp["checks"][:2]:
+        assert c["ci"][0] > 1 and c["difference"] == pytest.approx(0.5, abs=0.08) and c["relative"] is None
+    # The source row alone 1.5x faster (PyTorch eager drifting between runs, the engine steady):
+    # "relative" would flag the engine, "both" does not since its milliseconds did not move.
+    drift = _copy(runs["rerun"], tmp_path / "drift")
+    _synthetic_latency(drift, 1, 1 / 1.5, engine_scale=1.5)
+    code, cmp, *_ = _compare(capsys, drift, base, tmp_path)
+    assert code == 0 and not _flagged(cmp)
+    code, cmp, *_ = _compare(capsys, drift, base, tmp_path, "--latency", "relative")
+    assert code == 1 and _flagged(cmp) == {("openvino-int8", "latency_p50")}
     # The same distribution drawn again: noise, not flagged.
     noise = _copy(runs["rerun"], tmp_path / "noise")
     _synthetic_latency(noise, 2, 1.0)
     code, cmp, *_ = _compare(capsys, noise, base, tmp_path)
     assert code == 0 and not _flagged(cmp)
-    # A significant 5% slowdown stays under the 10% limit.
+    # A significant 5% slowdown of the engine stays under the 10% limit.
     mild = _copy(runs["rerun"], tmp_path / "mild")
-    _synthetic_latency(mild, 3, 1.05)
+    _synthetic_latency(mild, 3, 1.0, engine_scale=1.05)
     code, cmp, *_ = _compare(capsys, mild, base, tmp_path, "--resamples", "500")
     assert code == 0 and not _flagged(cmp)
 

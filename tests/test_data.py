@@ -44,6 +44,26 @@ def test_image_folder(image_folder):
     assert len(x) == 12 and sorted(np.bincount(y).tolist()) == [4, 4, 4]
 
 
+def test_image_folder_fingerprint_follows_files_not_copies(image_folder, tmp_path):
+    """A copy of the tree (new modification times) keeps the fingerprint, so caches and run
+    comparisons survive a re-copied data set; a renamed, added or rewritten image changes it."""
+    import os
+    import shutil
+
+    first = scan_image_folder(image_folder / "train", "train").fingerprint
+    copy = tmp_path / "copy"
+    shutil.copytree(image_folder / "train", copy)
+    for f in copy.rglob("*.png"):
+        os.utime(f, (1_000_000, 1_000_000))
+    assert scan_image_folder(copy, "train").fingerprint == first
+    (copy / "cat" / "000.png").write_bytes((image_folder / "train" / "dog" / "000.png").read_bytes())  # rewritten
+    assert scan_image_folder(copy, "train").fingerprint != first
+    shutil.copy(copy / "dog" / "001.png", copy / "dog" / "999.png")
+    changed = scan_image_folder(copy, "train").fingerprint
+    (copy / "dog" / "999.png").rename(copy / "dog" / "998.png")
+    assert len({first, changed, scan_image_folder(copy, "train").fingerprint}) == 3
+
+
 def test_missing_data_directory_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="not found"):
         open_data(DataConfig(source="folder", root=str(tmp_path / "nowhere")))
