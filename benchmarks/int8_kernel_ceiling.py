@@ -148,24 +148,30 @@ def tflite_rows(args: argparse.Namespace, work: Path) -> list[dict]:
             engine = target.build(art, d / key, data=data if target.needs_data else None)
             runners[key] = target.load(engine, threads=2)
         x = np.random.default_rng(0).standard_normal((1, 3, hw, hw)).astype(np.float32)
-        cases.append({"name": name, "c_t_hw": [c, t, hw], "count": count, "x": x, "runners": runners,
-                      "samples": {"fp32": [], "int8": []}})
-    for _ in range(args.rounds):
-        for case in cases:
-            for key, runner in case["runners"].items():
-                for _ in range(20):
-                    runner(case["x"])
-                got = case["samples"][key]
-                for _ in range(args.runs):
-                    t0 = time.perf_counter()
-                    runner(case["x"])
-                    got.append(1000 * (time.perf_counter() - t0))
+        cases.append({"name": name, "c_t_hw": [c, t, hw], "count": count,
+                      "calls": {key: (lambda r=r, x=x: r(x)) for key, r in runners.items()}})
+    p50 = interleaved_p50(cases, args)
     rows = []
-    for case in cases:
-        fp, q = float(np.median(case["samples"]["fp32"])), float(np.median(case["samples"]["int8"]))
+    for case, (fp, q) in zip(cases, p50):
         rows.append({"layer": case["name"], "c_t_hw": case["c_t_hw"], "in_mobilenetv2": case["count"],
                      "fp32_p50_ms": fp, "int8_p50_ms": q, "speedup": fp / q})
     return rows
+
+
+def interleaved_p50(cases: list[dict], args: argparse.Namespace) -> list[tuple[float, float]]:
+    """(FP32, INT8) batch-1 p50 in ms of each case's two ``calls``, timed in rounds interleaved over
+    every case (20 warm-up calls before each block), so a noisy spell falls on every model alike."""
+    samples: list[dict[str, list[float]]] = [{key: [] for key in c["calls"]} for c in cases]
+    for _ in range(args.rounds):
+        for c, got in zip(cases, samples):
+            for key, call in c["calls"].items():
+                for _ in range(20):
+                    call()
+                for _ in range(args.runs):
+                    t0 = time.perf_counter()
+                    call()
+                    got[key].append(1000 * (time.perf_counter() - t0))
+    return [(float(np.median(got["fp32"])), float(np.median(got["int8"]))) for got in samples]
 
 
 def session(content: bytes) -> ort.InferenceSession:
@@ -208,22 +214,12 @@ def ort_rows(args: argparse.Namespace) -> dict:
     for name, cin, cout, k, stride, hw, count in LAYERS:
         fp32, int8 = conv_models(cin, cout, k, stride, hw, rng)
         x = rng.standard_normal((1, cin, hw, hw)).astype(np.float32)
-        cases.append({"name": name, "shape": [cin, cout, k, stride, hw], "in_resnet50": count, "x": x,
-                      "sessions": {"fp32": session(fp32), "int8": session(int8)},
-                      "samples": {"fp32": [], "int8": []}})
-    for _ in range(args.rounds):  # interleaved: a noisy spell falls on every model alike
-        for c in cases:
-            for key, s in c["sessions"].items():
-                for _ in range(20):
-                    s.run(None, {"x": c["x"]})
-                got = c["samples"][key]
-                for _ in range(args.runs):
-                    t0 = time.perf_counter()
-                    s.run(None, {"x": c["x"]})
-                    got.append(1000 * (time.perf_counter() - t0))
+        sessions = {"fp32": session(fp32), "int8": session(int8)}
+        cases.append({"name": name, "shape": [cin, cout, k, stride, hw], "in_resnet50": count,
+                      "calls": {key: (lambda s=s, x=x: s.run(None, {"x": x})) for key, s in sessions.items()}})
+    p50 = interleaved_p50(cases, args)
     rows = []
-    for c in cases:
-        fp, q = float(np.median(c["samples"]["fp32"])), float(np.median(c["samples"]["int8"]))
+    for c, (fp, q) in zip(cases, p50):
         rows.append({"layer": c["name"], "cin_cout_k_stride_hw": c["shape"], "in_resnet50": c["in_resnet50"],
                      "fp32_p50_ms": fp, "int8_p50_ms": q, "speedup": fp / q})
     weighted = [r for r in rows if r["in_resnet50"]]
