@@ -19,7 +19,7 @@ def run_compress(name: str, model: Path, recipe: str, *extra: str, launcher: lis
     """Run the CLI; engines go to benchmarks/work/NAME, the report to benchmarks/results/NAME."""
     work = HERE / "work" / name
     cmd = [*(launcher or [str(COMPRESS)]), str(model), "--recipe", recipe, "--trust-model", "--data",
-           str(SHARED / "datasets" / "cifar10"), "--threads", "2", "--out", str(work), *extra]
+           str(SHARED / "datasets" / "cifar10"), "--threads", "2", "--out", str(work), "--overwrite", *extra]
     print("$", " ".join(cmd), flush=True)
     code = subprocess.call(cmd)
     if code not in (0, 1):  # 1: an acceptance limit missed; the report is still complete

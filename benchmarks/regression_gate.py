@@ -39,7 +39,7 @@ MODES = ("both", "relative", "absolute")  # compress compare --latency
 
 def compress(out: Path, recipe: Path, extra: list[str], busy: bool = False) -> float:
     cmd = [str(COMPRESS), str(MODEL), "--recipe", str(recipe), "--trust-model", "--data",
-           str(SHARED / "datasets" / "cifar10"), "--threads", "2", "--out", str(out), "--no-cache", "--quiet", *extra]
+           str(SHARED / "datasets" / "cifar10"), "--threads", "2", "--out", str(out), "--overwrite", "--no-cache", "--quiet", *extra]
     print("$", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
@@ -55,7 +55,7 @@ def compress(out: Path, recipe: Path, extra: list[str], busy: bool = False) -> f
 
 
 def compare(run: Path, baseline: Path, mode: str) -> dict:
-    out = run / f"compare-{baseline.name}-{mode}.json"
+    out = run.parent / f"{run.name}.compare-{baseline.name}-{mode}.json"  # beside the run: --overwrite keeps working
     cmd = [str(COMPRESS), "compare", str(run), "--baseline", str(baseline), "--latency", mode, "--json", str(out)]
     code = subprocess.call(cmd, stdout=subprocess.DEVNULL)
     if code not in (0, 1):

@@ -12,7 +12,7 @@ work="$here/work/resnet50_int8_openvino"
 dest="$here/results/resnet50_int8_openvino"
 
 "$compress" "$shared/models/resnet50_cifar10.pt" --recipe int8_cpu_openvino --trust-model \
-    --data "$shared/datasets/cifar10" --threads 2 --no-cache --out "$work" "$@" || status=$?
+    --data "$shared/datasets/cifar10" --threads 2 --no-cache --out "$work" --overwrite "$@" || status=$?
 mkdir -p "$dest"
 cp "$work/report.json" "$work/report.md" "$dest/"
 echo "report: $dest/report.md"

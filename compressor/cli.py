@@ -56,7 +56,9 @@ def _setup_logging(verbose: int) -> None:
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path), required=False)
 @click.option("--recipe", "-r", required=True, help="recipe file, or the name of a shipped recipe")
-@click.option("--out", "-o", type=click.Path(path_type=Path), help="output directory [compress-out/MODEL-RECIPE]")
+@click.option("--out", "-o", type=click.Path(path_type=Path),
+              help="output directory: new, empty, or a previous run's (with --overwrite) [compress-out/MODEL-RECIPE]")
+@click.option("--overwrite", is_flag=True, help="replace the previous run in the output directory")
 @click.option("--arch", help="architecture of a state dict, e.g. torchvision:resnet50")
 @click.option("--num-classes", type=int, help="class count for --arch")
 @click.option("--trust-model", is_flag=True, help="allow loading a pickled nn.Module (runs code from the file)")
@@ -69,7 +71,7 @@ def _setup_logging(verbose: int) -> None:
               help="fail (exit 2) when a target cannot build on this machine, instead of reporting it 'not built here'")
 @click.option("--quiet", "-q", is_flag=True, help="no progress display")
 @click.option("--verbose", "-v", count=True, help="log more (-vv for debug)")
-def run(model: Path | None, recipe: str, out: Path | None, arch: str | None, num_classes: int | None,
+def run(model: Path | None, recipe: str, out: Path | None, overwrite: bool, arch: str | None, num_classes: int | None,
         trust_model: bool, data_root: str | None, threads: int | None, eval_limit: int | None, no_cache: bool,
         cache_dir: Path | None, require_targets: bool, quiet: bool, verbose: int) -> int:
     """Compress MODEL with RECIPE: passes, engines, measurements, report."""
@@ -89,7 +91,8 @@ def run(model: Path | None, recipe: str, out: Path | None, arch: str | None, num
     hooks = [] if quiet else [ProgressHook()]
     options = JobOptions(out_dir=out, arch=arch, num_classes=num_classes, trust_model=trust_model,
                          data_root=data_root, threads=threads, eval_limit=eval_limit, cache_dir=cache_dir,
-                         use_cache=not no_cache, require_targets=require_targets, hooks=hooks)
+                         use_cache=not no_cache, require_targets=require_targets, overwrite=overwrite,
+                         hooks=hooks)
     job = run_job(model, rec, rec_path, options)
     if not job.report:  # a non-first process of a torchrun job: the first one reports
         return job.exit_code
@@ -177,15 +180,24 @@ def build_engine(engine_dir: Path) -> int:
     from .errors import ConfigError, TargetUnavailable
     from .intake import load_model
     from .registry import get_target
+    from .staging import check_writable
 
     meta_path = engine_dir / "engine.json"
     if not meta_path.is_file():
         raise ConfigError(f"{engine_dir}: no engine.json (give an engine directory written by compress)")
-    meta = json.loads(meta_path.read_text())
-    target = get_target(meta["target"])(meta.get("config") or {}, field=f"{engine_dir.name}/engine.json")
+    try:
+        meta = json.loads(meta_path.read_text())
+        name = meta["target"]
+        if not isinstance(meta, dict) or not isinstance(name, str):
+            raise TypeError("not an object with a target name")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{meta_path} is not a valid engine.json ({type(exc).__name__}: {exc}); "
+                          "write the engine directory again with compress") from None
+    target = get_target(name)(meta.get("config") or {}, field=f"{engine_dir.name}/engine.json")
     avail = target.availability()
     if not avail.ok:
         raise TargetUnavailable(f"target {target.name!r} is not available here: {avail.reason}")
+    check_writable(engine_dir, "engine directory")
     artifact = load_model(engine_dir / "model.onnx")
     artifact.meta["precision"] = meta.get("precision", artifact.precision)
     with tempfile.TemporaryDirectory(dir=engine_dir, prefix=".build-") as tmp:
@@ -198,16 +210,17 @@ def build_engine(engine_dir: Path) -> int:
 
 @cli.command()
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("compress-out/demo"), show_default=True)
+@click.option("--overwrite", is_flag=True, help="replace a previous demo run in the output directory")
 @click.option("--epochs", type=click.IntRange(1, 100), default=6, show_default=True)
 @click.option("--threads", type=int, help="threads [all cores]")
 @click.option("--quiet", "-q", is_flag=True)
-def demo(out: Path, epochs: int, threads: int | None, quiet: bool) -> int:
+def demo(out: Path, overwrite: bool, epochs: int, threads: int | None, quiet: bool) -> int:
     """Train a small torchvision classifier on scikit-learn's bundled digits, then compress it."""
     from .demo import run_demo
     from .report import print_table
 
     _setup_logging(0)
-    job = run_demo(out, epochs=epochs, threads=threads, quiet=quiet)
+    job = run_demo(out, epochs=epochs, threads=threads, quiet=quiet, overwrite=overwrite)
     print_table(job.report)
     click.echo(f"wrote {job.out_dir}/report.md and {job.out_dir}/report.json")
     return job.exit_code
@@ -252,8 +265,14 @@ def compare(run_dir: Path, baseline_dir: Path, alpha: float | None, max_top1_dro
     ratio of p50s, raw and relative to the run's own source row; size and agreement with the source: thresholds. Runs on different evaluation
     sets or source models are refused (exit 2)."""
     from .compare import compare_dirs, render_json, render_junit, render_markdown
-    from .report import atomic_write
+    from .staging import atomic_write, check_writable
 
+    outputs = {"--markdown": markdown_path, "--junit": junit_path, "--json": json_path}
+    for option, path in outputs.items():  # before the comparison is computed and printed
+        if path is not None:
+            if path.is_dir():
+                raise click.BadParameter(f"{path} is a directory; give a file name", param_hint=option)
+            check_writable(path, f"{option} file")
     cmp = compare_dirs(run_dir, baseline_dir, resamples=resamples, seed=seed, latency=latency_mode, alpha=alpha,
                        max_top1_drop=max_top1_drop, max_slowdown=max_slowdown, max_size_growth=max_size_growth,
                        max_agreement_drop=max_agreement_drop)
@@ -262,7 +281,7 @@ def compare(run_dir: Path, baseline_dir: Path, alpha: float | None, max_top1_dro
     for path, render in ((markdown_path, lambda: text), (junit_path, lambda: render_junit(cmp)),
                          (json_path, lambda: render_json(cmp))):
         if path is not None:
-            atomic_write(path, render())
+            atomic_write(path, render(), what="comparison")
     gate_all = fail_on == "all" or (fail_on == "auto" and cmp["same_environment"])
     gating = [c for c in cmp["checks"] if c["regression"] and (gate_all or c["metric"] in ACCURACY_METRICS)]
     if not gate_all and not cmp["passed"] and len(gating) < cmp["regressions"]:
@@ -311,6 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130
+    except OSError as exc:  # a file system fault no writer above turned into its own message
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"error: {where}{exc.strerror or type(exc).__name__}", err=True)
+        return 2
     return rv if isinstance(rv, int) else 0
 
 

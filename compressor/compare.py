@@ -38,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import CompressorError
+from .staging import staged_dir
 
 if TYPE_CHECKING:
     from .data import DataBundle
@@ -591,21 +591,10 @@ def update_baseline(run_dir: Path, baseline_dir: Path) -> dict[str, int]:
         if foreign:
             raise CompareError(f"baseline {baseline_dir} holds files a baseline does not ({', '.join(foreign[:3])}"
                                f"{', ...' if len(foreign) > 3 else ''}): not overwriting it")
-    baseline_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = baseline_dir.parent / f".{baseline_dir.name}.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
     written: dict[str, int] = {}
-    try:
+    with staged_dir(baseline_dir, replace=True, what="baseline") as staging:
         for name in BASELINE_FILES:
             if (run_dir / name).is_file():
                 shutil.copyfile(run_dir / name, staging / name)
                 written[name] = (staging / name).stat().st_size
-        from .report import replace_dir
-
-        replace_dir(staging, baseline_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return written

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .artifact import Preprocessing
 from .errors import DataError
+from .staging import OutputError, staged_file
 
 log = logging.getLogger(__name__)
 
@@ -337,12 +338,10 @@ def _decoded(src: ImageSource, size: tuple[int, int], color: str) -> np.ndarray:
             pass
     arr = src.load_images(np.arange(len(src)), size, color)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, arr)
-        os.replace(tmp, path)
-    except OSError as exc:  # a read-only cache is no reason to fail
-        log.warning("cannot cache decoded images at %s: %s", path, exc)
+        with staged_file(path, what="decoded-image cache") as tmp, open(tmp, "wb") as fh:
+            np.save(fh, arr)
+    except OutputError as exc:  # a read-only cache is no reason to fail
+        log.warning("%s", exc.one_line())
     return arr
 
 

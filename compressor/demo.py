@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 
 from .artifact import Preprocessing
 from .data import digits_source, preprocess
-from .job import JobOptions, JobResult, run_job
+from .job import JobOptions, JobResult, preflight_out_dir, run_job
 from .recipe import load_recipe
 
 log = logging.getLogger(__name__)
@@ -73,9 +72,11 @@ def save_weights(model, path: Path, classes: list[str]) -> None:
     path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
 
 
-def run_demo(out: Path, *, epochs: int = 6, threads: int | None = None, quiet: bool = False) -> JobResult:
+def run_demo(out: Path, *, epochs: int = 6, threads: int | None = None, quiet: bool = False,
+             overwrite: bool = False) -> JobResult:
     from rich.console import Console
 
+    preflight_out_dir(out, overwrite=overwrite)  # before the training, not after it
     console = Console(stderr=True)
     with console.status(f"training a ResNet-18 on the bundled digits ({epochs} epochs)", spinner="dots"):
         model, top1 = train_digits_model(epochs=epochs, threads=threads)
@@ -89,9 +90,7 @@ def run_demo(out: Path, *, epochs: int = 6, threads: int | None = None, quiet: b
     with tempfile.TemporaryDirectory(prefix="compressor-demo-") as tmp:
         model_path = Path(tmp) / "digits_resnet18.pt"
         save_weights(model, model_path, digits_source("test").classes)
-        options = JobOptions(out_dir=out, threads=threads, hooks=hooks, arch="torchvision:resnet18", num_classes=10)
-        job = run_job(model_path, recipe, recipe_path, options)
-        # keep the trained model beside its report
-        for f in (model_path, model_path.with_suffix(".json")):
-            shutil.copy2(f, job.out_dir / f.name)
-    return job
+        options = JobOptions(out_dir=out, threads=threads, hooks=hooks, arch="torchvision:resnet18", num_classes=10,
+                             overwrite=overwrite,
+                             extra_files=[model_path, model_path.with_suffix(".json")])  # the model beside its report
+        return run_job(model_path, recipe, recipe_path, options)

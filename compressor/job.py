@@ -1,10 +1,14 @@
 """One compression job, as the CLI runs it: recipe + model file + data -> engines and report,
-written atomically into the output directory (a failed job leaves nothing behind)."""
+written atomically into the output directory (a failed job leaves nothing behind).
+
+The output directory rule: a run writes only into a directory that does not exist, is empty, or
+holds a previous run of this tool (its report.json, and nothing but what a run writes), and
+replaces a previous run only with ``overwrite``. Anything else is refused before any pass runs."""
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,14 +16,15 @@ from typing import Any
 
 from .artifact import Form
 from .data import DataBundle, add_search_root, open_data
-from .errors import ConfigError, TargetUnavailable
+from .errors import CompressorError, ConfigError, TargetUnavailable
 from .hooks import Hook, LoggingHook, TimingHook
 from .intake import load_model
 from .pipeline import PassCache, Pipeline
 from .training import world
 from .recipe import Recipe
 from .compare import save_samples
-from .report import build_report, replace_dir, write_report
+from .report import build_report, write_report
+from .staging import OutputError, check_writable, describe_os_error, run_tempdir, staged_dir, sweep_stale
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +41,9 @@ class JobOptions:
     cache_dir: Path | None = None
     use_cache: bool = True
     require_targets: bool = False
+    overwrite: bool = False  # replace a previous run's output directory
     hooks: list[Hook] = field(default_factory=list)
+    extra_files: list[Path] = field(default_factory=list)  # copied into the output beside the report
 
 
 @dataclass
@@ -53,6 +60,71 @@ def guess_form(path: Path) -> Form:
 
 def default_out_dir(model_path: Path, recipe: Recipe) -> Path:
     return Path("compress-out") / f"{model_path.stem}-{recipe.name}"
+
+
+# What a run writes at the top of its output directory, for runs whose report.json predates
+# its own "outputs" list.
+RUN_OUTPUTS = frozenset({"report.json", "report.md", "engines", "predictions.npz", "latency_samples.npz"})
+
+
+def previous_run(path: Path) -> dict[str, Any] | None:
+    """The report of the run that wrote ``path``, or None when ``path`` is not a run's directory."""
+    try:
+        report = json.loads((path / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or "report_version" not in report or "results" not in report:
+        return None
+    return report
+
+
+def _names(paths: list[str]) -> str:
+    return ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+
+
+def preflight_out_dir(out_dir: Path, *, overwrite: bool, protected: list[tuple[str, Any]] = ()) -> None:
+    """Refuse, before anything runs, an output directory the run may not write or replace.
+
+    Allowed: a directory that does not exist, an empty one, or (with ``overwrite``) one holding
+    only a previous run of this tool. Never the current directory or one that holds the model,
+    the recipe, the data or the cache. Stale staging beside it (a killed run's) is removed."""
+    out_dir = Path(out_dir)
+    where = f"--out {out_dir}"
+    resolved = out_dir.resolve()
+    here = Path.cwd().resolve()
+    if resolved == here or resolved in here.parents:
+        raise OutputError(f"{where} is the current directory (or holds it): a run replaces its output directory "
+                          "as a whole; give a new directory, e.g. --out compress-out/NAME")
+    for what, value in protected:
+        if value is None:
+            continue
+        p = Path(value).resolve()
+        if p == resolved or resolved in p.parents:
+            raise OutputError(f"{where} holds the {what} {value}: a run replaces its output directory as a "
+                              "whole; give a new directory, e.g. --out compress-out/NAME")
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise OutputError(f"{where} exists and is not a directory: not replacing it; give a new directory")
+    if out_dir.is_dir():
+        try:
+            entries = sorted(p.name for p in out_dir.iterdir())
+        except OSError as exc:
+            raise OutputError(f"{where} cannot be read: {exc.strerror}") from exc
+        if entries:
+            report = previous_run(out_dir)
+            if report is None:
+                raise OutputError(f"{where} holds files that are not a compressor run ({_names(entries)}): "
+                                  "not writing there; give a new or empty directory")
+            known = set(report.get("outputs") or RUN_OUTPUTS)
+            foreign = [e for e in entries if e not in known]
+            if foreign:
+                raise OutputError(f"{where} holds a previous run and other files ({_names(foreign)}): not "
+                                  "replacing it; move those files out or give a new directory")
+            if not overwrite:
+                raise OutputError(f"{where} holds a previous run (recipe {report.get('recipe')!r}, "
+                                  f"{report.get('created', 'unknown date')}): pass --overwrite to replace it, "
+                                  "or give a new directory")
+    check_writable(out_dir, "output directory")
+    sweep_stale(out_dir)
 
 
 def prepare_data(recipe: Recipe, recipe_dir: Path | None, options: JobOptions, model_path: Path) -> DataBundle | None:
@@ -99,8 +171,22 @@ def run_job(model_path: Path, recipe: Recipe, recipe_path: Path | None, options:
     needs_data += [f"target {t.name!r}" for t in pipeline.all_targets() if t.needs_data]
     if needs_data and recipe.data is None and options.data_root is None:
         raise ConfigError(f"data: {needs_data[0]} needs calibration data; add a data section or --data")
+    out_dir = Path(options.out_dir) if options.out_dir else default_out_dir(model_path, recipe)
+    rank, world_size = world()
+    protected = [("model file", model_path), ("recipe", recipe_path), ("data", options.data_root),
+                 ("pass cache", options.cache_dir or PassCache.default_root())]
+    preflight_out_dir(out_dir, overwrite=options.overwrite, protected=protected)
+    if options.use_cache and rank == 0:
+        check_writable(options.cache_dir or PassCache.default_root(), "pass cache")
 
     m = recipe.model
+    opened: list[DataBundle | None] = []
+
+    def open_once() -> DataBundle | None:  # the model is loaded (and checked) first; data once, when first needed
+        if not opened:
+            opened.append(prepare_data(recipe, recipe_path.parent if recipe_path else None, options, model_path))
+        return opened[0]
+
     artifact = load_model(
         model_path,
         arch=options.arch or m.arch,
@@ -117,43 +203,54 @@ def run_job(model_path: Path, recipe: Recipe, recipe_path: Path | None, options:
     evaluation = recipe.evaluation.model_copy()
     if options.threads is not None:
         evaluation.threads = options.threads
-    rank, world_size = world()
     cache = PassCache(options.cache_dir or PassCache.default_root()) if options.use_cache else None
     if rank != 0:
         # Under torchrun every process runs the passes (training passes train together with
         # DDP); only the first process writes the cache, builds engines, measures and reports.
         pipeline.hooks.hooks = [LoggingHook()]
         pipeline.cache = ReadOnlyCache(cache.root) if cache else None
-        pipeline.run(artifact, data=data, out_dir=None, evaluation=evaluation)
+        with run_tempdir():
+            pipeline.run(artifact, data=data, out_dir=None, evaluation=evaluation)
         return JobResult(report={}, out_dir=out_dir, exit_code=0)
     pipeline.hooks.hooks = [LoggingHook(), timing, *options.hooks]
     pipeline.cache = cache
-    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    try:
-        result = pipeline.run(artifact, data=data, out_dir=staging, evaluation=evaluation)
-        report = build_report(
-            result,
-            recipe_name=recipe.name,
-            recipe=recipe.model_dump(mode="json", exclude_defaults=True),
-            model_path=str(model_path),
-            data=data,
-            limits=recipe.acceptance,
-            timings=timing.timings,
-        )
-        report["world_size"] = world_size
-        report["samples"] = save_samples(result, data, staging)  # what compress compare needs
-        _relocate_paths(report, staging, out_dir)
-        write_report(report, staging)
-        replace_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with run_tempdir(), staged_dir(out_dir, replace=options.overwrite, what="output directory") as staging:
+        try:
+            result = pipeline.run(artifact, data=data, out_dir=staging, evaluation=evaluation)
+            report = build_report(
+                result,
+                recipe_name=recipe.name,
+                recipe=recipe.model_dump(mode="json", exclude_defaults=True),
+                model_path=str(model_path),
+                data=data,
+                limits=recipe.acceptance,
+                timings=timing.timings,
+            )
+            report["world_size"] = world_size
+            report["samples"] = save_samples(result, data, staging)  # what compress compare needs
+            for f in options.extra_files:
+                shutil.copy2(f, staging / Path(f).name)
+            _relocate_paths(report, staging, out_dir)
+            report["outputs"] = sorted([*(p.name for p in staging.iterdir()), "report.json", "report.md"])
+            write_report(report, staging)
+        except (CompressorError, OSError) as exc:  # name where the file was to go, not the staging place
+            relocated = _relocated(exc, staging, out_dir)
+            if relocated is exc:
+                raise
+            raise relocated from exc
     failed_targets = [f for f in result.failures if options.require_targets or not f.unavailable]
     exit_code = 0 if report["acceptance"]["passed"] and not failed_targets else 1
     return JobResult(report=report, out_dir=out_dir, exit_code=exit_code)
+
+
+def _relocated(exc: CompressorError | OSError, staging: Path, out_dir: Path) -> CompressorError | OSError:
+    """The same error, naming paths where they would have been after the rename (or ``exc`` itself)."""
+    old, new = str(staging), str(out_dir)
+    if isinstance(exc, OSError):
+        if not exc.filename or old not in str(exc.filename):
+            return exc
+        return OutputError(f"cannot write {str(exc.filename).replace(old, new, 1)}: {describe_os_error(exc)}")
+    return type(exc)(str(exc).replace(old, new)) if old in str(exc) else exc
 
 
 class ReadOnlyCache(PassCache):

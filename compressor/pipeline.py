@@ -7,8 +7,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,10 +14,11 @@ from typing import Any, Sequence
 
 from .artifact import Form, ModelArtifact, state_dict_bytes
 from .data import DataBundle
-from .errors import CompressorError, DataError, TargetError, TargetUnavailable
+from .errors import CompressorError, DataError, PassError, PipelineOrderError, TargetError, TargetUnavailable
 from .evaluate import EvaluationConfig, Measurement, Subject, TorchRunner, default_threads, measure_all
 from .hooks import Hook, HookList
-from .pass_base import Pass, PassContext, library_versions
+from .staging import OutputError, describe_os_error, run_scratch, staged_dir
+from .pass_base import Pass, PassContext, _first, library_versions
 from .target_base import Engine, Target
 
 log = logging.getLogger(__name__)
@@ -136,18 +135,21 @@ class PassCache:
         return artifact, metrics
 
     def put(self, key: str, artifact: ModelArtifact, metrics: dict[str, Any]) -> ModelArtifact:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
+        final = self.root / key
+        hint = "free space there, or run with --no-cache or another --cache-dir"
         try:
-            artifact.save(tmp)
-            (tmp / "metrics.json").write_text(json.dumps(metrics, default=str))
-            final = self.root / key
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except Exception:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            with staged_dir(final, replace=True, what="pass cache entry") as tmp:
+                artifact.save(tmp)
+                (tmp / "metrics.json").write_text(json.dumps(metrics, default=str))
+        except OutputError as exc:
+            raise OutputError(f"{exc.one_line()} ({hint})") from exc
+        except OSError as exc:
+            raise OutputError(f"cannot write pass cache entry {final}: {describe_os_error(exc)} ({hint})") from exc
+        except RuntimeError as exc:  # torch.save reports a failed write as a RuntimeError
+            if "write" not in str(exc).lower():
+                raise
+            raise OutputError(f"cannot write pass cache entry {final}: {str(exc).splitlines()[0][:200]} "
+                              f"({hint})") from exc
         stored = ModelArtifact.load(final) if artifact.path is not None else artifact
         return stored
 
@@ -225,7 +227,7 @@ class Pipeline:
         self.preflight(model, data)
         evaluation = evaluation or EvaluationConfig()
         threads = evaluation.threads or default_threads()
-        tmp = tempfile.TemporaryDirectory(prefix="compressor-run-")
+        tmp = run_scratch()
         result = RunResult(source=model, artifacts=[model], records=[], threads=threads, _tmp=tmp)
         self.hooks.on_run_start(self, model)
         artifact = model

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .staging import atomic_write
 
 if TYPE_CHECKING:
     from .data import DataBundle
@@ -186,36 +186,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_dir(staging: Path, dest: Path) -> None:
-    """Swap a finished staging directory into place of ``dest`` (renames; the old one is removed)."""
-    import os
-    import shutil
-
-    trash = None
-    if dest.exists():
-        trash = dest.parent / f".{dest.name}.old-{os.getpid()}"
-        os.replace(dest, trash)
-    os.replace(staging, dest)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     json_path, md_path = out_dir / "report.json", out_dir / "report.md"
-    atomic_write(json_path, json.dumps(report, indent=1, default=str) + "\n")
-    atomic_write(md_path, render_markdown(report))
+    atomic_write(json_path, json.dumps(report, indent=1, default=str) + "\n", what="report")
+    atomic_write(md_path, render_markdown(report), what="report")
     return json_path, md_path
 
 

@@ -4,9 +4,6 @@ and report what the runtime really used."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +15,7 @@ from pydantic import BaseModel
 from .artifact import Form, ModelArtifact, file_size
 from .errors import CompressorError, PipelineOrderError, TargetError, TargetUnavailable
 from .pass_base import PassConfig, make_config
+from .staging import OutputError, staged_dir
 
 
 @dataclass
@@ -99,10 +97,13 @@ class Target(ABC):
     def engine_name(self, artifact: ModelArtifact) -> str:
         return f"{self.name}-{artifact.precision}"
 
-    def build(self, artifact: ModelArtifact, out_dir: Path, *, prefix: str = "", data: Any = None) -> Engine:
+    def build(self, artifact: ModelArtifact, out_dir: Path, *, prefix: str = "", data: Any = None,
+              name: str | None = None) -> Engine:
         """Build into a temporary directory and rename it into ``out_dir/<engine name>`` when complete.
 
-        ``data`` is the job's DataBundle; targets with ``needs_data`` calibrate on it."""
+        ``data`` is the job's DataBundle; targets with ``needs_data`` calibrate on it. ``name`` is
+        the engine's name as the pipeline assigned it (unique in the run); default: ``prefix`` +
+        :meth:`engine_name`."""
         self.check_input(artifact.form, self.field)
         if self.needs_data and data is None:
             raise TargetError(f"{self.field}: target {self.name!r} needs calibration data; add a data section or --data")
@@ -110,27 +111,24 @@ class Target(ABC):
         not_built = None if avail.ok else f"target {self.name!r} is not available here: {avail.reason}"
         if not_built and not self.has_proxy:
             raise TargetUnavailable(not_built)
-        name = prefix + self.engine_name(artifact)
+        name = name or prefix + self.engine_name(artifact)
         final = out_dir / name
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
+        if final.exists() and not (final / "engine.json").is_file():
+            raise OutputError(f"{final} exists and is not an engine directory: not replacing it")
         try:
-            if not_built:
-                files, info = self._build_portable(artifact, tmp, not_built)
-                info["not_built"] = not_built
-            else:
-                files, info = self._build(artifact, tmp, data)
-            (tmp / "engine.json").write_text(json.dumps({
-                "target": self.name, "precision": artifact.precision, "config": self.config.model_dump(mode="json"),
-                "lineage": artifact.lineage, **info}, indent=1, default=str))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            with staged_dir(final, replace=True, what="engine") as tmp:
+                if not_built:
+                    files, info = self._build_portable(artifact, tmp, not_built)
+                    info["not_built"] = not_built
+                else:
+                    files, info = self._build(artifact, tmp, data)
+                (tmp / "engine.json").write_text(json.dumps({
+                    "target": self.name, "precision": artifact.precision,
+                    "config": self.config.model_dump(mode="json"), "lineage": artifact.lineage, **info},
+                    indent=1, default=str))
         except CompressorError:
-            shutil.rmtree(tmp, ignore_errors=True)
             raise
         except Exception as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
             raise TargetError(f"target {self.name!r} failed to build: {type(exc).__name__}: {exc}") from exc
         return Engine(self.name, name, [final / f.name for f in files], artifact.precision, info, built=not not_built)
 

@@ -4,6 +4,9 @@ every model form the intake accepts, and a tiny ImageFolder tree written as PNG 
 from __future__ import annotations
 
 import json
+import os
+import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ import torch
 from torch import nn
 
 from compressor.artifact import Preprocessing
+from compressor.cli import main
 from compressor.data import digits_source, preprocess
 
 SHAPE = [1, 3, 16, 16]
@@ -24,6 +28,47 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("COMPRESSOR_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("COMPRESSOR_DATA_DIR", str(tmp_path / "data-cache"))
     torch.set_num_threads(2)
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """Run ``compress ARGS`` in this process: (exit code, stdout, stderr)."""
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# Every refusal the tests check, as (test, exit code, first line): with COMPRESSOR_CASE_TABLE=FILE
+# set, the session writes them as a Markdown table (the bad-input matrix of issue 10).
+_CASES: list[tuple[str, int, str]] = []
+
+
+def error_line(code: int, out: str, err: str) -> str | None:
+    """The one ``error: ...`` line of a refusal with exit 2 and no traceback, or None if it is not one."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    if code != 2 or len(lines) != 1 or not lines[0].startswith("error: ") or "Traceback" in out + err:
+        return None
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
+    _CASES.append((test, code, lines[0]))
+    return lines[0]
+
+
+def one_error_line(code: int, out: str, err: str) -> str:
+    """Assert a refusal: exit 2, one line on stderr starting ``error:``, no traceback; return the line."""
+    line = error_line(code, out, err)
+    assert line is not None, (code, out[-2000:], err[-2000:])
+    return line
+
+
+def pytest_sessionfinish(session, exitstatus):
+    dest = os.environ.get("COMPRESSOR_CASE_TABLE")
+    if not dest or not _CASES:
+        return
+    tmp = re.compile(re.escape(tempfile.gettempdir()) + r"/pytest-of-[^/]+/pytest-\d+/[^/ ]+")
+    rows = ["| case | exit | first line |", "|---|---|---|"]
+    for test, code, line in _CASES:
+        line = tmp.sub("TMP", line).replace("|", "\\|")
+        rows.append(f"| `{test}` | {code} | {line} |")
+    Path(dest).write_text("\n".join(rows) + "\n")
 
 
 def tiny_cnn(num_classes: int = 10) -> nn.Module:

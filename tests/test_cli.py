@@ -6,9 +6,8 @@ import sys
 
 import pytest
 
-from compressor.cli import main
 
-from .conftest import TINY_RECIPE, write_recipe
+from .conftest import TINY_RECIPE, cli, write_recipe
 
 
 @pytest.fixture
@@ -16,15 +15,9 @@ def recipe(tmp_path):
     return write_recipe(tmp_path / "tiny.yaml", TINY_RECIPE)
 
 
-def _run(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_run_writes_engines_and_report(tmp_path, capsys, model_files, recipe):
     out = tmp_path / "out"
-    code, stdout, err = _run(capsys, model_files["pickle"], "--recipe", recipe, "--trust-model", "--out", out, "-q")
+    code, stdout, err = cli(capsys, model_files["pickle"], "--recipe", recipe, "--trust-model", "--out", out, "-q")
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     rows = {r["name"]: r for r in report["results"]}
@@ -46,7 +39,7 @@ def test_run_writes_engines_and_report(tmp_path, capsys, model_files, recipe):
 def test_missed_acceptance_exits_1_but_keeps_the_report(tmp_path, capsys, model_files):
     r = write_recipe(tmp_path / "strict.yaml", TINY_RECIPE + "acceptance: {min_speedup: 1000}\n")
     out = tmp_path / "out"
-    code, stdout, _ = _run(capsys, model_files["pickle"], "-r", r, "--trust-model", "-o", out, "-q")
+    code, stdout, _ = cli(capsys, model_files["pickle"], "-r", r, "--trust-model", "-o", out, "-q")
     assert code == 1
     report = json.loads((out / "report.json").read_text())
     assert report["acceptance"]["passed"] is False
@@ -89,7 +82,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys, model
         "missing_recipe": [good, "-r", tmp_path / "none.yaml"],
         "bad_option": [good, "-r", recipe, "--threads", "0", "--trust-model"],
     }[case]
-    code, stdout, err = _run(capsys, *args, "-o", out, "-q")
+    code, stdout, err = cli(capsys, *args, "-o", out, "-q")
     assert code == 2, (stdout, err)
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
@@ -99,13 +92,13 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys, model
 
 
 def test_validate_passes_and_targets(capsys, recipe):
-    code, out, _ = _run(capsys, "validate", recipe)
+    code, out, _ = cli(capsys, "validate", recipe)
     assert code == 0 and "forms torch -> torch -> openvino" in out
-    code, out, _ = _run(capsys, "validate", "int8_jetson.yaml")
+    code, out, _ = cli(capsys, "validate", "int8_jetson.yaml")
     assert code == 0 and "tensorrt" in out
-    code, out, _ = _run(capsys, "passes")
+    code, out, _ = cli(capsys, "passes")
     assert code == 0 and "quantize_ptq" in out and "calibration: " in out
-    code, out, _ = _run(capsys, "targets")
+    code, out, _ = cli(capsys, "targets")
     assert code == 0 and "openvino: " in out and "tensorrt: " in out
     assert "NOT available here" in out  # TensorRT: no CUDA device or no TensorRT here
 

@@ -20,19 +20,13 @@ from compressor.compare import (LATENCY_FILE, PREDICTIONS_FILE, bootstrap_median
                                 resolve_thresholds, save_samples)
 from compressor.data import DataConfig, open_data
 
-from .conftest import PREP, SHAPE, TINY_RECIPE, write_recipe
+from .conftest import PREP, SHAPE, TINY_RECIPE, cli, write_recipe
 
 # Tiny-model batch-1 timings on a shared 2-core machine move between two runs far more than
 # within one (medians 0.35 ms in one run and 0.49 ms in the next were seen), so the real reruns
 # below are compared with a generous slowdown limit; the latency statistics themselves are tested
 # on synthetic samples.
 REAL_RUN_SLOWDOWN = ["--max-slowdown", "5"]
-
-
-def _cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +80,7 @@ def _npz(path: Path) -> dict[str, np.ndarray]:
 
 def _compare(capsys, run, base, tmp_path, *extra):
     j, x, m = tmp_path / "cmp.json", tmp_path / "cmp.xml", tmp_path / "cmp.md"
-    code, out, err = _cli(capsys, "compare", run, "--baseline", base, "--json", j, "--junit", x, "--markdown", m,
+    code, out, err = cli(capsys, "compare", run, "--baseline", base, "--json", j, "--junit", x, "--markdown", m,
                           *extra)
     cmp = json.loads(j.read_text())
     assert m.read_text() == out
@@ -212,7 +206,7 @@ def test_damaged_quantization_is_an_accuracy_regression(runs, tmp_path, capsys):
     code, cmp, xml, out, _ = _compare(capsys, runs["damaged"], runs["base"], tmp_path, *REAL_RUN_SLOWDOWN)
     assert code == 1
     for fail_on in ("accuracy", "auto"):  # an accuracy regression fails whatever the environment
-        assert _cli(capsys, "compare", runs["damaged"], "--baseline", runs["base"], "--fail-on", fail_on,
+        assert cli(capsys, "compare", runs["damaged"], "--baseline", runs["base"], "--fail-on", fail_on,
                     *REAL_RUN_SLOWDOWN)[0] == 1
     top1 = next(c for c in cmp["checks"] if c["result"] == "openvino-int8" and c["metric"] == "top1")
     assert top1["regression"] and top1["p_value"] < 0.01 and top1["difference"] < 0
@@ -371,7 +365,7 @@ def test_incomparable_or_bad_input_is_one_line_exit_2(runs, tmp_path, capsys, ca
     elif case == "missing_predictions":
         run = _copy(run, tmp_path / "run")
         (run / PREDICTIONS_FILE).unlink()
-    code, out, err = _cli(capsys, "compare", run, "--baseline", base, "--junit", tmp_path / "x.xml")
+    code, out, err = cli(capsys, "compare", run, "--baseline", base, "--junit", tmp_path / "x.xml")
     assert code == 2, (out, err)
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], err
@@ -383,7 +377,7 @@ def test_incomparable_or_bad_input_is_one_line_exit_2(runs, tmp_path, capsys, ca
 
 def test_baseline_update_then_compare(runs, tmp_path, capsys):
     baseline = tmp_path / "baselines" / "tiny"
-    code, out, err = _cli(capsys, "baseline", "update", runs["base"], baseline)
+    code, out, err = cli(capsys, "baseline", "update", runs["base"], baseline)
     assert code == 0, err
     files = sorted(p.name for p in baseline.iterdir())
     assert files == sorted(["report.json", "report.md", PREDICTIONS_FILE, LATENCY_FILE])  # no engines
@@ -394,14 +388,14 @@ def test_baseline_update_then_compare(runs, tmp_path, capsys):
     code, cmp, *_ = _compare(capsys, runs["damaged"], baseline, tmp_path, *REAL_RUN_SLOWDOWN)
     assert code == 1
     # Updating again replaces it whole, and nothing is left beside it.
-    code, _, err = _cli(capsys, "baseline", "update", runs["damaged"], baseline)
+    code, _, err = cli(capsys, "baseline", "update", runs["damaged"], baseline)
     assert code == 0, err
     assert json.loads((baseline / "report.json").read_text()) == json.loads((runs["damaged"] / "report.json").read_text())
     assert sorted(p.name for p in baseline.parent.iterdir()) == ["tiny"]
     # A directory holding anything else is not overwritten; a missing run is bad input.
     (baseline / "notes.txt").write_text("mine")
-    code, _, err = _cli(capsys, "baseline", "update", runs["base"], baseline)
+    code, _, err = cli(capsys, "baseline", "update", runs["base"], baseline)
     assert code == 2 and err.startswith("error: ") and "not overwriting" in err
     assert (baseline / "notes.txt").exists()
-    code, _, err = _cli(capsys, "baseline", "update", tmp_path / "nope", tmp_path / "b2")
+    code, _, err = cli(capsys, "baseline", "update", tmp_path / "nope", tmp_path / "b2")
     assert code == 2 and "run directory not found" in err and not (tmp_path / "b2").exists()
