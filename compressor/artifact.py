@@ -31,6 +31,11 @@ class Form(str, Enum):
     def __str__(self) -> str:  # pragma: no cover - trivial
         return self.value
 
+    @property
+    def a_model(self) -> str:
+        """``a torch model``, ``an onnx model``: for messages."""
+        return f"{'an' if self.value[0] in 'aeiou' else 'a'} {self.value} model"
+
 
 class Preprocessing(BaseModel):
     """How raw RGB/grey uint8 images become the model's input tensor (after resizing to its input size)."""

@@ -68,6 +68,8 @@ class Pass(ABC):
     produces: ClassVar[Form | None] = None  # None: the input's form
     needs_data: ClassVar[bool] = False
     libraries: ClassVar[tuple[str, ...]] = ("torch",)
+    quantizes: ClassVar[bool] = False
+    """whether the output is a quantized (INT8) model: a chain quantizes once (see check_chain)"""
 
     def __init__(self, config: BaseModel | dict | None = None, /, *, field: str | None = None, **kwargs: Any) -> None:
         self.field = field or self.name
@@ -83,7 +85,7 @@ class Pass(ABC):
         if not self.accepts(form):
             wanted = ", ".join(sorted(f.value for f in self.consumes))
             raise PipelineOrderError(
-                f"{step}: pass {self.name!r} cannot take a {form.value} model (it takes: {wanted}); "
+                f"{step}: pass {self.name!r} cannot take {form.a_model} (it takes: {wanted}); "
                 "reorder the passes or add a conversion before it"
             )
         return self.output_form(form)

@@ -24,14 +24,74 @@ from .target_base import Engine, Target
 log = logging.getLogger(__name__)
 
 
-def check_chain(passes: Sequence[Pass], targets: Sequence[Target], input_form: Form) -> list[Form]:
-    """Walk the forms through every pass and into every target before anything runs."""
+def check_chain(passes: Sequence[Pass], targets: Sequence[Target], input_form: Form, *,
+                quantized_by: str | None = None) -> list[Form]:
+    """Walk the forms through every pass and into every target before anything runs.
+
+    A chain quantizes once: a pass that ``quantizes`` after another one (``quantized_by``: the
+    field of a quantizing step before this chain, e.g. in the main chain of a branch) is refused,
+    since INT8 PTQ or QAT of an already quantized model gives an invalid or meaningless graph."""
     forms = [input_form]
     for p in passes:
+        if p.quantizes:
+            if quantized_by is not None:
+                raise PipelineOrderError(
+                    f"{p.field}: the model is already quantized by {quantized_by}; a model is quantized "
+                    f"once: keep one of the two steps"
+                )
+            quantized_by = p.field
         forms.append(p.check_input(forms[-1], p.field))
     for t in targets:
         t.check_input(forms[-1], t.field)
     return forms
+
+
+def quantizing_step(passes: Sequence[Pass]) -> str | None:
+    """The field of the last pass in ``passes`` that quantizes the model, if any."""
+    return next((p.field for p in reversed(passes) if p.quantizes), None)
+
+
+def quantized_input(model: ModelArtifact) -> str | None:
+    """Why ``model`` is already quantized (its metadata, QDQ/integer ONNX ops, fake quantizers), or None."""
+    if model.precision == "int8":
+        return "its metadata says precision int8"
+    if model.form is Form.ONNX and model.path is not None:
+        try:
+            import onnx
+
+            ops = {n.op_type for n in onnx.load(str(model.path), load_external_data=False).graph.node}
+        except Exception:  # unreadable here: the passes will say so
+            return None
+        found = sorted(ops & QUANTIZED_ONNX_OPS)
+        if found:
+            return f"its ONNX graph has {', '.join(found)} nodes"
+    if model.form is Form.TORCH and model.model is not None and hasattr(model.model, "modules"):
+        for m in model.model.modules():
+            kind = type(m)
+            if kind.__name__ != "FloatFunctional" and kind.__module__.startswith(QUANTIZED_TORCH_MODULES):
+                return f"it holds quantized or fake-quantized modules ({kind.__name__})"
+    return None
+
+
+QUANTIZED_TORCH_MODULES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized",
+                           "torch.ao.quantization.fake_quantize", "nncf.")
+QUANTIZED_ONNX_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
+                                "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"})
+
+
+def assign_engine_names(chains: Sequence[tuple[ModelArtifact, Sequence[Target], str]]) -> dict[int, str]:
+    """One unique engine name per target (keyed by ``id(target)``): ``prefix + engine_name``, and
+    where two targets of the run would get the same name (e.g. two onnxruntime targets with
+    different configs), ``-2``, ``-3``, ... on the later ones in recipe order. Computed from the
+    artifacts alone, before any engine is built, so the names do not depend on which build fails."""
+    names: dict[int, str] = {}
+    seen: dict[str, int] = {}
+    for artifact, targets, prefix in chains:
+        for t in targets:
+            base = prefix + t.engine_name(artifact)
+            seen[base] = seen.get(base, 0) + 1
+            names[id(t)] = base if seen[base] == 1 else f"{base}-{seen[base]}"
+    return names
 
 
 @dataclass
@@ -186,13 +246,20 @@ class Pipeline:
             t.check_input(input_form, t.field)
         forms = check_chain(self.passes, self.targets, input_form)
         for b in self.branches:
-            check_chain(b.passes, b.targets, forms[-1])
+            check_chain(b.passes, b.targets, forms[-1], quantized_by=quantizing_step(self.passes))
         return forms
 
     def preflight(self, model: ModelArtifact, data: DataBundle | None) -> None:
         """Every pass checks what it can before any pass runs (e.g. a teacher's classes). A pass
         whose output is already in the cache is not checked again; its cached output is the
         next pass's input."""
+        why = quantized_input(model)
+        first = next((p for p in [*self.passes, *(p for b in self.branches for p in b.passes)] if p.quantizes), None)
+        if why is not None and first is not None:
+            raise PipelineOrderError(
+                f"{first.field}: the input model is already quantized ({why}); a model is quantized once: "
+                f"give the floating-point model, or remove the step"
+            )
         main = self._preflight_chain(self.passes, model, data)
         for b in self.branches:
             self._preflight_chain(b.passes, main, data)
@@ -204,12 +271,18 @@ class Pipeline:
         for p in passes:
             if p.needs_data and data is None:
                 raise ConfigError(f"{p.field}: pass {p.name!r} needs data (give the recipe a data section)")
-            hit = self.cache.get(self.cache.key(p, preview, data)) if (self.cache and preview is not None) else None
-            if hit is not None:
-                preview = hit[0]
-                continue
-            p.preflight(preview, data)
-            preview = p.preview(preview) if preview is not None else None
+            try:
+                hit = self.cache.get(self.cache.key(p, preview, data)) if (self.cache and preview is not None) else None
+                if hit is not None:
+                    preview = hit[0]
+                    continue
+                p.preflight(preview, data)
+                preview = p.preview(preview) if preview is not None else None
+            except CompressorError:
+                raise
+            except Exception as exc:  # e.g. a library that cannot trace the model: one line, like run()
+                raise PassError(f"{p.field}: pass {p.name!r} failed its check before the run: "
+                                f"{type(exc).__name__}: {_first(exc)}") from exc
         return preview
 
     # ------------------------------------------------------------------ running
@@ -240,10 +313,11 @@ class Pipeline:
                 out = self._run_pass(len(result.records), p, out, data, Path(tmp.name), threads, result)
             branch_outputs.append(out)
         if out_dir is not None:
-            self._build_targets(model, self.baselines, Path(out_dir), result, data, prefix="source-")
-            self._build_targets(artifact, self.targets, Path(out_dir), result, data)
-            for b, out in zip(self.branches, branch_outputs):
-                self._build_targets(out, b.targets, Path(out_dir), result, data, prefix=f"{b.name}-")
+            chains = [(model, self.baselines, "source-"), (artifact, self.targets, ""),
+                      *((out, b.targets, f"{b.name}-") for b, out in zip(self.branches, branch_outputs))]
+            names = assign_engine_names(chains)
+            for art, targets, prefix in chains:
+                self._build_targets(art, targets, Path(out_dir), result, data, prefix=prefix, names=names)
         if data is not None and out_dir is not None:
             self._measure(data, evaluation, threads, result)
         self.hooks.on_run_end(result)
@@ -298,12 +372,12 @@ class Pipeline:
         return out
 
     def _build_targets(self, artifact: ModelArtifact, targets: list[Target], out_dir: Path, result: RunResult,
-                       data: DataBundle | None, prefix: str = "") -> None:
+                       data: DataBundle | None, prefix: str = "", names: dict[int, str] | None = None) -> None:
         engines_dir = out_dir / "engines"
         for t in targets:
             self.hooks.on_target_start(t)
             try:
-                engine = t.build(artifact, engines_dir, prefix=prefix, data=data)
+                engine = t.build(artifact, engines_dir, prefix=prefix, data=data, name=(names or {}).get(id(t)))
             except TargetUnavailable as exc:
                 result.failures.append(TargetFailure(t.name, t.field, str(exc), unavailable=True))
                 self.hooks.on_target_end(t, None, str(exc))

@@ -127,17 +127,13 @@ class Recipe(BaseModel):
 
     def check(self, input_form: Form = Form.TORCH) -> list[Form]:
         """Validate every pass/target config and the chain of forms; return the forms after each pass."""
-        from .pipeline import check_chain
+        from .pipeline import Pipeline
 
         passes, targets = self.build_passes(), self.build_targets()
         if not targets:
             raise ConfigError("targets: a recipe needs at least one target")
-        for t in self.build_targets("baselines"):
-            t.check_input(input_form, t.field)
-        forms = check_chain(passes, targets, input_form)
-        for b in self.build_branches():
-            check_chain(b.passes, b.targets, forms[-1])
-        return forms
+        pipeline = Pipeline(passes, targets, baselines=self.build_targets("baselines"), branches=self.build_branches())
+        return pipeline.check(input_form)  # the same checks as before a run
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_defaults=True)

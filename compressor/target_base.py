@@ -91,7 +91,7 @@ class Target(ABC):
         if form not in self.consumes:
             wanted = ", ".join(sorted(f.value for f in self.consumes))
             raise PipelineOrderError(
-                f"{step}: target {self.name!r} cannot take a {form.value} model (it takes: {wanted})"
+                f"{step}: target {self.name!r} cannot take {form.a_model} (it takes: {wanted})"
             )
 
     def engine_name(self, artifact: ModelArtifact) -> str:

@@ -51,7 +51,7 @@ def test_impossible_order_names_the_step():
     with pytest.raises(PipelineOrderError, match=r"passes\[0\].quantize_ptq.*put export_onnx before it"):
         recipe.check(Form.TORCH)
     recipe = parse_recipe(_raw(passes=["export_onnx", "fuse"]))
-    with pytest.raises(PipelineOrderError, match=r"passes\[1\].fuse: pass 'fuse' cannot take a onnx model"):
+    with pytest.raises(PipelineOrderError, match=r"passes\[1\].fuse: pass 'fuse' cannot take an onnx model"):
         recipe.check(Form.TORCH)
     recipe = parse_recipe(_raw(passes=[{"quantize_ptq": {"backend": "openvino"}}], targets=["onnxruntime"]))
     with pytest.raises(PipelineOrderError, match=r"targets\[0\].onnxruntime"):

@@ -83,6 +83,7 @@ class QuantizePTQ(Pass):
     Config = QuantizePTQConfig
     consumes = frozenset({Form.TORCH, Form.EXPORTED, Form.ONNX, Form.OPENVINO})
     needs_data = True
+    quantizes = True
     libraries = ("torch", "nncf", "openvino", "onnx", "onnxruntime")
 
     def __init__(self, config: Any = None, /, **kwargs: Any) -> None:

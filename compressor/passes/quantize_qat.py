@@ -80,6 +80,7 @@ class QuantizeQAT(Pass):
     consumes = frozenset({Form.TORCH})
     produces = Form.TORCH
     needs_data = True
+    quantizes = True
     libraries = ("torch", "nncf")
 
     def preflight(self, artifact: ModelArtifact | None, data: Any) -> None:
@@ -161,7 +162,7 @@ def _check_module(model: Any) -> None:
 
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError("quantize_qat needs an eager nn.Module or an FX GraphModule, not a TorchScript model "
-                        "(load the model as a pickle, a state dict with its architecture, or torch.export)")
+                        "(give it as a pickled nn.Module or a state dict with --arch)")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"quantize_qat needs a torch nn.Module, got {type(model).__name__}")
     if list_quantizers(model):

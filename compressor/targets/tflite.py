@@ -126,8 +126,9 @@ class TFLiteTarget(Target):
         q = self.config.quantization
         return artifact.precision if q == "none" else PRECISION[q]
 
-    def build(self, artifact: ModelArtifact, out_dir: Path, *, prefix: str = "", data: Any = None) -> Engine:
-        engine = super().build(artifact, out_dir, prefix=prefix, data=data)
+    def build(self, artifact: ModelArtifact, out_dir: Path, *, prefix: str = "", data: Any = None,
+              name: str | None = None) -> Engine:
+        engine = super().build(artifact, out_dir, prefix=prefix, data=data, name=name)
         engine.precision = self._precision(artifact)
         return engine
 
