@@ -65,6 +65,10 @@ class InputSpec(BaseModel):
         return (batch, *self.shape[1:])
 
 
+TORCHSCRIPT_PAYLOAD = "model.torchscript.pt"
+"""the file name :meth:`ModelArtifact.save` gives a TorchScript module (torch.jit.save)"""
+
+
 class ModelArtifact:
     """A model in one form plus the metadata that travels with it.
 
@@ -162,8 +166,12 @@ class ModelArtifact:
         if self.form is Form.TORCH:
             import torch
 
-            payload = "model.pt"
-            torch.save(self.model, directory / payload)
+            if isinstance(self.model, torch.jit.ScriptModule):  # torch.save cannot pickle TorchScript
+                payload = TORCHSCRIPT_PAYLOAD
+                torch.jit.save(self.model, str(directory / payload))
+            else:
+                payload = "model.pt"
+                torch.save(self.model, directory / payload)
         elif self.form is Form.EXPORTED:
             import torch
 
@@ -184,8 +192,10 @@ class ModelArtifact:
         if form is Form.TORCH:
             import torch
 
-            # Our own cache, written by save(): trusted.
-            model = torch.load(directory / desc["payload"], weights_only=False)
+            if desc["payload"] == TORCHSCRIPT_PAYLOAD:
+                model = torch.jit.load(str(directory / desc["payload"]), map_location="cpu")
+            else:  # our own cache, written by save(): trusted
+                model = torch.load(directory / desc["payload"], weights_only=False)
         elif form is Form.EXPORTED:
             import torch
 
@@ -241,6 +251,31 @@ def _hash_torch(h: Any, model: Any) -> None:
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def eval_mode(module: Any) -> Any:
+    """``module.eval()`` where the module allows it. The module a torch.export program unpacks to
+    (``ExportedProgram.module()``) refuses ``eval()``; it runs as it was exported: as it is."""
+    if not hasattr(module, "eval"):
+        return module
+    try:
+        return module.eval()
+    except NotImplementedError:
+        return module
+
+
+def plain_graph_module(gm: Any) -> Any:
+    """The FX graph module an ExportedProgram unpacks to (``ep.module()``), as a plain GraphModule
+    of the same graph: without its input-guard submodule and the hooks that cannot be pickled (the
+    pass cache saves torch models with torch.save). A program exported at a static batch keeps it
+    through the artifact's ``fixed_batch``."""
+    import torch
+
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    return torch.fx.GraphModule(gm, gm.graph).eval()
 
 
 def state_dict_bytes(model: Any) -> bytes:

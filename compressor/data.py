@@ -84,6 +84,23 @@ class ImageSource:
             rank += 1
         return np.sort(np.asarray(picked, dtype=np.int64))
 
+    def image_sizes(self, count: int) -> set[tuple[int, int]]:
+        """The (height, width) of up to ``count`` images spread over the split (file headers only)."""
+        if self.arrays is not None:
+            return {tuple(int(d) for d in self.arrays.shape[1:3])} if len(self.arrays) else set()
+        from PIL import Image
+
+        assert self.paths is not None
+        picked = np.unique(np.linspace(0, len(self.paths) - 1, min(count, len(self.paths))).astype(int))
+        sizes = set()
+        for i in picked:
+            try:
+                with Image.open(self.paths[int(i)]) as img:
+                    sizes.add((img.size[1], img.size[0]))
+            except Exception as exc:
+                raise DataError(f"cannot read image {self.paths[int(i)]}: {exc}") from exc
+        return sizes
+
     def load_images(self, indices: np.ndarray, size: tuple[int, int], color: str) -> np.ndarray:
         """uint8 images (N, H, W, C) resized to ``size`` (height, width)."""
         if self.arrays is not None:
@@ -323,6 +340,17 @@ class DataBundle:
             return f"{self.calibration_source.fingerprint}:{c.samples}:{c.seed}"
         e = self.config.evaluation
         return f"{self.evaluation_source.fingerprint}:{e.limit}:{e.seed}"
+
+    def image_size(self) -> tuple[int, int] | None:
+        """(height, width) of the data's images as stored (the size a model without a known input
+        shape is given), or None when they differ in size (checked on up to 32 images per split)."""
+        sizes = {size for src in (self.calibration_source, self.evaluation_source) for size in src.image_sizes(32)}
+        if len(sizes) != 1:
+            if sizes:
+                log.warning("the data's images differ in size (%s): they give no input shape",
+                            ", ".join(f"{h}x{w}" for h, w in sorted(sizes)[:3]))
+            return None
+        return sizes.pop()
 
 
 def _decoded(src: ImageSource, size: tuple[int, int], color: str) -> np.ndarray:

@@ -88,7 +88,9 @@ class TorchRunner(Runner):
         self.fixed_batch = fixed_batch
         self.threads = threads
         torch.set_num_threads(threads)
-        self.module = module.eval() if hasattr(module, "eval") else module
+        from .artifact import eval_mode
+
+        self.module = eval_mode(module)
         self._torch = torch
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

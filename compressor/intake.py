@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from pydantic import ValidationError
 
 from .artifact import Form, InputSpec, ModelArtifact, Preprocessing, require_file
-from .errors import ModelLoadError
+from .errors import ModelLoadError, validation_message
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +167,17 @@ def load_model(
     input_shape: list[int] | None = None,
     preprocessing: Preprocessing | None = None,
     classes: list[str] | None = None,
+    fallback_shape: list[int] | Callable[[str], list[int] | None] | None = None,
+    fallback_source: str = "data",
 ) -> ModelArtifact:
-    """Load a model file of any supported kind; check it runs on its input shape."""
+    """Load a model file of any supported kind; check it runs on its input shape.
+
+    The input shape comes from, in this order: the model itself (a static ONNX or torch.export
+    input), ``input_shape`` (the recipe's model.input_shape), the ``model.json`` beside the file,
+    and last ``fallback_shape`` (a shape, or a function of the colour mode, "RGB" or "L", that
+    gives one or None; e.g. the data's image size), named ``fallback_source``. Where it came from
+    is kept in ``meta["input_shape_source"]``: "model", "recipe", "model.json" or the fallback's.
+    """
     path = require_file(Path(path))
     side = sidecar_metadata(path)
     if path.suffix.lower() == ".onnx":
@@ -185,16 +197,14 @@ def load_model(
         if hasattr(model, "eval"):
             model.eval()
 
-    shape = input_shape or side.get("input_shape") or _static_shape(graph_shape)
-    if shape is None:
-        raise ModelLoadError(
-            f"input shape of {path} is unknown: give model.input_shape in the recipe (e.g. [1, 3, 224, 224]) "
-            f"or a {path.with_suffix('.json').name} beside the model"
-        )
-    shape = [1, *list(shape)[1:]]
+    if form is Form.EXPORTED:
+        graph_shape = _exported_input_shape(model)
     prep = preprocessing or (Preprocessing(**_known(side.get("preprocessing") or {})) if side else None)
     if prep is None:
         log.warning("no preprocessing given for %s: using scale 1/255 and no mean/std", path)
+    shape, shape_source = _input_shape(path, _static_shape(graph_shape), input_shape, side.get("input_shape"),
+                                       fallback_shape, fallback_source, (prep or Preprocessing()).color)
+    shape = [1, *list(shape)[1:]]
     artifact = ModelArtifact(
         form,
         model=model,
@@ -202,10 +212,47 @@ def load_model(
         input_spec=InputSpec(shape=shape),
         preprocessing=prep,
         classes=classes or side.get("classes"),
-        meta={"precision": "fp32", "source_file": str(path), "source_size_bytes": path.stat().st_size},
+        meta={"precision": "fp32", "source_file": str(path), "source_size_bytes": path.stat().st_size,
+              "input_shape_source": shape_source},
     )
     artifact.meta["num_outputs"] = probe_output_width(artifact)
     return artifact
+
+
+def _input_shape(path: Path, own: list[int] | None, recipe: list[int] | None, side: list[int] | None,
+                 fallback: Any, fallback_source: str, color: str) -> tuple[list[int], str]:
+    """(shape, where it came from): the model's own static shape, the recipe's, model.json's, the fallback's."""
+    given = [(s, name) for s, name in ((recipe, "recipe"), (side, path.with_suffix(".json").name)) if s]
+    if own is not None:
+        for s, name in given:  # a static graph takes its own shape only: a different one is a mistake
+            if list(s)[1:] != list(own)[1:]:
+                field = "model.input_shape in the recipe" if name == "recipe" else f"input_shape in {name}"
+                raise ModelLoadError(f"{field} is {list(s)}, but {path} takes input {list(own)}: give its shape "
+                                     "or leave it out")
+        return list(own), "model"
+    if given:
+        return list(given[0][0]), "recipe" if given[0][1] == "recipe" else "model.json"
+    shape = fallback(color) if callable(fallback) else fallback
+    if shape is not None:
+        return list(shape), fallback_source
+    side_name = path.with_suffix(".json").name
+    data = ", nor the data (images of one size)" if fallback_source == "data" else ""
+    raise ModelLoadError(
+        f"input shape of {path} is unknown: neither the file, the recipe, a {side_name} beside it{data} gives "
+        f"one; give model.input_shape in the recipe (e.g. [1, 3, 224, 224]) or a {side_name} beside the model"
+    )
+
+
+def _exported_input_shape(program: Any) -> list[int] | None:
+    """The one user input's shape in a torch.export program (-1 for a symbolic dimension)."""
+    try:
+        names = set(program.graph_signature.user_inputs)
+        nodes = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in names]
+        if len(nodes) != 1:
+            return None
+        return [d if isinstance(d, int) else -1 for d in nodes[0].meta["val"].shape]
+    except Exception:  # no example values recorded: the shape is not known from the file
+        return None
 
 
 def _static_shape(shape: list[int] | None) -> list[int] | None:

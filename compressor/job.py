@@ -144,6 +144,17 @@ def prepare_data(recipe: Recipe, recipe_dir: Path | None, options: JobOptions, m
     return open_data(cfg, base_dir=base)
 
 
+def data_input_shape(data: DataBundle | None, color: str) -> list[int] | None:
+    """The input shape the data gives a model that names none: batch 1, 3 channels (1 for colour
+    mode L), the images' stored size; None without data or when the images differ in size."""
+    size = data.image_size() if data is not None else None
+    if size is None:
+        return None
+    shape = [1, 1 if color == "L" else 3, *size]
+    log.info("input shape %s taken from the data's images", shape)
+    return shape
+
+
 def _default_data() -> Any:
     from .data import DataConfig
 
@@ -195,10 +206,11 @@ def run_job(model_path: Path, recipe: Recipe, recipe_path: Path | None, options:
         input_shape=m.input_shape,
         preprocessing=recipe.preprocessing,
         classes=m.classes,
+        fallback_shape=lambda color: data_input_shape(open_once(), color),
+        fallback_source="data",
     )
-    data = prepare_data(recipe, recipe_path.parent if recipe_path else None, options, model_path)
+    data = open_once()
 
-    out_dir = Path(options.out_dir) if options.out_dir else default_out_dir(model_path, recipe)
     timing = TimingHook()
     evaluation = recipe.evaluation.model_copy()
     if options.threads is not None:

@@ -85,6 +85,10 @@ def build_report(
         "recipe": recipe_name,
         "recipe_config": recipe,
         "model": model_path,
+        # the input shape every row was measured at, and where it came from: "model" (the file's own),
+        # "recipe" (model.input_shape), "model.json" (beside the model) or "data" (the images' size)
+        "model_input": {"shape": list(result.source.input_spec.shape),
+                        "source": result.source.meta.get("input_shape_source")},
         # what compress compare checks before comparing two runs (model file bytes, recipe, data)
         "fingerprints": {
             "model": file_fingerprint(Path(model_path)),
@@ -130,15 +134,27 @@ RESULT_HEADER = ["name", "target", "precision", "top-1 %", "top-5 %", "agree %",
                  "p99 ms", "speedup", "img/s", "size MB", "smaller"]
 
 
+INPUT_SHAPE_SOURCES = {"model": "the model file", "recipe": "the recipe's model.input_shape",
+                       "model.json": "the model.json beside the model", "data": "the data's image size"}
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     lines = [f"# compressor report: {report['recipe']}", ""]
     lines.append(f"- model: `{report['model']}`")
+    if report.get("model_input"):  # reports written before model_input have none
+        mi = report["model_input"]
+        lines.append(f"- input shape: {mi['shape']} (from {INPUT_SHAPE_SOURCES.get(mi['source'], mi['source'])})")
     if report["data"]:
         d = report["data"]
+        cal = d["calibration"]
+        used = cal.get("samples_used", cal.get("samples"))  # "samples": reports written before samples_used
         lines.append(f"- data: {d['source']}, evaluation on {d['evaluation']['images']} images of split "
-                     f"`{d['evaluation']['split']}`, calibration {d['calibration']['samples']} images of "
-                     f"`{d['calibration']['split']}` (seed {d['calibration']['seed']})")
+                     f"`{d['evaluation']['split']}`, calibration {used} images of "
+                     f"`{cal['split']}` (seed {cal['seed']})")
+        if cal.get("samples_requested") is not None and used is not None and used < cal["samples_requested"]:
+            lines.append(f"- **warning**: data.calibration.samples asks for {cal['samples_requested']} images, but "
+                         f"split `{cal['split']}` has only {used}: calibrated on {used}")
     lines.append(f"- machine: {env['cpu']}, ISA {', '.join(env['isa_flags']) or '-'}; "
                  f"{env['threads']} threads for every runtime")
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v != "absent")

@@ -69,7 +69,7 @@ def _run(engines, q, x, threads=2):
 
 def test_registered_with_config_and_data_needs():
     cls = get_target("tflite")
-    assert cls is TFLiteTarget and cls.consumes == frozenset({Form.TORCH})
+    assert cls is TFLiteTarget and cls.consumes == frozenset({Form.TORCH, Form.EXPORTED})
     assert TFLiteTarget().needs_data and TFLiteTarget().config.quantization == "int8"
     assert not TFLiteTarget(quantization="none").needs_data
     assert not TFLiteTarget(quantization="fp16").needs_data

@@ -74,6 +74,9 @@ class DistillConfig(PassConfig):
 def _classifier(model: Any) -> Any:
     import torch
 
+    if isinstance(model, torch.jit.ScriptModule):  # its submodules run inside the script: no hooks
+        raise ValueError("a TorchScript model gives no penultimate features (set feature_loss: none, or give "
+                         "an nn.Module)")
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     if not linears:
         raise ValueError("the model has no Linear classifier to take penultimate features from")
@@ -126,9 +129,10 @@ class Distill(Pass):
         if self._teacher is None:
             from ..intake import load_model
 
-            try:
+            try:  # a teacher file that names no input shape takes the student's
                 self._teacher = load_model(Path(self.config.teacher), arch=self.config.teacher_arch,
-                                           trust=self.config.teacher_trusted)
+                                           trust=self.config.teacher_trusted, fallback_source="student",
+                                           fallback_shape=artifact.input_spec.shape if artifact else None)
             except CompressorError as exc:
                 raise ConfigError(f"{self.field}.teacher: {exc}") from None
         return self._teacher
@@ -145,18 +149,29 @@ class Distill(Pass):
         if self._student_file is None:
             from ..intake import load_model
 
-            try:
-                self._student_file = load_model(Path(spec), trust=self.config.student_trusted)
+            try:  # a student file that names no input shape takes the current model's
+                self._student_file = load_model(Path(spec), trust=self.config.student_trusted,
+                                                fallback_shape=artifact.input_spec.shape, fallback_source="teacher")
             except CompressorError as exc:
                 raise ConfigError(f"{self.field}.student: {exc}") from None
-            if self._student_file.form is not Form.TORCH:
-                raise ConfigError(f"{self.field}.student: a student must be a trainable torch model, got "
-                                  f"{self._student_file.form.value}")
+            import torch
+
+            form = self._student_file.form
+            if form is not Form.TORCH or isinstance(self._student_file.model, torch.jit.ScriptModule):
+                got = "TorchScript" if form is Form.TORCH else form.value
+                self._student_file = None
+                raise ConfigError(f"{self.field}.student: a student must be a trainable torch model (an nn.Module), "
+                                  f"got {got}")
         return copy.deepcopy(self._student_file.torch_module())
 
     def preflight(self, artifact: ModelArtifact | None, data: Any) -> None:
+        import torch
+
         if self.config.student is not None and artifact is not None:
             self._student(artifact)  # a bad student file fails here, before any training
+        if self.config.student is None and artifact is not None and isinstance(artifact.model, torch.jit.ScriptModule):
+            raise ConfigError(f"{self.field}: the input model is the student, and a TorchScript model cannot be "
+                              "trained; give it as an nn.Module (a pickled module, or a state dict with --arch)")
         teacher = self.teacher(artifact)
         if teacher is None:
             return

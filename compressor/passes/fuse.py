@@ -1,13 +1,15 @@
 """fuse: fold batch-norm into the preceding conv/linear and drop inference no-ops (dropout,
-identity) at torch level, on the FX graph (torch.fx's own fusion utilities), or with
-``torch.jit.freeze`` + ``optimize_for_inference`` for TorchScript models."""
+identity) at torch level, on the FX graph (torch.fx's own fusion utilities), on the ATen graph
+that a torch.export program unpacks to (``ExportedProgram.module()``), or with
+``torch.jit.freeze`` for TorchScript models (its frozen graph still exports to ONNX; no
+``optimize_for_inference``, whose MKL-DNN layout ops no exporter takes)."""
 
 from __future__ import annotations
 
 import copy
 from typing import Any
 
-from ..artifact import Form, ModelArtifact
+from ..artifact import Form, ModelArtifact, plain_graph_module
 from ..pass_base import Pass, PassConfig, PassContext, PassResult
 from ..registry import register_pass
 
@@ -28,17 +30,21 @@ class Fuse(Pass):
     name = "fuse"
     summary = "fold conv+batch-norm (and linear+bn), drop dropout/identity; torch FX graph out"
     Config = FuseConfig
-    consumes = frozenset({Form.TORCH})
+    consumes = frozenset({Form.TORCH, Form.EXPORTED})
+    """a torch.export program is unpacked to its FX graph module (ATen ops) and folded there"""
     produces = Form.TORCH
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> PassResult:
         import torch
 
-        module = artifact.model
-        probe = torch.randn(artifact.input_spec.with_batch(2), generator=torch.Generator().manual_seed(ctx.seed))
+        module = artifact.torch_module()
+        batch = artifact.meta.get("fixed_batch") or 2  # e.g. a torch.export program traced at batch 1
+        probe = torch.randn(artifact.input_spec.with_batch(batch), generator=torch.Generator().manual_seed(ctx.seed))
         with torch.inference_mode():
             before_out = module(probe)
-        if isinstance(module, torch.jit.ScriptModule):
+        if artifact.form is Form.EXPORTED:
+            fused, stats = self._fuse_aten(module)
+        elif isinstance(module, torch.jit.ScriptModule):
             fused, stats = self._fuse_script(module)
         else:
             fused, stats = self._fuse_fx(module)
@@ -80,9 +86,125 @@ class Fuse(Pass):
         import torch
 
         before = _script_counts(module)
-        frozen = torch.jit.freeze(module.eval())
-        fused = torch.jit.optimize_for_inference(frozen)
+        # freeze folds conv+BN and drops dropout; optimize_for_inference would add to_mkldnn layout
+        # conversions that neither ONNX exporter nor OpenVINO takes
+        fused = torch.jit.freeze(module.eval())
         return fused, {"graph": "torchscript", "before": before, "after": _script_counts(fused)}
+
+    def _fuse_aten(self, gm: Any) -> tuple[Any, dict[str, Any]]:
+        """Fold on the ATen-level graph module of a torch.export program (get_attr weights, aten ops)."""
+        import torch
+
+        aten = torch.ops.aten
+        before = _aten_counts(gm)
+        graph = gm.graph
+        if self.config.conv_bn:
+            for index, bn in enumerate(list(graph.nodes)):
+                if bn.op == "call_function" and bn.target in _BN_OPS:
+                    _fold_bn(gm, bn, f"_fused{index}")
+        if self.config.remove_dropout:
+            for node in list(graph.nodes):
+                if node.op == "call_function" and node.target is aten.dropout.default and not _arg(node, 2, "train"):
+                    node.replace_all_uses_with(node.args[0])
+                    graph.erase_node(node)
+        graph.eliminate_dead_code()
+        graph.lint()
+        out = plain_graph_module(gm)  # keeps only the weights the graph references, and pickles
+        return out, {"graph": "fx-aten", "before": before, "after": _aten_counts(out)}
+
+
+class _AtenOps:
+    """A set of ATen overloads by name, resolved on first use (so importing this module needs no torch)."""
+
+    def __init__(self, *names: str) -> None:
+        self.names: tuple[str, ...] = names
+        self.ops: set[Any] | None = None
+
+    def __contains__(self, op: Any) -> bool:
+        if self.ops is None:
+            import torch
+
+            self.ops = set()
+            for name in self.names:
+                packet, _, overload = name.partition(".")
+                op_packet = getattr(torch.ops.aten, packet, None)
+                if op_packet is not None and hasattr(op_packet, overload):
+                    self.ops.add(getattr(op_packet, overload))
+        return op in self.ops
+
+
+_CONV_OPS = _AtenOps("conv1d.default", "conv2d.default", "conv3d.default")
+_FOLDS_INTO = _AtenOps("conv1d.default", "conv2d.default", "conv3d.default", "linear.default")
+_BN_OPS = _AtenOps("batch_norm.default", "_native_batch_norm_legit_no_training.default")
+_BN_LEGIT = _AtenOps("_native_batch_norm_legit_no_training.default")  # (input, w, b, mean, var, momentum, eps)
+
+
+def _arg(node: Any, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _fold_bn(gm: Any, bn: Any, prefix: str) -> bool:
+    """Fold one eval-mode batch norm into the conv/linear that feeds it (and nothing else); True if done."""
+    import operator
+
+    import torch
+
+    legit = bn.target in _BN_LEGIT
+    src = bn.args[0]
+    if src.op != "call_function" or src.target not in _FOLDS_INTO or len(src.users) != 1:
+        return False
+    if not legit and _arg(bn, 5, "training"):
+        return False
+    users = list(bn.users)
+    if legit and not all(u.target is operator.getitem and u.args[1] == 0 for u in users):
+        return False  # the saved mean/invstd are used: not an inference-only batch norm
+    bn_nodes = [_arg(bn, i, name) for i, name in enumerate(("weight", "bias", "running_mean", "running_var"), 1)]
+    w_node, b_node = src.args[1], _arg(src, 2, "bias")
+    attrs = [n for n in [w_node, b_node, *bn_nodes] if n is not None]
+    if bn_nodes[2] is None or bn_nodes[3] is None or any(n.op != "get_attr" for n in attrs):
+        return False
+    eps = _arg(bn, 6, "eps", 1e-5) if legit else _arg(bn, 7, "eps", 1e-5)
+    weight, bias, gamma, beta, mean, var = (None if n is None else _get_attr(gm, n.target)
+                                            for n in [w_node, b_node, *bn_nodes])
+    with torch.no_grad():
+        scale = torch.rsqrt(var.float() + eps) * (gamma.float() if gamma is not None else 1.0)
+        new_w = (weight.float() * scale.reshape(-1, *[1] * (weight.dim() - 1))).to(weight.dtype)
+        b = bias.float() if bias is not None else torch.zeros_like(mean, dtype=torch.float32)
+        new_b = ((b - mean.float()) * scale + (beta.float() if beta is not None else 0.0)).to(weight.dtype)
+    gm.register_parameter(f"{prefix}_weight", torch.nn.Parameter(new_w, requires_grad=False))
+    gm.register_parameter(f"{prefix}_bias", torch.nn.Parameter(new_b, requires_grad=False))
+    with gm.graph.inserting_before(src):
+        w_new, b_new = gm.graph.get_attr(f"{prefix}_weight"), gm.graph.get_attr(f"{prefix}_bias")
+    args = list(src.args)
+    args[1] = w_new
+    if len(args) > 2:
+        args[2] = b_new
+    else:
+        args.append(b_new)
+    src.args = tuple(args)
+    src.kwargs = {k: v for k, v in src.kwargs.items() if k != "bias"}
+    for u in users if legit else [bn]:
+        u.replace_all_uses_with(src)
+    for u in users if legit else []:
+        gm.graph.erase_node(u)
+    gm.graph.erase_node(bn)
+    return True
+
+
+def _get_attr(gm: Any, target: str) -> Any:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def _aten_counts(gm: Any) -> dict[str, int]:
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    return {
+        "nodes": len(gm.graph.nodes),
+        "batch_norm": sum(t in _BN_OPS for t in calls),
+        "conv": sum(t in _CONV_OPS for t in calls),
+    }
 
 
 def _remove_identity(gm: Any) -> None:

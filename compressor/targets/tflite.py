@@ -40,7 +40,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from ..artifact import Form, ModelArtifact
+from ..artifact import Form, ModelArtifact, eval_mode, plain_graph_module
 from ..errors import TargetError
 from ..pass_base import PassConfig
 from ..registry import register_target
@@ -95,7 +95,8 @@ class TFLiteTarget(Target):
     name = "tflite"
     summary = "LiteRT / TFLite flatbuffer (litert-torch), LiteRT interpreter on XNNPACK (FP32, FP16, INT8)"
     Config = TFLiteConfig
-    consumes = frozenset({Form.TORCH})
+    consumes = frozenset({Form.TORCH, Form.EXPORTED})
+    """an ExportedProgram converts as the module it unpacks to; TorchScript through torch.export's converter"""
     libraries = ("litert-torch", "ai-edge-litert", "ai-edge-quantizer", "torchao")
     needs_data = True
     """the default (int8) calibrates on the recipe's data; instances set it from their config"""
@@ -137,10 +138,10 @@ class TFLiteTarget(Target):
         import torch
 
         cfg = self.config
-        module = artifact.torch_module()
-        if hasattr(module, "eval"):
-            module = module.eval()
+        module = eval_mode(artifact.torch_module())
         sample = torch.zeros(artifact.input_spec.with_batch(1), dtype=torch.float32)
+        if isinstance(module, torch.jit.ScriptModule):  # litert-torch converts via torch.export: no TorchScript
+            module = _from_torchscript(module, sample)
         path = tmp_dir / "model.tflite"
         info: dict[str, Any] = {"quantization": cfg.quantization, "input_shape": list(sample.shape)}
         started = time.perf_counter()
@@ -410,6 +411,24 @@ def _dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
 def _qparams(detail: dict) -> dict[str, float] | None:
     scale, zero = detail["quantization"]
     return None if not scale else {"scale": float(scale), "zero_point": int(zero)}
+
+
+def _from_torchscript(module: Any, sample: Any) -> Any:
+    """A TorchScript module as the FX graph module of an equivalent torch.export program."""
+    import torch
+
+    try:
+        from torch._export.converter import TS2EPConverter
+
+        # frozen first (conv+BN folded: PT2E would otherwise match its conv-BN patterns for a
+        # long while), and without the program's batch-1 guard: the TorchScript module took any
+        # batch, and PT2E calibrates in batches
+        frozen = torch.jit.freeze(module.eval())
+        return plain_graph_module(TS2EPConverter(frozen, (sample,)).convert().module())
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        raise TargetError(f"tflite: the TorchScript model cannot be converted to a torch.export program "
+                          f"(litert-torch converts only those): {reason}; give an nn.Module or a .pt2 instead") from exc
 
 
 def _to_eval(module: Any) -> None:
