@@ -14,6 +14,29 @@ REPO = HERE.parent
 SHARED = Path(os.environ.get("SHARED", REPO.parent / "shared"))
 COMPRESS = Path(os.environ.get("COMPRESS", REPO / ".venv" / "bin" / "compress"))
 
+# what `pip install -e .` leaves out and some benchmarks import: pip install -e '.[bench]'
+BENCH_EXTRA = "pip install -e '.[bench]'"
+
+
+def require_modules(*modules: str, benchmark: str | None = None) -> None:
+    """Before any measuring: exit 2 with one line when a module the benchmark imports is missing
+    (rather than a ModuleNotFoundError at the end of a long run). ``benchmark``: the caller's file name."""
+    import importlib.util
+
+    missing = []
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a parent package missing, or a broken one
+            found = False
+        if not found:
+            missing.append(module)
+    if missing:
+        if benchmark is None:
+            benchmark = Path(sys._getframe(1).f_globals.get("__file__") or sys.argv[0]).stem
+        print(f"benchmark {benchmark} needs {', '.join(missing)}: {BENCH_EXTRA}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
 
 def run_compress(name: str, model: Path, recipe: str, *extra: str, launcher: list[str] | None = None) -> dict:
     """Run the CLI; engines go to benchmarks/work/NAME, the report to benchmarks/results/NAME."""

@@ -34,7 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from _common import SHARED  # noqa: E402
+from _common import SHARED, require_modules  # noqa: E402
 
 # (name, in channels, out channels, kernel, stride, input height = width, how many in ResNet-50)
 LAYERS = [
@@ -186,6 +186,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=200, help="timed runs per model per round")
     ap.add_argument("--only", choices=["ort", "tflite"])
     args = ap.parse_args()
+    if args.only != "ort":  # the LiteRT part: the project's tflite target
+        require_modules("litert_torch", "ai_edge_litert", "torchao")
     from compressor.environment import environment
 
     dest = HERE / "results" / "int8_kernel_ceiling"

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from _common import HERE, SHARED, run_compress
+from _common import HERE, SHARED, require_modules, run_compress
 
 MODELS = {"resnet50": "resnet50_cifar10.pt", "mobilenetv2": "mobilenet_v2_cifar10.pt"}
 RECIPES = ("cpu_targets_side_by_side", "int8_cpu_openvino")
@@ -767,6 +767,8 @@ def run_model(key: str, args: argparse.Namespace) -> dict:
 
 
 def main() -> int:
+    # the Pareto plot, the PT2E peer, the TFLite rows and the TensorRT QDQ rows of the recipes
+    require_modules("matplotlib", "torchao", "litert_torch", "ai_edge_litert", "modelopt")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="*", metavar="MODEL", help=f"models ({', '.join(MODELS)}; default: both)")
     p.add_argument("--eval-limit", type=int, default=None,

@@ -12,9 +12,11 @@ Usage: python benchmarks/targets_side_by_side.py [resnet50|mobilenetv2 ...]
 
 import sys
 
-from _common import SHARED, figure, publish, row, run_compress
+from _common import SHARED, figure, publish, require_modules, row, run_compress
 
 MODELS = {"resnet50": "resnet50_cifar10.pt", "mobilenetv2": "mobilenet_v2_cifar10.pt"}
+# the recipe's TFLite rows and its TensorRT QDQ row (ModelOpt), which the figures below read
+require_modules("litert_torch", "ai_edge_litert", "modelopt")
 
 for key in sys.argv[1:] or list(MODELS):
     name = f"targets_{key}"

@@ -13,9 +13,9 @@ import json
 import shutil
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import ModelLoadError
 
@@ -42,11 +42,19 @@ class Preprocessing(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    scale: float = Field(default=1 / 255, description="multiplied into uint8 pixel values first")
-    mean: list[float] = Field(default_factory=lambda: [0.0, 0.0, 0.0])
-    std: list[float] = Field(default_factory=lambda: [1.0, 1.0, 1.0])
+    scale: float = Field(default=1 / 255, gt=0, description="multiplied into uint8 pixel values first")
+    mean: list[float] = Field(default_factory=lambda: [0.0, 0.0, 0.0], description="1 value or 3 (per channel)")
+    std: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [1.0, 1.0, 1.0], description="1 value or 3 (per channel), each > 0")
     layout: str = Field(default="NCHW", pattern="^NCHW$")
     color: str = Field(default="RGB", pattern="^(RGB|L)$")
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _one_or_three(cls, values: list[float]) -> list[float]:
+        if len(values) not in (1, 3):
+            raise ValueError(f"give 1 value (every channel) or 3 (one per channel), got {len(values)}")
+        return values
 
 
 class InputSpec(BaseModel):

@@ -276,11 +276,19 @@ class DataBundle:
     def classes(self) -> list[str]:
         return self.evaluation_source.classes
 
+    def calibration_count(self, count: int | None = None) -> int:
+        """How many images a request for ``count`` (default: data.calibration.samples) gets: at most
+        the calibration split's size (:meth:`ImageSource.balanced_indices` takes every image then)."""
+        return min(count or self.config.calibration.samples, len(self.calibration_source))
+
     def calibration_images(self, size: tuple[int, int], color: str, count: int | None = None) -> np.ndarray:
         cfg = self.config.calibration
         n = count or cfg.samples
         key = ("cal", size, color, n)
         if key not in self._cache:
+            if n > len(self.calibration_source) and n != cfg.samples:  # cfg.samples: warned by open_data
+                log.warning("%d calibration images asked for, but split %r has only %d: calibrating on %d",
+                            n, cfg.split, len(self.calibration_source), len(self.calibration_source))
             idx = self.calibration_source.balanced_indices(n, cfg.seed)
             self._cache[key] = self.calibration_source.load_images(idx, size, color)
         return self._cache[key]
@@ -337,7 +345,8 @@ class DataBundle:
         """Identifies the images a pass or an evaluation saw (for cache keys and reports)."""
         if kind == "calibration":
             c = self.config.calibration
-            return f"{self.calibration_source.fingerprint}:{c.samples}:{c.seed}"
+            # the count used, not the one asked for: 5000 and 100000 of a 1347-image split are the same images
+            return f"{self.calibration_source.fingerprint}:{self.calibration_count()}:{c.seed}"
         e = self.config.evaluation
         return f"{self.evaluation_source.fingerprint}:{e.limit}:{e.seed}"
 
@@ -399,4 +408,7 @@ def open_data(config: DataConfig, *, base_dir: Path | None = None) -> DataBundle
     if cal.classes != ev.classes:
         raise DataError(f"the {cal_split} and {eval_split} splits have different classes")
     log.info("data: %d calibration candidates, %d evaluation images, %d classes", len(cal), len(ev), len(ev.classes))
+    if len(cal) < config.calibration.samples:
+        log.warning("data.calibration.samples asks for %d images, but split %r has only %d: calibrating on %d",
+                    config.calibration.samples, cal_split, len(cal), len(cal))
     return DataBundle(config=config, calibration_source=cal, evaluation_source=ev)

@@ -39,6 +39,14 @@ def sidecar_metadata(path: Path) -> dict[str, Any]:
         raise ModelLoadError(f"model metadata {side} is not valid JSON: {exc}") from exc
     if not isinstance(meta, dict):
         raise ModelLoadError(f"model metadata {side} must be a JSON object")
+    prep = meta.get("preprocessing")
+    if prep is not None:  # checked here, so that a bad value is named by its field, not met passes later
+        if not isinstance(prep, dict):
+            raise ModelLoadError(f"model metadata {side}: preprocessing must be an object (scale, mean, std)")
+        try:
+            Preprocessing(**_known(prep))
+        except ValidationError as exc:
+            raise ModelLoadError(f"model metadata {side}: {validation_message(exc, 'preprocessing')}") from None
     return meta
 
 
@@ -83,19 +91,30 @@ def _load_torch_file(path: Path, *, arch: str | None, num_classes: int | None, t
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" not in str(exc):  # not a pickle of classes: a damaged file
-            raise ModelLoadError(f"model file {path} is corrupt or not a torch file: {_first_line(exc)}") from exc
+        blocked, unsupported = _pickle_globals(exc)
+        if blocked is None and unsupported is None:  # not a pickle of classes: a damaged file
+            raise ModelLoadError(f"model file {path} is corrupt or not a torch file: {_torch_reason(exc)}") from None
         if not trust:
+            if blocked is not None:
+                raise ModelLoadError(
+                    f"{path} references {blocked}, which is not a torch or nn.Module class: unpickling the file "
+                    f"would run it; not loaded (only if you trust the file, --trust-model loads it and runs "
+                    f"{blocked})") from None
+            what = ("a pickled nn.Module" if unsupported.startswith(("torch.", "torchvision."))
+                    else f"a pickle that references {unsupported}")
             raise ModelLoadError(
-                f"{path} is a pickled nn.Module and loading it runs code from the file; "
+                f"{path} is {what} and loading it runs code from the file; "
                 f"pass --trust-model (or model.trusted: true in the recipe) if you trust it, or {SAFE_FORMS_HINT}"
             ) from None
+        if blocked is not None:  # the user's explicit call: say what it will run
+            log.warning("%s references %s, which is not a model class: --trust-model unpickles it, which runs it",
+                        path, blocked)
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=False)
         except Exception as exc2:
-            raise ModelLoadError(f"cannot unpickle model {path}: {_first_line(exc2)}") from exc2
+            raise ModelLoadError(f"cannot unpickle model {path}: {_torch_reason(exc2)}") from exc2
     except Exception as exc:
-        raise ModelLoadError(f"model file {path} is corrupt or not a torch file: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"model file {path} is corrupt or not a torch file: {_torch_reason(exc)}") from None
 
     if isinstance(obj, torch.nn.Module):
         return Form.TORCH, obj
@@ -113,10 +132,60 @@ def _load_torch_file(path: Path, *, arch: str | None, num_classes: int | None, t
         model = build_arch(arch, num_classes)
         try:
             model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise ModelLoadError(f"state dict {path} does not fit {arch}: {_first_line(exc)}") from exc
+        except RuntimeError as exc:  # torch's first line names no key: name them from the two key sets
+            detail = _state_dict_mismatch(model.state_dict(), state) or _first_line(exc)
+            raise ModelLoadError(f"state dict {path} does not fit {arch}: {detail}") from exc
         return Form.TORCH, model
-    raise ModelLoadError(f"{path} holds a {type(obj).__name__}, not a model or a state dict")
+    raise ModelLoadError(f"{path} holds an object of type {type(obj).__name__}, not a model or a state dict")
+
+
+_BLOCKED_GLOBAL = re.compile(r"unsupported GLOBAL (\S+) whose module \S+ is blocked")
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+) was not an allowed global")
+
+
+def _pickle_globals(exc: BaseException) -> tuple[str | None, str | None]:
+    """From torch's weights-only refusal: (a global of a module torch never loads, e.g. posix.system;
+    a global outside the tensor types, e.g. a model class). Both None: the file is no such pickle."""
+    text = str(exc)
+    blocked = _BLOCKED_GLOBAL.search(text)
+    unsupported = _UNSUPPORTED_GLOBAL.search(text)
+    return (blocked.group(1) if blocked else None), (unsupported.group(1).rstrip(".") if unsupported else None)
+
+
+def _torch_reason(exc: BaseException) -> str:
+    """torch.load's message without its advice to re-run with weights_only=False (the tool's advice for a
+    file the user trusts is --trust-model) and without its links: the line that says what went wrong."""
+    lines = []
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if line.startswith("Weights only load failed"):
+            continue  # the hint: "Re-running torch.load with weights_only set to False will likely succeed ..."
+        if line.startswith(("Check the documentation of torch.load", "Please file an issue with the following")):
+            continue
+        line = line.removeprefix("WeightsUnpickler error:").strip()
+        if line:
+            lines.append(line)
+    if not lines and isinstance(exc, EOFError):
+        return "the file ends too early (empty or truncated)"
+    text = lines[0] if lines else type(exc).__name__
+    return text[:300]
+
+
+def _state_dict_mismatch(want: dict, got: dict) -> str:
+    """The first missing, unexpected and mis-shaped keys of ``got`` against the model's ``want``, or ''."""
+    missing = [k for k in want if k not in got and not k.endswith("num_batches_tracked")]  # torch fills these
+    unexpected = [k for k in got if k not in want]
+    shapes = [k for k in want if k in got and tuple(want[k].shape) != tuple(getattr(got[k], "shape", ()))]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key{'s' * (len(missing) > 1)} (first: {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key{'s' * (len(unexpected) > 1)} (first: {unexpected[0]})")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} key{'s' * (len(shapes) > 1)} of another shape (first: {k} is "
+                     f"{list(got[k].shape)} in the file, {list(want[k].shape)} in the model)")
+    return "; ".join(parts)
 
 
 def _find_state_dict(obj: dict) -> dict | None:

@@ -75,7 +75,10 @@ def build_report(
             "evaluation": {"split": ev.split, "images": len(result.measurements[0].predictions)
                            if result.measurements and result.measurements[0].predictions is not None else None,
                            "fingerprint": data.fingerprint("evaluation")},
-            "calibration": {"split": data.config.calibration.split, "samples": data.config.calibration.samples,
+            # asked for (data.calibration.samples) and used: a split smaller than asked gives all it has
+            "calibration": {"split": data.config.calibration.split,
+                            "samples_requested": data.config.calibration.samples,
+                            "samples_used": data.calibration_count(),
                             "seed": data.config.calibration.seed, "fingerprint": data.fingerprint("calibration")},
             "classes": data.classes,
         }
