@@ -69,10 +69,12 @@ class TrainResult:
     final_val_top1: float | None
     history: list[dict[str, Any]] = field(default_factory=list)
     world_size: int = 1
+    skipped_steps: int = 0  # steps whose loss was not finite: no update
 
     def to_json(self) -> dict[str, Any]:
         return {"steps": self.steps, "seconds": round(self.seconds, 1), "best_val_top1": self.best_val_top1,
-                "final_val_top1": self.final_val_top1, "world_size": self.world_size, "history": self.history}
+                "final_val_top1": self.final_val_top1, "world_size": self.world_size,
+                "skipped_steps": self.skipped_steps, "history": self.history}
 
 
 # ---------------------------------------------------------------------- distributed
@@ -266,6 +268,7 @@ def train(
     step, epoch = 0, 0
     progress = _progress(rank == 0, description, total)
     running_loss, running_correct, running_seen = 0.0, 0, 0
+    skipped, nonfinite_run = 0, 0
     with progress as bar:
         task = bar.add_task(description, total=total, loss=float("nan"), acc=float("nan"))
         while step < total:
@@ -285,6 +288,17 @@ def train(
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                     loss, logits = loss_fn(net, xb, yb, torch.from_numpy(ix))
                 opt.zero_grad(set_to_none=True)
+                if not _all_finite(loss, size):  # skip the update (every process alike), as AMP's GradScaler does
+                    skipped += 1
+                    nonfinite_run += 1
+                    if nonfinite_run >= MAX_NONFINITE_STEPS:
+                        raise RuntimeError(
+                            f"training diverged: the loss was not finite for {nonfinite_run} steps in a row (at step "
+                            f"{step + 1} of {total}); lower train.lr{' or set train.bf16: off' if bf16 else ''}")
+                    sched.step()
+                    step += 1
+                    continue
+                nonfinite_run = 0
                 loss.backward()
                 opt.step()
                 sched.step()
@@ -308,8 +322,28 @@ def train(
     if best_state is not None and best_top1 is not None and final is not None and best_top1 > final:
         model.load_state_dict(best_state)
     model.to("cpu").eval()
+    if skipped:
+        log.warning("%s: %d of %d steps skipped for a loss that was not finite", description, skipped, step)
     return TrainResult(steps=step, seconds=time.perf_counter() - started, best_val_top1=best_top1,
-                       final_val_top1=final, history=history, world_size=size)
+                       final_val_top1=final, history=history, world_size=size, skipped_steps=skipped)
+
+
+MAX_NONFINITE_STEPS = 10
+"""consecutive steps with a NaN/inf loss after which training stops with an error"""
+
+
+def _all_finite(loss: Any, world_size: int) -> bool:
+    """Whether the loss is finite on every process (under torchrun all must skip the same step)."""
+    import torch
+
+    finite = bool(torch.isfinite(loss.detach()).all())
+    if world_size == 1:
+        return finite
+    import torch.distributed as dist
+
+    bad = torch.tensor([0.0 if finite else 1.0], device=loss.device if loss.device.type == "cuda" else "cpu")
+    dist.all_reduce(bad)  # NCCL wants a CUDA tensor, gloo a CPU one
+    return float(bad.item()) == 0.0
 
 
 def _schedule(opt: Any, cfg: TrainConfig, total: int) -> Any:

@@ -144,8 +144,12 @@ class Distill(Pass):
         if spec.startswith("torchvision:"):
             from ..intake import build_arch
 
+            import torch
+
             width = artifact.meta.get("num_outputs") or len(artifact.classes or [])
-            return build_arch(spec, width or None)
+            with torch.random.fork_rng():  # the same initial student in every run, whatever ran before
+                torch.manual_seed(self.config.train.seed)
+                return build_arch(spec, width or None)
         if self._student_file is None:
             from ..intake import load_model
 
