@@ -1,6 +1,6 @@
 """The one training loop every training pass shares (fine-tuning after pruning, distillation, QAT).
 
-Optimizer and schedule, epochs or steps, bf16 autocast on CPUs with native bf16 (and on GPUs),
+Optimizer and schedule, epochs or steps, bf16 autocast on GPUs (on CPUs only when asked: train.bf16: on),
 a rich progress bar with loss and accuracy, best checkpoint by top-1 on a class-balanced
 validation subset held out of the training split, seeded. Launched under ``torchrun`` it trains
 with DistributedDataParallel (gloo on CPU, nccl on GPUs) with no change of code: each process
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from .environment import has_native_bf16
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -52,7 +53,8 @@ class TrainConfig(BaseModel):
     augment: bool = True
     """random crop (padding 4) and horizontal flip"""
     bf16: Literal["auto", "on", "off"] = "auto"
-    """bf16 autocast; auto: where the hardware has native bf16 (AVX512-BF16/AMX CPUs, GPUs)"""
+    """bf16 autocast; auto: on GPUs with bf16, off on CPUs (on an AMX Xeon, CPU autocast gave this
+    project's distillation test NaN losses; "on" turns it on where the CPU has native bf16)"""
     train_samples: int | None = Field(default=None, ge=1)
     """train on a class-balanced subset of this size (default: the whole split minus validation)"""
     val_samples: int = Field(default=2000, ge=0)
@@ -94,10 +96,6 @@ def world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def is_main_process() -> bool:
-    return world()[0] == 0
-
-
 def device() -> Any:
     import torch
 
@@ -109,6 +107,8 @@ def device() -> Any:
 
 def use_bf16(setting: str, dev: Any) -> bool:
     if setting == "on":
+        if dev.type == "cpu" and not has_native_bf16():
+            log.warning("train.bf16: on, but this CPU has no native bf16 (AVX512-BF16/AMX): autocast emulates it")
         return True
     if setting == "off":
         return False
@@ -116,9 +116,7 @@ def use_bf16(setting: str, dev: Any) -> bool:
         import torch
 
         return torch.cuda.is_bf16_supported()
-    from .environment import cpu_flags
-
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    return False
 
 
 # ---------------------------------------------------------------------- data
@@ -233,7 +231,6 @@ def train(
     cfg: TrainConfig,
     *,
     loss_fn: LossFn | None = None,
-    extra_params: list[Any] | None = None,
     description: str = "training",
 ) -> TrainResult:
     """Train ``model`` in place; it ends with the best validation checkpoint loaded."""
@@ -249,7 +246,7 @@ def train(
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
+    params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
@@ -266,9 +263,12 @@ def train(
     best_top1, best_state, history = None, None, []
     started = time.perf_counter()
     step, epoch = 0, 0
-    progress = _progress(rank == 0, description, total)
+    progress = _progress(rank == 0)
     running_loss, running_correct, running_seen = 0.0, 0, 0
     skipped, nonfinite_run = 0, 0
+    # a step whose loss is not finite must leave the model as it was, batch-norm statistics included
+    buffers = dict(model.named_buffers())
+    last_good = {k: b.detach().clone() for k, b in buffers.items()}
     with progress as bar:
         task = bar.add_task(description, total=total, loss=float("nan"), acc=float("nan"))
         while step < total:
@@ -289,6 +289,9 @@ def train(
                     loss, logits = loss_fn(net, xb, yb, torch.from_numpy(ix))
                 opt.zero_grad(set_to_none=True)
                 if not _all_finite(loss, size):  # skip the update (every process alike), as AMP's GradScaler does
+                    with torch.no_grad():
+                        for k, b in buffers.items():
+                            b.copy_(last_good[k])
                     skipped += 1
                     nonfinite_run += 1
                     if nonfinite_run >= MAX_NONFINITE_STEPS:
@@ -303,6 +306,9 @@ def train(
                 opt.step()
                 sched.step()
                 step += 1
+                with torch.no_grad():
+                    for k, b in buffers.items():
+                        last_good[k].copy_(b)
                 running_loss += float(loss.detach()) * len(ix)
                 running_correct += int((logits.detach().argmax(1) == yb).sum())
                 running_seen += len(ix)
@@ -363,7 +369,7 @@ def _schedule(opt: Any, cfg: TrainConfig, total: int) -> Any:
     return torch.optim.lr_scheduler.LambdaLR(opt, cosine)
 
 
-def _progress(enabled: bool, description: str, total: int) -> Any:
+def _progress(enabled: bool) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(

@@ -21,7 +21,8 @@ def _data(n: int = 64) -> TrainData:
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4))
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 4))
 
 
 CFG = TrainConfig(max_steps=12, batch_size=16, lr=1e-2, augment=False, val_samples=0, bf16="off")
@@ -31,15 +32,15 @@ def test_nonfinite_steps_are_skipped_and_counted():
     ce = cross_entropy_loss()
     calls = {"n": 0}
 
-    def sometimes_nan(model, x, y, idx):
+    def sometimes_nan(model, x, y, idx):  # every third batch poisons the forward, batch-norm statistics too
         calls["n"] += 1
-        loss, logits = ce(model, x, y, idx)
-        return (loss * float("nan") if calls["n"] % 3 == 0 else loss), logits
+        return ce(model, x * float("nan") if calls["n"] % 3 == 0 else x, y, idx)
 
     model = _model()
     result = train(model, _data(), CFG, loss_fn=sometimes_nan)
     assert result.steps == 12 and result.skipped_steps == 4
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(b).all() for b in model.buffers())  # running stats restored after a skipped step
 
 
 def test_a_loss_that_stays_nan_stops_training():
