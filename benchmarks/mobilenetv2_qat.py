@@ -7,7 +7,7 @@ quantize_qat, then an OpenVINO INT8 engine; evaluation.stages adds the FP32 stud
 """
 
 import yaml
-from _common import HERE, REPO, SHARED, figure, publish, row, run_compress
+from _common import HERE, SHARED, figure, publish, row, run_compress
 
 from compressor.recipe import load_recipe
 
@@ -41,4 +41,3 @@ figures = [
 report = reports["qat"]
 report["ptq_report"] = {"command": reports["ptq"]["command"], "results": reports["ptq"]["results"]}
 publish("mobilenetv2_qat", report, figures)
-print(REPO)

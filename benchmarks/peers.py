@@ -150,24 +150,24 @@ class PeerBuilder:
             out.append((subject, row))
         return out
 
-    # -- each returns a Subject
+    # -- each returns a ResultRow
     def eager(self, name: str) -> Any:
-        from compressor.evaluate import Subject, TorchRunner
+        from compressor.evaluate import ResultRow, TorchRunner
 
         size = int(self.artifact.meta.get("source_size_bytes", 0))
-        return Subject(name, "torch", "fp32", TorchRunner(self.module(), threads=THREADS, name=name), size,
+        return ResultRow(name, "torch", "fp32", TorchRunner(self.module(), threads=THREADS, name=name), size,
                        engine=self.artifact.meta.get("source_file"))
 
     def compiled(self, name: str) -> Any:
         import torch
 
-        from compressor.evaluate import Subject, TorchRunner
+        from compressor.evaluate import ResultRow, TorchRunner
 
         runner = TorchRunner(torch.compile(self.module()), threads=THREADS, name=name)
         t0 = time.perf_counter()
         runner(self.example.numpy())  # compiles now, so a compiler failure shows here with its reason
         size = int(self.artifact.meta.get("source_size_bytes", 0))
-        return Subject(name, "torch.compile", "fp32", runner, size,
+        return ResultRow(name, "torch.compile", "fp32", runner, size,
                        runtime={"compile_batch1_s": round(time.perf_counter() - t0, 1), "mode": "torch.compile default"})
 
     def _export_onnx(self) -> Path:
@@ -193,24 +193,24 @@ class PeerBuilder:
 
     def ort_fp32(self, name: str) -> Any:
         from compressor.artifact import file_size
-        from compressor.evaluate import Subject
+        from compressor.evaluate import ResultRow
         from compressor.targets.onnxruntime import OrtRunner
 
         path = self._export_onnx()
-        return Subject(name, "onnxruntime", "fp32", OrtRunner(path, threads=THREADS),
+        return ResultRow(name, "onnxruntime", "fp32", OrtRunner(path, threads=THREADS),
                        file_size(self._onnx_files(path)), engine=str(path))
 
     def ov_fp32(self, name: str) -> Any:
         import openvino as ov
 
         from compressor.artifact import file_size
-        from compressor.evaluate import Subject
+        from compressor.evaluate import ResultRow
         from compressor.targets.openvino import OVRunner
 
         xml = self.work / "openvino-fp32" / "model.xml"
         xml.parent.mkdir(exist_ok=True)
         ov.save_model(ov.convert_model(self.module(), example_input=self.example), str(xml))
-        return Subject(name, "openvino", "fp32", OVRunner(xml, threads=THREADS),
+        return ResultRow(name, "openvino", "fp32", OVRunner(xml, threads=THREADS),
                        file_size([xml, xml.with_suffix(".bin")]), engine=str(xml))
 
     def nncf_int8(self, name: str) -> Any:
@@ -218,7 +218,7 @@ class PeerBuilder:
         import openvino as ov
 
         from compressor.artifact import file_size
-        from compressor.evaluate import Subject
+        from compressor.evaluate import ResultRow
         from compressor.targets.openvino import OVRunner
 
         model = ov.convert_model(self.module(), example_input=self.example)
@@ -227,7 +227,7 @@ class PeerBuilder:
         xml = self.work / "nncf-int8" / "model.xml"
         xml.parent.mkdir(exist_ok=True)
         ov.save_model(quantized, str(xml))
-        return Subject(name, "openvino", "int8", OVRunner(xml, threads=THREADS),
+        return ResultRow(name, "openvino", "int8", OVRunner(xml, threads=THREADS),
                        file_size([xml, xml.with_suffix(".bin")]), engine=str(xml))
 
     def ort_int8(self, name: str) -> Any:
@@ -236,7 +236,7 @@ class PeerBuilder:
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         from compressor.artifact import file_size
-        from compressor.evaluate import Subject
+        from compressor.evaluate import ResultRow
         from compressor.targets.onnxruntime import OrtRunner
 
         src = self._export_onnx()
@@ -257,13 +257,13 @@ class PeerBuilder:
                 return {input_name: calib[self.i - 1 : self.i]}
 
         quantize_static(str(pre), str(out), Reader())
-        return Subject(name, "onnxruntime", "int8", OrtRunner(out, threads=THREADS),
+        return ResultRow(name, "onnxruntime", "int8", OrtRunner(out, threads=THREADS),
                        file_size(self._onnx_files(out)), engine=str(out))
 
     def pt2e_int8(self, name: str) -> Any:
         import torch
 
-        from compressor.evaluate import Subject, TorchRunner
+        from compressor.evaluate import ResultRow, TorchRunner
 
         try:
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -312,17 +312,17 @@ class PeerBuilder:
         runner = TorchRunner(NoEval(torch.compile(converted), freezing=True), threads=THREADS, name=name)
         t0 = time.perf_counter()
         runner(self.example.numpy())
-        return Subject(name, "torch.compile", "int8", runner, size, runtime={
+        return ResultRow(name, "torch.compile", "int8", runner, size, runtime={
             "api": api, "export": mode, "export_errors": errors, "compile_batch1_s": round(time.perf_counter() - t0, 1),
             "size_note": "bytes of the converted graph's tensor constants (int8 weights, scales)"})
 
     def tflite_int8(self, name: str) -> Any:
-        from compressor.evaluate import Subject
+        from compressor.evaluate import ResultRow
         from compressor.registry import get_target
 
         target = get_target("tflite")({"quantization": "int8"})
         engine = target.build(self.artifact, self.work, prefix="peer-", data=self.data)
-        return Subject(name, "tflite", engine.precision, target.load(engine, threads=THREADS), engine.size_bytes,
+        return ResultRow(name, "tflite", engine.precision, target.load(engine, threads=THREADS), engine.size_bytes,
                        engine=str(engine.path), runtime={"build": {k: engine.info.get(k) for k in
                                                                    ("route", "export", "calibration_samples")}})
 
@@ -372,7 +372,7 @@ def graph_constant_bytes(gm: Any) -> int:
 def our_subjects(key: str, model: Path, args: argparse.Namespace) -> tuple[list[tuple[Any, Row]], dict, dict]:
     """Run the CLI with each shipped recipe, then load every engine it built (TensorRT, not built on a
     CPU-only machine, through its ONNX Runtime proxy)."""
-    from compressor.evaluate import Subject
+    from compressor.evaluate import ResultRow
     from compressor.registry import get_target
     from compressor.target_base import Engine
 
@@ -392,7 +392,7 @@ def our_subjects(key: str, model: Path, args: argparse.Namespace) -> tuple[list[
             extra = ["--eval-limit", str(limit)] if limit else []
             report = run_compress(name, model, recipe, *extra)
         cli[recipe] = {"command": report.get("command"), "seconds": round(time.perf_counter() - t0, 1),
-                       "report": str(report_path), "not_built": report.get("not_built"),
+                       "report": str(report_path), "failures": report.get("failures", report.get("not_built")),
                        "timings_s": report.get("timings_s"),
                        "eval_images": ((report.get("data") or {}).get("evaluation") or {}).get("images")}
         cli_top1 = {r["name"]: r["top1"] for r in report.get("results", [])}
@@ -401,7 +401,7 @@ def our_subjects(key: str, model: Path, args: argparse.Namespace) -> tuple[list[
             files = [Path(f) for f in e["files"]]
             try:
                 meta = json.loads((files[0].parent / "engine.json").read_text())
-                target = get_target(e["target"])(meta.get("config") or {}, field=e["info"].get("field"))
+                target = get_target(e["target"])(meta.get("config") or {}, step=e.get("step") or e["info"].get("field"))
                 engine = Engine(e["target"], e["name"], files, e["precision"], e["info"], built=e.get("built", True))
                 proxy = not engine.built
                 if proxy:
@@ -418,7 +418,7 @@ def our_subjects(key: str, model: Path, args: argparse.Namespace) -> tuple[list[
             desc = f"shipped recipe {recipe}, engine {e['name']} ({e['target']}, {e['precision']})"
             if proxy:
                 desc += f"; not built here ({e['info'].get('not_built', 'no device')}), its graph run on the proxy"
-            subject = Subject(row_name, e["target"], e["precision"], runner, engine.size_bytes, engine=str(engine.path),
+            subject = ResultRow(row_name, e["target"], e["precision"], runner, engine.size_bytes, engine=str(engine.path),
                               runtime={"recipe": recipe, **({"proxy": True} if proxy else {})})
             out.append((subject, Row(row_name, "ours", desc, proxy=proxy, cli_top1=cli_top1.get(cli_name))))
     return out, failed, cli

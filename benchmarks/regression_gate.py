@@ -15,6 +15,14 @@ compare`` CLI:
 Writes benchmarks/results/regression_gate/report.{json,md} (regression_gate_busy with
 ``--busy-reruns``).
 
+These reports are why ``compress compare`` judges a slowdown in both ratios by default
+(compressor/compare.py, ``compare_runs``): the reruns change no engine, so every latency flag in
+them is a false alarm. Beside a busy process the machine ratio (the source row's) moves every row,
+and raw milliseconds (``absolute``) flag reruns; between quiet runs PyTorch eager (the source row)
+drifts while the engine's own p50 stays put, and the ratio to the source (``relative``) flags
+reruns; ``both`` flags neither. The summary tables' "latency flags" per mode and the "engine p50
+ratio", "engine ratio vs source" and "machine ratio" columns give the figures of the last run.
+
     python benchmarks/regression_gate.py [--reruns 10] [--eval-limit N]
 """
 

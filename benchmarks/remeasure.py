@@ -15,7 +15,7 @@ from pathlib import Path
 from _common import HERE, SHARED, figure, publish
 
 from compressor.data import DataConfig, open_data, preprocess
-from compressor.evaluate import EvaluationConfig, Subject, measure_all
+from compressor.evaluate import EvaluationConfig, ResultRow, measure_all
 from compressor.intake import load_model
 from compressor.registry import get_target
 from compressor.target_base import Engine
@@ -32,7 +32,7 @@ subjects = []
 for e in report["engines"]:
     target = get_target(e["target"])(json.loads(Path(e["files"][0]).parent.joinpath("engine.json").read_text()).get("config") or {})
     engine = Engine(e["target"], e["name"], [Path(f) for f in e["files"]], e["precision"], e["info"])
-    subjects.append(Subject(e["name"], e["target"], e["precision"], target.load(engine, threads=2), engine.size_bytes,
+    subjects.append(ResultRow(e["name"], e["target"], e["precision"], target.load(engine, threads=2), engine.size_bytes,
                             engine=str(engine.path)))
 cfg = EvaluationConfig(threads=2, latency_runs=600, latency_min_seconds=6, latency_rounds=20)
 rows = measure_all(subjects, x=x, labels=labels, cfg=cfg, threads=2, progress=print)

@@ -17,7 +17,8 @@ from .errors import (
     TargetUnavailable,
 )
 from .pass_base import Pass, PassConfig, PassContext, PassResult
-from .pipeline import PassCache, Pipeline, RunResult
+from .pipeline import PassCache, Pipeline
+from .records import RunResult
 from .registry import get_pass, get_target, pass_registry, register_pass, register_target, target_registry
 from .target_base import Engine, Runner, Target
 

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import ModelLoadError
+from .fingerprints import update_with_file
 
 
 class Form(str, Enum):
@@ -160,9 +161,7 @@ class ModelArtifact:
             else:
                 for f in self.files():
                     h.update(f.name.encode())
-                    with open(f, "rb") as fh:
-                        for chunk in iter(lambda: fh.read(1 << 20), b""):
-                            h.update(chunk)
+                    update_with_file(h, f)
             self._hash = h.hexdigest()
         return self._hash
 

@@ -105,17 +105,18 @@ def run(model: Path | None, recipe: str, out: Path | None, overwrite: bool, arch
 @click.argument("recipe")
 def validate(recipe: str) -> int:
     """Check a recipe: schema, pass/target configs and the chain of forms."""
+    from .artifact import Form
     from .job import guess_form
     from .recipe import load_recipe
 
     rec, path = load_recipe(recipe)
-    form = guess_form(Path(rec.model.path)) if rec.model.path else None
-    from .artifact import Form
-
-    forms = rec.check(form or Form.TORCH)
+    form = guess_form(Path(rec.model.path)) if rec.model.path else Form.TORCH
+    pipeline = rec.pipeline()
+    forms = pipeline.check(form)
     chain = " -> ".join(f.value for f in forms)
-    steps = ", ".join(p.name for p in rec.build_passes()) or "none"
-    tgts = ", ".join(t.name for t in rec.build_targets())
+    steps = ", ".join(p.name for p in pipeline.passes) or "none"
+    conversions = {id(t): c.name for t, c in pipeline.planned_conversions()}
+    tgts = ", ".join(t.name + (f" (after {conversions[id(t)]})" if id(t) in conversions else "") for t in pipeline.targets)
     click.echo(f"ok: {path} ({rec.name}): passes {steps}; targets {tgts}; forms {chain}")
     return 0
 
@@ -174,13 +175,9 @@ def list_targets() -> int:
 def build_engine(engine_dir: Path) -> int:
     """Build an engine that was written but not built (e.g. TensorRT, on the Jetson), from ENGINE_DIR."""
     import json
-    import shutil
-    import tempfile
 
-    from .errors import ConfigError, TargetUnavailable
-    from .intake import load_model
+    from .errors import ConfigError
     from .registry import get_target
-    from .staging import check_writable
 
     meta_path = engine_dir / "engine.json"
     if not meta_path.is_file():
@@ -193,18 +190,9 @@ def build_engine(engine_dir: Path) -> int:
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{meta_path} is not a valid engine.json ({type(exc).__name__}: {exc}); "
                           "write the engine directory again with compress") from None
-    target = get_target(name)(meta.get("config") or {}, field=f"{engine_dir.name}/engine.json")
-    avail = target.availability()
-    if not avail.ok:
-        raise TargetUnavailable(f"target {target.name!r} is not available here: {avail.reason}")
-    check_writable(engine_dir, "engine directory")
-    artifact = load_model(engine_dir / "model.onnx")
-    artifact.meta["precision"] = meta.get("precision", artifact.precision)
-    with tempfile.TemporaryDirectory(dir=engine_dir, prefix=".build-") as tmp:
-        files, info = target._build(artifact, Path(tmp))
-        for f in files:
-            shutil.move(str(f), engine_dir / f.name)
-    click.echo(f"built {', '.join(str(engine_dir / f.name) for f in files)}")
+    target = get_target(name)(meta.get("config") or {}, step=f"{engine_dir.name}/engine.json")
+    files = target.build_on_device(engine_dir, precision=meta.get("precision"))
+    click.echo(f"built {', '.join(str(f) for f in files)}")
     return 0
 
 
@@ -262,9 +250,9 @@ def compare(run_dir: Path, baseline_dir: Path, alpha: float | None, max_top1_dro
     """Compare RUN_DIR with a baseline run, result by result: exit 1 on a regression.
 
     Accuracy: exact McNemar test on per-image correctness; latency: bootstrap interval of the
-    ratio of p50s, raw and relative to the run's own source row; size and agreement with the source: thresholds. Runs on different evaluation
-    sets or source models are refused (exit 2)."""
-    from .compare import compare_dirs, render_json, render_junit, render_markdown
+    ratio of p50s, raw and relative to the run's own source row; size and agreement with the
+    source: thresholds. Runs on different evaluation sets or source models are refused (exit 2)."""
+    from .compare import compare_dirs, gating_checks, render_json, render_junit, render_markdown
     from .staging import atomic_write, check_writable
 
     outputs = {"--markdown": markdown_path, "--junit": junit_path, "--json": json_path}
@@ -276,22 +264,17 @@ def compare(run_dir: Path, baseline_dir: Path, alpha: float | None, max_top1_dro
     cmp = compare_dirs(run_dir, baseline_dir, resamples=resamples, seed=seed, latency=latency_mode, alpha=alpha,
                        max_top1_drop=max_top1_drop, max_slowdown=max_slowdown, max_size_growth=max_size_growth,
                        max_agreement_drop=max_agreement_drop)
+    gate = gating_checks(cmp, fail_on)
+    cmp["gate"] = gate.to_json()  # what the job does with the regressions, for CI scripts (.ci/regression)
     text = render_markdown(cmp)
     click.echo(text, nl=False)
     for path, render in ((markdown_path, lambda: text), (junit_path, lambda: render_junit(cmp)),
                          (json_path, lambda: render_json(cmp))):
         if path is not None:
             atomic_write(path, render(), what="comparison")
-    gate_all = fail_on == "all" or (fail_on == "auto" and cmp["same_environment"])
-    gating = [c for c in cmp["checks"] if c["regression"] and (gate_all or c["metric"] in ACCURACY_METRICS)]
-    if not gate_all and not cmp["passed"] and len(gating) < cmp["regressions"]:
-        why = " (the environment differs from the baseline's)" if fail_on == "auto" else ""
-        click.echo(f"({cmp['regressions'] - len(gating)} latency/size regression(s) outside --fail-on {fail_on}"
-                   f"{why}: reported, not failing)", err=True)
-    return 1 if gating else 0
-
-
-ACCURACY_METRICS = ("top1", "agreement")
+    if gate.reported:
+        click.echo(f"({gate.reported} latency/size regression(s) {gate.reason}: reported, not failing)", err=True)
+    return 1 if gate.failing else 0
 
 
 @cli.group()

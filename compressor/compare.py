@@ -1,41 +1,17 @@
-"""The regression gate: compare a run against a baseline run, result row by result row.
+"""The regression gate: compare a run with a baseline run, result row by result row, and decide
+which regressions fail the job.
 
-A run directory holds ``report.json`` (with ``fingerprints`` and ``environment``) and, next to
-it, what a later comparison needs that the report does not carry:
-
-- ``predictions.npz``: ``labels`` (the evaluated images' labels, in evaluation order) and one
-  int array per result name (that row's top-1 class per image, same order);
-- ``latency_samples.npz``: one float32 array per result name, the raw batch-1 latency samples in
-  milliseconds.
-
-:func:`compare_runs` then checks, for every result present in both runs:
-
-- ``top1``: McNemar's exact test on the paired per-image correctness (a two-sided binomial test
-  on the discordant images); a regression when p < alpha and top-1 went down, or when top-1 went
-  down by more than ``max_top1_drop`` points whatever p is;
-- ``agreement`` (engines only): top-1 agreement with the run's own source model; a regression
-  when it went down by more than ``max_agreement_drop`` points (McNemar's p is shown, not used);
-- ``latency_p50``: current p50 / baseline p50 with a seeded percentile-bootstrap confidence
-  interval (level 1 - alpha), and, for engine rows, the same ratio relative to the run's own
-  source row (timed in the same interleaved rounds): (engine p50 / source p50 now) / (engine p50 /
-  source p50 in the baseline), its interval from resampling all four sample sets. The source row
-  is the same model file in both runs, so its own ratio is the machine's (load, clock, host) and
-  is a reference, never flagged. By default (``latency="both"``) a slowdown is a regression when
-  it shows in both ratios: each interval lies above 1 and each ratio is above ``max_slowdown``
-  (an intersection-union test, so still level alpha). Either alone misleads on a shared machine:
-  a busier machine slows every row by a third, and between two quiet runs PyTorch eager (the
-  source row) drifts by 15 % while the engine stays within 3 % (benchmarks/regression_gate.py).
-  ``"relative"`` and ``"absolute"`` use one ratio only;
-- ``size``: current bytes / baseline bytes; a regression above ``max_size_growth``.
-
-Runs on different evaluation sets or different source model files cannot be compared
-(:class:`CompareError`, exit 2). :func:`update_baseline` copies the small files of a run (not its
-engines) into a committable baseline directory.
+A run directory holds ``report.json`` (with ``fingerprints`` and ``environment``) and, beside it,
+what a later comparison needs that the report does not carry: ``predictions.npz`` (``labels`` and
+each row's top-1 class per image, in evaluation order) and ``latency_samples.npz`` (each row's raw
+batch-1 latency samples in milliseconds). :func:`compare_runs` checks every row present in both
+runs (top-1, agreement with the source, latency p50, size); :func:`gating_checks` says which of
+its regressions fail a job under ``--fail-on``; :func:`update_baseline` copies a run's small files
+(not its engines) into a committable baseline directory.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -50,7 +26,7 @@ from .staging import staged_dir
 
 if TYPE_CHECKING:
     from .data import DataBundle
-    from .pipeline import RunResult
+    from .records import RunResult
 
 PREDICTIONS_FILE = "predictions.npz"
 LATENCY_FILE = "latency_samples.npz"
@@ -63,23 +39,6 @@ class CompareError(CompressorError):
 
 
 # ---------------------------------------------------------------------- what a run saves
-
-
-def file_fingerprint(path: Path) -> str | None:
-    """sha256 (32 hex digits) of a model file's bytes, and of an ONNX external-data file beside it."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    for f in [path, *sorted(path.parent.glob(path.name + ".data"))]:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:32]
-
-
-def json_fingerprint(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def save_samples(result: RunResult, data: DataBundle | None, out_dir: Path) -> dict[str, Any]:
@@ -325,27 +284,30 @@ def _slowdown(ratio: float, lo: float, th: Thresholds) -> bool:
 
 
 def _latency_check(name: str, cur: Run, base: Run, th: Thresholds) -> dict[str, Any]:
-    a, b = base.latency.get(name), cur.latency.get(name)
-    if a is None or b is None or len(a) < 2 or len(b) < 2:
+    base_samples, cur_samples = base.latency.get(name), cur.latency.get(name)
+    if base_samples is None or cur_samples is None or len(base_samples) < 2 or len(cur_samples) < 2:
         return _check(name, "latency_p50", "ms", None, None, None, regression=False, verdict="no data",
                       detail="no raw latency samples saved for this row")
     level = 1.0 - th.alpha
-    samples = f"{len(a)} baseline and {len(b)} current batch-1 samples"
-    ratio, lo, hi, p = bootstrap_median_ratio(a, b, resamples=th.resamples, seed=th.seed, level=level)
-    a_ref, b_ref = base.latency.get(REFERENCE_ROW), cur.latency.get(REFERENCE_ROW)
-    have_ref = a_ref is not None and b_ref is not None and len(a_ref) >= 2 and len(b_ref) >= 2
+    base_p50, cur_p50 = float(np.median(base_samples)), float(np.median(cur_samples))
+    samples = f"{len(base_samples)} baseline and {len(cur_samples)} current batch-1 samples"
+    ratio, lo, hi, p = bootstrap_median_ratio(base_samples, cur_samples, resamples=th.resamples, seed=th.seed,
+                                              level=level)
+    base_ref, cur_ref = base.latency.get(REFERENCE_ROW), cur.latency.get(REFERENCE_ROW)
+    have_ref = all(r is not None and len(r) >= 2 for r in (base_ref, cur_ref))
     if th.latency != "absolute" and name == REFERENCE_ROW:
         # The same source file in both runs: its p50 ratio is the machine's, not a regression.
-        return _check(name, "latency_p50", "ms", float(np.median(a)), float(np.median(b)), ratio - 1.0,
+        return _check(name, "latency_p50", "ms", base_p50, cur_p50, ratio - 1.0,
                       regression=False, verdict="reference", p_value=p, ci=(lo, hi), ci_level=level,
                       detail=f"{samples}; the source model is the same file in both runs, so this ratio is the "
                              f"machine's (load, clock, host); engine rows are also judged relative to it")
     rel = None
     if th.latency != "absolute" and have_ref:
-        r_ratio, r_lo, r_hi, r_p = bootstrap_median_ratio(a, b, resamples=th.resamples, seed=th.seed, level=level,
-                                                          base_ref=a_ref, cur_ref=b_ref)
+        r_ratio, r_lo, r_hi, r_p = bootstrap_median_ratio(base_samples, cur_samples, resamples=th.resamples,
+                                                          seed=th.seed, level=level,
+                                                          base_ref=base_ref, cur_ref=cur_ref)
         rel = {"ratio": r_ratio, "ci": [r_lo, r_hi], "p_value": r_p,
-               "of_source": [float(np.median(a) / np.median(a_ref)), float(np.median(b) / np.median(b_ref))]}
+               "of_source": [base_p50 / float(np.median(base_ref)), cur_p50 / float(np.median(cur_ref))]}
     abs_slow = _slowdown(ratio, lo, th)
     rel_slow = rel is not None and _slowdown(rel["ratio"], rel["ci"][0], th)
     abs_fast = hi < 1.0 and ratio < 1.0 / th.max_slowdown
@@ -375,7 +337,7 @@ def _latency_check(name: str, cur: Run, base: Run, th: Thresholds) -> dict[str, 
     elif th.latency != "absolute":
         detail += "; no source row in one of the runs: raw milliseconds only"
     check = _check(
-        name, "latency_p50", "ms", float(np.median(a)), float(np.median(b)), ratio - 1.0, regression=slow,
+        name, "latency_p50", "ms", base_p50, cur_p50, ratio - 1.0, regression=slow,
         verdict=verdict, p_value=p, ci=(lo, hi), ci_level=level, threshold=th.max_slowdown,
         reason="; ".join(reasons), detail=detail)
     check["relative"] = rel
@@ -383,13 +345,13 @@ def _latency_check(name: str, cur: Run, base: Run, th: Thresholds) -> dict[str, 
 
 
 def _size_check(name: str, cur_row: dict[str, Any], base_row: dict[str, Any], th: Thresholds) -> dict[str, Any]:
-    a, b = base_row.get("size_bytes"), cur_row.get("size_bytes")
-    if not a or not b:
-        return _check(name, "size", "bytes", a, b, None, regression=False, verdict="no data",
+    base_value, cur_value = base_row.get("size_bytes"), cur_row.get("size_bytes")
+    if not base_value or not cur_value:
+        return _check(name, "size", "bytes", base_value, cur_value, None, regression=False, verdict="no data",
                       detail="size unknown in one of the runs")
-    growth = b / a
+    growth = cur_value / base_value
     bigger = growth > th.max_size_growth
-    return _check(name, "size", "bytes", float(a), float(b), growth - 1.0, regression=bigger,
+    return _check(name, "size", "bytes", float(base_value), float(cur_value), growth - 1.0, regression=bigger,
                   verdict="REGRESSION" if bigger else "ok", threshold=th.max_size_growth,
                   reason=f"size ratio {growth:.3f} > max {th.max_size_growth:g}" if bigger else "")
 
@@ -407,7 +369,27 @@ def _environment_notes(cur: dict[str, Any], base: dict[str, Any]) -> list[str]:
 
 
 def compare_runs(cur: Run, base: Run, th: Thresholds) -> dict[str, Any]:
-    """Every check of ``cur`` against ``base``; raises :class:`CompareError` when they are not comparable."""
+    """Every check of ``cur`` against ``base``, regressions first; raises :class:`CompareError` when
+    they are not comparable (different evaluation sets or source model files: exit 2).
+
+    - ``top1``: McNemar's exact test on the paired per-image correctness (a two-sided binomial
+      test on the discordant images); a regression when p < alpha and top-1 went down, or when
+      top-1 went down by more than ``max_top1_drop`` points whatever p is;
+    - ``agreement`` (engines only): top-1 agreement with the run's own source model; a regression
+      when it went down by more than ``max_agreement_drop`` points (McNemar's p is shown, not used);
+    - ``latency_p50``: current p50 / baseline p50 with a seeded percentile-bootstrap interval
+      (level 1 - alpha), and, for engine rows, the same ratio relative to the run's own source row
+      (timed in the same interleaved rounds): (engine p50 / source p50 now) / (engine p50 / source
+      p50 in the baseline), its interval from resampling all four sample sets. The source row is
+      the same model file in both runs, so its own ratio is the machine's (load, clock, host): a
+      reference, never flagged. With ``latency="both"`` (the default) a slowdown is a regression
+      when it shows in both ratios: each interval lies above 1 and each ratio is above
+      ``max_slowdown`` (an intersection-union test, so still level alpha); ``"relative"`` and
+      ``"absolute"`` use one ratio only. Why one ratio alone misleads on a shared machine (a busy
+      machine moves the raw milliseconds, the source row's own drift moves the relative ratio):
+      benchmarks/results/regression_gate and regression_gate_busy (benchmarks/regression_gate.py);
+    - ``size``: current bytes / baseline bytes; a regression above ``max_size_growth``.
+    """
     cf, bf = cur.fingerprints, base.fingerprints
     if cf.get("evaluation_set") != bf.get("evaluation_set"):
         raise CompareError(f"the run and the baseline were evaluated on different image sets (evaluation_set "
@@ -462,6 +444,56 @@ def compare_dirs(run_dir: Path, baseline_dir: Path, *, resamples: int = 2000, se
     base = load_run(baseline_dir, "baseline")
     th = resolve_thresholds(cur.report, resamples=resamples, seed=seed, latency=latency, **flags)
     return compare_runs(cur, base, th)
+
+
+# ---------------------------------------------------------------------- what fails a job
+
+
+ACCURACY_METRICS = ("top1", "agreement")
+"""the checks ``--fail-on accuracy`` gates on: they come out the same on any machine"""
+LATENCY_METRIC = "latency_p50"
+FAIL_ON = ("all", "accuracy", "auto")
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What a comparison's regressions do to a job under ``--fail-on``."""
+
+    fail_on: str
+    failing: list[dict[str, Any]]
+    """the regressions that fail the job (exit 1)"""
+    reported: int
+    """regressions reported, not failing"""
+    reason: str
+    """why those are not failing ("" when none are)"""
+
+    @property
+    def latency_only(self) -> bool:
+        """The job fails on latency flags alone: the ones a second timing in a fresh process may
+        not repeat (accuracy and size flags are deterministic)."""
+        return bool(self.failing) and all(c["metric"] == LATENCY_METRIC for c in self.failing)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fail_on": self.fail_on, "failing": [f"{c['result']}:{c['metric']}" for c in self.failing],
+                "reported": self.reported, "reason": self.reason, "latency_only": self.latency_only}
+
+
+def gating_checks(cmp: dict[str, Any], fail_on: str = "all") -> Gate:
+    """Which regressions of ``cmp`` (from :func:`compare_runs`) fail a job: under ``"all"`` every
+    one; under ``"accuracy"`` top-1 and agreement only; under ``"auto"`` every one where the run
+    was measured in the baseline's environment (CPU, ISA flags, threads, library versions), else
+    accuracy only, since latency and size may then come from the other machine or library."""
+    if fail_on not in FAIL_ON:
+        raise ValueError(f"fail_on must be one of {FAIL_ON}, not {fail_on!r}")
+    gate_all = fail_on == "all" or (fail_on == "auto" and cmp["same_environment"])
+    regressions = [c for c in cmp["checks"] if c["regression"]]
+    failing = [c for c in regressions if gate_all or c["metric"] in ACCURACY_METRICS]
+    reported = len(regressions) - len(failing)
+    reason = ""
+    if reported:
+        why = " (the environment differs from the baseline's)" if fail_on == "auto" else ""
+        reason = f"outside --fail-on {fail_on}{why}"
+    return Gate(fail_on=fail_on, failing=failing, reported=reported, reason=reason)
 
 
 # ---------------------------------------------------------------------- output

@@ -16,6 +16,7 @@ import numpy as np
 
 from .artifact import Preprocessing
 from .data import digits_source, preprocess
+from .hooks import ProgressHook
 from .job import JobOptions, JobResult, preflight_out_dir, run_job
 from .recipe import load_recipe
 
@@ -84,8 +85,6 @@ def run_demo(out: Path, *, epochs: int = 6, threads: int | None = None, quiet: b
     recipe, recipe_path = load_recipe("demo_digits")
     hooks = []
     if not quiet:
-        from .hooks import ProgressHook
-
         hooks.append(ProgressHook(console))
     with tempfile.TemporaryDirectory(prefix="compressor-demo-") as tmp:
         model_path = Path(tmp) / "digits_resnet18.pt"

@@ -52,6 +52,12 @@ class AcceptanceError(CompressorError):
     exit_code = 1
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (or its type's name), at most ``limit`` characters."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 def validation_message(exc: "object", prefix: str = "") -> str:
     """One line from a pydantic ValidationError: each problem with its field path."""
     parts = []

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from .artifact import eval_mode
 from .target_base import Runner
 
 log = logging.getLogger(__name__)
@@ -69,15 +70,6 @@ class Measurement:
         }
 
 
-def default_threads() -> int:
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return os.cpu_count() or 1
-
-
 class TorchRunner(Runner):
     """PyTorch eager (or FX) inference on the CPU."""
 
@@ -88,8 +80,6 @@ class TorchRunner(Runner):
         self.fixed_batch = fixed_batch
         self.threads = threads
         torch.set_num_threads(threads)
-        from .artifact import eval_mode
-
         self.module = eval_mode(module)
         self._torch = torch
 
@@ -203,7 +193,7 @@ def throughput(runner: Runner, x: np.ndarray, cfg: EvaluationConfig) -> float:
 
 
 @dataclass
-class Subject:
+class ResultRow:
     """Something to measure: a runner and what its row should say."""
 
     name: str
@@ -216,25 +206,25 @@ class Subject:
 
 
 def measure_all(
-    subjects: list[Subject],
+    rows: list[ResultRow],
     *,
     x: np.ndarray,
     labels: np.ndarray,
     cfg: EvaluationConfig,
     threads: int,
     progress: Callable[[str], None] | None = None,
-    on_error: Callable[[Subject, Exception], None] | None = None,
+    on_error: Callable[[ResultRow, Exception], None] | None = None,
 ) -> list[Measurement]:
-    """Accuracy of every subject (agreement against the first one's predictions), then batch-1
+    """Accuracy of every row (agreement against the first one's predictions), then batch-1
     latency interleaved across all of them, then throughput. Closes every runner.
 
-    A subject whose runner fails on the accuracy pass is dropped and handed to ``on_error`` (the
+    A row whose runner fails on the accuracy pass is dropped and handed to ``on_error`` (the
     others are still measured); without ``on_error`` the error propagates."""
     say = progress or (lambda _msg: None)
     results: list[Measurement] = []
-    kept: list[Subject] = []
+    kept: list[ResultRow] = []
     try:
-        for s in subjects:
+        for s in rows:
             say(f"{s.name}: accuracy on {len(x)} images")
             reference = results[0].predictions if results else None
             try:
@@ -258,6 +248,6 @@ def measure_all(
             m.runtime = {**s.runtime, **s.runner.runtime_info()}
             log.info("%s: top1 %.2f%% p50 %.3f ms %.1f img/s", m.name, m.top1, m.latency_ms["p50"], m.throughput_ips)
     finally:
-        for s in subjects:
+        for s in rows:
             s.runner.close()
     return results

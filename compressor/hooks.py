@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 if TYPE_CHECKING:
     from .evaluate import Measurement
     from .pass_base import Pass
-    from .pipeline import PassRecord, Pipeline, RunResult
+    from .records import PassRecord, RunResult
     from .target_base import Engine, Target
 
 log = logging.getLogger("compressor")
@@ -18,7 +18,7 @@ log = logging.getLogger("compressor")
 class Hook:
     """Override what you need; every method is optional."""
 
-    def on_run_start(self, pipeline: Pipeline, artifact: Any) -> None: ...
+    def on_run_start(self, artifact: Any) -> None: ...
     def on_pass_start(self, index: int, p: Pass, artifact: Any) -> None: ...
     def on_pass_end(self, index: int, p: Pass, record: PassRecord) -> None: ...
     def on_target_start(self, target: Target) -> None: ...
@@ -60,16 +60,16 @@ class TimingHook(Hook):
             self.timings[key] = time.perf_counter() - self._t0.pop(key)
 
     def on_pass_start(self, index: int, p: Pass, artifact: Any) -> None:
-        self._start(f"pass:{p.field}")
+        self._start(f"pass:{p.step}")
 
     def on_pass_end(self, index: int, p: Pass, record: PassRecord) -> None:
-        self._stop(f"pass:{p.field}")
+        self._stop(f"pass:{p.step}")
 
     def on_target_start(self, target: Target) -> None:
-        self._start(f"build:{target.field}")
+        self._start(f"build:{target.step}")
 
     def on_target_end(self, target: Target, engine: Engine | None, error: str | None) -> None:
-        self._stop(f"build:{target.field}")
+        self._stop(f"build:{target.step}")
 
     def on_measure_start(self, name: str) -> None:
         self._start(f"measure:{name}")

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from pydantic import ValidationError
 
 from .artifact import Form, InputSpec, ModelArtifact, Preprocessing, require_file
-from .errors import ModelLoadError, validation_message
+from .errors import ModelLoadError, first_line, validation_message
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def sidecar_metadata(path: Path) -> dict[str, Any]:
         if not isinstance(prep, dict):
             raise ModelLoadError(f"model metadata {side}: preprocessing must be an object (scale, mean, std)")
         try:
-            Preprocessing(**_known(prep))
+            Preprocessing(**_preprocessing_fields(prep))
         except ValidationError as exc:
             raise ModelLoadError(f"model metadata {side}: {validation_message(exc, 'preprocessing')}") from None
     return meta
@@ -82,12 +82,12 @@ def _load_torch_file(path: Path, *, arch: str | None, num_classes: int | None, t
         try:
             return Form.EXPORTED, torch.export.load(str(path))
         except Exception as exc:
-            raise ModelLoadError(f"cannot load torch.export program {path}: {_first_line(exc)}") from exc
+            raise ModelLoadError(f"cannot load torch.export program {path}: {first_line(exc)}") from exc
     if any("/code/" in n or n.endswith("constants.pkl") for n in names):
         try:
             return Form.TORCH, torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
-            raise ModelLoadError(f"cannot load TorchScript model {path}: {_first_line(exc)}") from exc
+            raise ModelLoadError(f"cannot load TorchScript model {path}: {first_line(exc)}") from exc
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -133,7 +133,7 @@ def _load_torch_file(path: Path, *, arch: str | None, num_classes: int | None, t
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:  # torch's first line names no key: name them from the two key sets
-            detail = _state_dict_mismatch(model.state_dict(), state) or _first_line(exc)
+            detail = _state_dict_mismatch(model.state_dict(), state) or first_line(exc)
             raise ModelLoadError(f"state dict {path} does not fit {arch}: {detail}") from exc
         return Form.TORCH, model
     raise ModelLoadError(f"{path} holds an object of type {type(obj).__name__}, not a model or a state dict")
@@ -209,11 +209,6 @@ def _infer_num_classes(state: dict) -> int | None:
     return int(last.shape[0]) if last is not None else None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
-
-
 def _onnx_input_shape(path: Path) -> list[int] | None:
     import onnx
 
@@ -258,7 +253,7 @@ def load_model(
         except ModelLoadError:
             raise
         except Exception as exc:
-            raise ModelLoadError(f"{path} is not a valid ONNX model: {_first_line(exc)}") from exc
+            raise ModelLoadError(f"{path} is not a valid ONNX model: {first_line(exc)}") from exc
         form, model, file_path = Form.ONNX, None, path
     else:
         form, model = _load_torch_file(path, arch=arch, num_classes=num_classes, trust=trust)
@@ -268,7 +263,7 @@ def load_model(
 
     if form is Form.EXPORTED:
         graph_shape = _exported_input_shape(model)
-    prep = preprocessing or (Preprocessing(**_known(side.get("preprocessing") or {})) if side else None)
+    prep = preprocessing or (Preprocessing(**_preprocessing_fields(side.get("preprocessing") or {})) if side else None)
     if prep is None:
         log.warning("no preprocessing given for %s: using scale 1/255 and no mean/std", path)
     shape, shape_source = _input_shape(path, _static_shape(graph_shape), input_shape, side.get("input_shape"),
@@ -330,7 +325,7 @@ def _static_shape(shape: list[int] | None) -> list[int] | None:
     return shape
 
 
-def _known(prep: dict) -> dict:
+def _preprocessing_fields(prep: dict) -> dict:
     fields = set(Preprocessing.model_fields)
     return {k: v for k, v in prep.items() if k in fields}
 
@@ -348,7 +343,7 @@ def probe_output_width(artifact: ModelArtifact) -> int:
             out = _forward_zeros(artifact, 1)
         except Exception as exc:
             shape = list(artifact.input_spec.with_batch(1))
-            raise ModelLoadError(f"the model rejects input shape {shape}: {_first_line(exc)}") from exc
+            raise ModelLoadError(f"the model rejects input shape {shape}: {first_line(exc)}") from exc
         artifact.meta["fixed_batch"] = 1
     if out.ndim != 2:
         raise ModelLoadError(f"the model's output has shape {list(out.shape)}; a classifier gives (batch, classes)")

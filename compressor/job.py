@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifact import Form
-from .data import DataBundle, add_search_root, open_data
+from .data import DataBundle, DataConfig, add_search_root, open_data
 from .errors import CompressorError, ConfigError, TargetUnavailable
 from .hooks import Hook, LoggingHook, TimingHook
 from .intake import load_model
@@ -130,7 +130,7 @@ def preflight_out_dir(out_dir: Path, *, overwrite: bool, protected: list[tuple[s
 def prepare_data(recipe: Recipe, recipe_dir: Path | None, options: JobOptions, model_path: Path) -> DataBundle | None:
     if recipe.data is None and options.data_root is None:
         return None
-    cfg = (recipe.data or _default_data()).model_copy(deep=True)
+    cfg = (recipe.data or DataConfig()).model_copy(deep=True)
     base = recipe_dir
     if options.data_root is not None:
         cfg.root = str(Path(options.data_root).resolve())
@@ -155,51 +155,86 @@ def data_input_shape(data: DataBundle | None, color: str) -> list[int] | None:
     return shape
 
 
-def _default_data() -> Any:
-    from .data import DataConfig
+@dataclass
+class JobPlan:
+    """Everything decided before anything heavy is loaded: the pipeline (with its hooks and cache),
+    where the output goes, and how the run is measured."""
 
-    return DataConfig()
+    model_path: Path
+    recipe: Recipe
+    recipe_path: Path | None
+    options: JobOptions
+    pipeline: Pipeline
+    out_dir: Path
+    evaluation: Any
+    timing: TimingHook
+    rank: int
+    world_size: int
 
 
 def run_job(model_path: Path, recipe: Recipe, recipe_path: Path | None, options: JobOptions) -> JobResult:
-    """Run a recipe on a model file; write engines + report.json + report.md into the out dir."""
-    model_path = Path(model_path)
-    passes, targets = recipe.build_passes(), recipe.build_targets()
+    """Run a recipe on a model file: plan -> load -> run -> write (engines, report.json, report.md)."""
+    plan = plan_job(Path(model_path), recipe, recipe_path, options)
+    artifact, data = load_inputs(plan)
+    with run_tempdir():
+        if plan.rank != 0:
+            # Under torchrun every process runs the passes (training passes train together with
+            # DDP); only the first one writes the cache, builds engines, measures and reports.
+            plan.pipeline.run(artifact, data=data, out_dir=None, evaluation=plan.evaluation)
+            return JobResult(report={}, out_dir=plan.out_dir, exit_code=0)
+        return run_and_write(plan, artifact, data)
+
+
+def plan_job(model_path: Path, recipe: Recipe, recipe_path: Path | None, options: JobOptions) -> JobPlan:
+    """Check the recipe, the data it needs, the output directory and the cache; build the pipeline."""
+    targets = recipe.build_targets()
     if not targets:
         raise ConfigError("targets: a recipe needs at least one target")
-    branches = recipe.build_branches()
-    pipeline = Pipeline(passes, targets, baselines=recipe.build_targets("baselines"), branches=branches,
-                        seed=recipe.seed)
-    passes = [*passes, *(p for b in branches for p in b.passes)]
+    rank, world_size = world()
+    timing = TimingHook()
+    cache_root = options.cache_dir or PassCache.default_root()
+    cache = None
+    if options.use_cache:
+        cache = PassCache(cache_root) if rank == 0 else ReadOnlyCache(cache_root)
+    hooks = [LoggingHook(), timing, *options.hooks] if rank == 0 else [LoggingHook()]
+    pipeline = Pipeline(recipe.build_passes(), targets, baselines=recipe.build_targets("baselines"),
+                        branches=recipe.build_branches(), hooks=hooks, cache=cache, seed=recipe.seed)
     pipeline.check(guess_form(model_path))  # fail fast, before loading anything heavy
+    pipeline.check_data(recipe.data is not None or options.data_root is not None)
     if options.require_targets:
         for t in pipeline.all_targets():
             avail = t.availability()
             if not avail.ok:
-                raise TargetUnavailable(f"{t.field}: target {t.name!r} cannot build here ({avail.reason}) "
+                raise TargetUnavailable(f"{t.step}: target {t.name!r} cannot build here ({avail.reason}) "
                                         "and --require-targets is set")
-    needs_data = [f"pass {p.name!r}" for p in passes if p.needs_data]
-    needs_data += [f"target {t.name!r}" for t in pipeline.all_targets() if t.needs_data]
-    if needs_data and recipe.data is None and options.data_root is None:
-        raise ConfigError(f"data: {needs_data[0]} needs calibration data; add a data section or --data")
     out_dir = Path(options.out_dir) if options.out_dir else default_out_dir(model_path, recipe)
-    rank, world_size = world()
     protected = [("model file", model_path), ("recipe", recipe_path), ("data", options.data_root),
-                 ("pass cache", options.cache_dir or PassCache.default_root())]
+                 ("pass cache", cache_root)]
     preflight_out_dir(out_dir, overwrite=options.overwrite, protected=protected)
     if options.use_cache and rank == 0:
-        check_writable(options.cache_dir or PassCache.default_root(), "pass cache")
+        check_writable(cache_root, "pass cache")
+    evaluation = recipe.evaluation.model_copy()
+    if options.threads is not None:
+        evaluation.threads = options.threads
+    return JobPlan(model_path=model_path, recipe=recipe, recipe_path=recipe_path, options=options,
+                   pipeline=pipeline, out_dir=out_dir, evaluation=evaluation, timing=timing, rank=rank,
+                   world_size=world_size)
 
-    m = recipe.model
+
+def load_inputs(plan: JobPlan) -> tuple[Any, DataBundle | None]:
+    """The model (loaded and checked first) and the data, opened once when first needed (a model
+    that names no input shape takes the data's image size)."""
+    recipe, options, m = plan.recipe, plan.options, plan.recipe.model
     opened: list[DataBundle | None] = []
 
-    def open_once() -> DataBundle | None:  # the model is loaded (and checked) first; data once, when first needed
+    def open_once() -> DataBundle | None:
         if not opened:
-            opened.append(prepare_data(recipe, recipe_path.parent if recipe_path else None, options, model_path))
+            base = plan.recipe_path.parent if plan.recipe_path else None
+            opened.append(prepare_data(recipe, base, options, plan.model_path))
         return opened[0]
 
     artifact = load_model(
-        model_path,
+        plan.model_path,
         arch=options.arch or m.arch,
         num_classes=options.num_classes or m.num_classes,
         trust=options.trust_model or m.trusted,
@@ -209,41 +244,32 @@ def run_job(model_path: Path, recipe: Recipe, recipe_path: Path | None, options:
         fallback_shape=lambda color: data_input_shape(open_once(), color),
         fallback_source="data",
     )
-    data = open_once()
+    return artifact, open_once()
 
-    timing = TimingHook()
-    evaluation = recipe.evaluation.model_copy()
-    if options.threads is not None:
-        evaluation.threads = options.threads
-    cache = PassCache(options.cache_dir or PassCache.default_root()) if options.use_cache else None
-    if rank != 0:
-        # Under torchrun every process runs the passes (training passes train together with
-        # DDP); only the first process writes the cache, builds engines, measures and reports.
-        pipeline.hooks.hooks = [LoggingHook()]
-        pipeline.cache = ReadOnlyCache(cache.root) if cache else None
-        with run_tempdir():
-            pipeline.run(artifact, data=data, out_dir=None, evaluation=evaluation)
-        return JobResult(report={}, out_dir=out_dir, exit_code=0)
-    pipeline.hooks.hooks = [LoggingHook(), timing, *options.hooks]
-    pipeline.cache = cache
-    with run_tempdir(), staged_dir(out_dir, replace=options.overwrite, what="output directory") as staging:
+
+def run_and_write(plan: JobPlan, artifact: Any, data: DataBundle | None) -> JobResult:
+    """Run the pipeline into a staging directory, write the report there, and swap it into place."""
+    out_dir, options = plan.out_dir, plan.options
+    with staged_dir(out_dir, replace=options.overwrite, what="output directory") as staging:
         try:
-            result = pipeline.run(artifact, data=data, out_dir=staging, evaluation=evaluation)
-            report = build_report(
-                result,
-                recipe_name=recipe.name,
-                recipe=recipe.model_dump(mode="json", exclude_defaults=True),
-                model_path=str(model_path),
-                data=data,
-                limits=recipe.acceptance,
-                timings=timing.timings,
-            )
-            report["world_size"] = world_size
-            report["samples"] = save_samples(result, data, staging)  # what compress compare needs
+            result = plan.pipeline.run(artifact, data=data, out_dir=staging, evaluation=plan.evaluation)
+            samples = save_samples(result, data, staging)  # what compress compare needs
             for f in options.extra_files:
                 shutil.copy2(f, staging / Path(f).name)
-            _relocate_paths(report, staging, out_dir)
-            report["outputs"] = sorted([*(p.name for p in staging.iterdir()), "report.json", "report.md"])
+            report = build_report(
+                result,
+                recipe_name=plan.recipe.name,
+                recipe=plan.recipe.model_dump(mode="json", exclude_defaults=True),
+                model_path=str(plan.model_path),
+                data=data,
+                limits=plan.recipe.acceptance,
+                timings=plan.timing.timings,
+                world_size=plan.world_size,
+                samples=samples,
+                outputs=sorted([*(p.name for p in staging.iterdir()), "report.json", "report.md"]),
+                built_in=staging,
+                published_as=out_dir,
+            )
             write_report(report, staging)
         except (CompressorError, OSError) as exc:  # name where the file was to go, not the staging place
             relocated = _relocated(exc, staging, out_dir)
@@ -270,13 +296,3 @@ class ReadOnlyCache(PassCache):
 
     def put(self, key: str, artifact: Any, metrics: dict[str, Any]) -> Any:
         return artifact
-
-
-def _relocate_paths(report: dict[str, Any], staging: Path, out_dir: Path) -> None:
-    """Engine paths in the report point where they will live after the rename."""
-    old, new = str(staging), str(out_dir)
-    for e in report["engines"]:
-        e["files"] = [f.replace(old, new, 1) for f in e["files"]]
-    for r in report["results"]:
-        if r.get("engine") and r["engine"].startswith(old):
-            r["engine"] = r["engine"].replace(old, new, 1)

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel
 
 from .artifact import Form, ModelArtifact
-from .errors import CompressorError, ConfigError, PassError, PipelineOrderError, validation_message
+from .config import StepConfig, make_config, require_data
+from .errors import CompressorError, PassError, PipelineOrderError, first_line
 
 if TYPE_CHECKING:
     from .data import DataBundle
@@ -19,10 +20,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class PassConfig(BaseModel):
-    """Base of every pass and target config: plain pydantic, unknown keys rejected."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+class PassConfig(StepConfig):
+    """Base of every pass config."""
 
 
 @dataclass
@@ -43,22 +42,13 @@ class PassContext:
     threads: int | None = None
 
 
-def make_config(cls: type[BaseModel], config: BaseModel | dict | None, kwargs: dict, field: str) -> Any:
-    if isinstance(config, cls):
-        if kwargs:
-            return cls.model_validate({**config.model_dump(), **kwargs})
-        return config
-    try:
-        return cls.model_validate({**(config or {}), **kwargs})
-    except ValidationError as exc:
-        raise ConfigError(validation_message(exc, field)) from None
-
-
 class Pass(ABC):
     """A registered transformation. Subclasses set the class attributes and implement run().
 
-    The base class checks the declaration: the input's form is one the pass consumes, and the
-    output's form is the one it said it would produce.
+    The base class enforces the declaration around :meth:`run`, as onnx-ir's passes do: before it
+    (requires) the input's form is one the pass consumes and data is there if the config needs it;
+    after it (ensures) the output has the form the pass said it would produce, and the pass's own
+    :meth:`ensures` checks hold (numerics kept by a fusion, a valid ONNX graph, finite outputs).
     """
 
     name: ClassVar[str]
@@ -67,13 +57,24 @@ class Pass(ABC):
     consumes: ClassVar[frozenset[Form]]
     produces: ClassVar[Form | None] = None  # None: the input's form
     needs_data: ClassVar[bool] = False
+    """whether the pass may read calibration or training data (:meth:`requires_data` says whether
+    this instance's config does)"""
     libraries: ClassVar[tuple[str, ...]] = ("torch",)
+    """distributions whose versions key the pass cache (:meth:`used_libraries` per config)"""
     quantizes: ClassVar[bool] = False
     """whether the output is a quantized (INT8) model: a chain quantizes once (see check_chain)"""
 
-    def __init__(self, config: BaseModel | dict | None = None, /, *, field: str | None = None, **kwargs: Any) -> None:
-        self.field = field or self.name
-        self.config = make_config(self.Config, config, kwargs, self.field)
+    def __init__(self, config: BaseModel | dict | None = None, /, *, step: str | None = None, **kwargs: Any) -> None:
+        self.step = step or self.name
+        self.config = make_config(self.Config, config, kwargs, self.step)
+
+    def requires_data(self) -> bool:
+        """Whether this pass, with this config, reads the recipe's data. Override where the config decides."""
+        return type(self).needs_data
+
+    def used_libraries(self) -> tuple[str, ...]:
+        """The libraries this pass, with this config, calls (their versions key the pass cache)."""
+        return type(self).libraries
 
     def output_form(self, input_form: Form) -> Form:
         return self.produces or input_form
@@ -107,42 +108,24 @@ class Pass(ABC):
     @abstractmethod
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> PassResult: ...
 
+    def ensures(self, before: ModelArtifact, result: PassResult, ctx: PassContext) -> None:
+        """Checks of the pass's output, run after every run (not on a cached output, which passed
+        them when it was made). Raise to fail the pass; the message names what does not hold."""
+
     def __call__(self, artifact: ModelArtifact, ctx: PassContext) -> PassResult:
-        expected = self.check_input(artifact.form, self.field)
-        if self.needs_data and ctx.data is None:
-            raise ConfigError(f"{self.field}: pass {self.name!r} needs calibration data (give the recipe a data section)")
+        expected = self.check_input(artifact.form, self.step)
+        require_data(self.step, "pass", self.name, self.requires_data(), ctx.data is not None)
         try:
             result = self.run(artifact, ctx)
+            if result.artifact.form is not expected:
+                raise PassError(f"pass {self.name!r} declared it produces {expected.value} but returned "
+                                f"{result.artifact.form.value}")
+            self.ensures(artifact, result, ctx)
         except CompressorError:
             raise
         except Exception as exc:
-            raise PassError(f"pass {self.name!r} ({self.field}) failed: {type(exc).__name__}: {_first(exc)}") from exc
-        if result.artifact.form is not expected:
-            raise PassError(
-                f"pass {self.name!r} declared it produces {expected.value} but returned {result.artifact.form.value}"
-            )
+            raise PassError(f"pass {self.name!r} ({self.step}) failed: {type(exc).__name__}: {first_line(exc)}") from exc
         return result
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "config": self.config.model_dump(mode="json")}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
-
-
-def _first(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else ""
-
-
-def library_versions(names: tuple[str, ...]) -> dict[str, str]:
-    """Installed versions of the given distributions (for cache keys and the report)."""
-    from importlib import metadata
-
-    out = {}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "absent"
-    return out

@@ -8,18 +8,23 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from .artifact import Form, ModelArtifact, state_dict_bytes
-from .data import DataBundle
-from .errors import CompressorError, DataError, PassError, PipelineOrderError, TargetError, TargetUnavailable
-from .evaluate import EvaluationConfig, Measurement, Subject, TorchRunner, default_threads, measure_all
+from .data import DataBundle, preprocess
+from .errors import CompressorError, DataError, PassError, PipelineOrderError, TargetError, TargetUnavailable, first_line
+from .environment import default_threads, library_versions
+from .evaluate import EvaluationConfig, ResultRow, TorchRunner, measure_all
 from .hooks import Hook, HookList
 from .staging import OutputError, describe_os_error, run_scratch, staged_dir
-from .pass_base import Pass, PassContext, _first, library_versions
-from .target_base import Engine, Target
+from .config import require_data
+from .pass_base import Pass, PassContext
+from .records import PassRecord, RunResult, TargetFailure
+from .registry import get_pass
+from .target_base import Target
+from .targets.onnxruntime import OrtRunner
 
 log = logging.getLogger(__name__)
 
@@ -29,26 +34,45 @@ def check_chain(passes: Sequence[Pass], targets: Sequence[Target], input_form: F
     """Walk the forms through every pass and into every target before anything runs.
 
     A chain quantizes once: a pass that ``quantizes`` after another one (``quantized_by``: the
-    field of a quantizing step before this chain, e.g. in the main chain of a branch) is refused,
+    step of a quantizing pass before this chain, e.g. in the main chain of a branch) is refused,
     since INT8 PTQ or QAT of an already quantized model gives an invalid or meaningless graph."""
     forms = [input_form]
     for p in passes:
         if p.quantizes:
             if quantized_by is not None:
                 raise PipelineOrderError(
-                    f"{p.field}: the model is already quantized by {quantized_by}; a model is quantized "
+                    f"{p.step}: the model is already quantized by {quantized_by}; a model is quantized "
                     f"once: keep one of the two steps"
                 )
-            quantized_by = p.field
-        forms.append(p.check_input(forms[-1], p.field))
+            quantized_by = p.step
+        forms.append(p.check_input(forms[-1], p.step))
     for t in targets:
-        t.check_input(forms[-1], t.field)
+        conversion_for(forms[-1], t)  # raises where the target cannot be reached
     return forms
 
 
+CONVERSIONS: dict[Form, str] = {Form.ONNX: "export_onnx"}
+"""the pass that gives each form a target may ask for; the pass manager inserts it before the target"""
+
+
+def conversion_for(form: Form, target: Target) -> Pass | None:
+    """The conversion pass (default config) that turns ``form`` into one ``target`` takes; None where
+    the target takes ``form`` itself. Raises the target's order error where no conversion leads there."""
+    if form in target.consumes:
+        return None
+    for wanted in sorted(target.consumes, key=lambda f: f.value):
+        name = CONVERSIONS.get(wanted)
+        if name is not None:
+            conversion = get_pass(name)(step=f"{target.step} <- {name}")
+            if conversion.accepts(form) and conversion.output_form(form) is wanted:
+                return conversion
+    target.check_input(form, target.step)  # raises, naming what the target takes
+    raise AssertionError("unreachable")
+
+
 def quantizing_step(passes: Sequence[Pass]) -> str | None:
-    """The field of the last pass in ``passes`` that quantizes the model, if any."""
-    return next((p.field for p in reversed(passes) if p.quantizes), None)
+    """The step of the last pass in ``passes`` that quantizes the model, if any."""
+    return next((p.step for p in reversed(passes) if p.quantizes), None)
 
 
 def quantized_input(model: ModelArtifact) -> str | None:
@@ -103,57 +127,6 @@ class BranchSpec:
     targets: list[Target]
 
 
-@dataclass
-class PassRecord:
-    index: int
-    name: str
-    field: str
-    config: dict[str, Any]
-    form_in: str
-    form_out: str
-    seconds: float
-    cached: bool
-    metrics: dict[str, Any]
-    input_hash: str
-    output_hash: str
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class TargetFailure:
-    target: str
-    field: str
-    reason: str
-    unavailable: bool
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class RunResult:
-    source: ModelArtifact
-    artifacts: list[ModelArtifact]
-    records: list[PassRecord]
-    engines: list[Engine] = field(default_factory=list)
-    failures: list[TargetFailure] = field(default_factory=list)
-    measurements: list[Measurement] = field(default_factory=list)
-    threads: int = 1
-    _tmp: Any = field(default=None, repr=False)
-
-    @property
-    def final(self) -> ModelArtifact:
-        return self.artifacts[-1]
-
-    def measurement(self, name: str) -> Measurement:
-        for m in self.measurements:
-            if m.name == name:
-                return m
-        raise KeyError(name)
-
-
 class PassCache:
     """Pass outputs keyed by (input hash, pass name and config, library versions, data seen).
 
@@ -174,8 +147,8 @@ class PassCache:
             "input": artifact.content_hash(),
             "pass": p.name,
             "config": p.config.model_dump(mode="json"),
-            "versions": library_versions(("compressor", *p.libraries)),
-            "data": data.fingerprint("calibration") if (p.needs_data and data is not None) else None,
+            "versions": library_versions(("compressor", *p.used_libraries())),
+            "data": data.fingerprint("calibration") if (p.requires_data() and data is not None) else None,
         }
         files = p.fingerprint()
         if files is not None:
@@ -242,12 +215,36 @@ class Pipeline:
         self.seed = seed
 
     def check(self, input_form: Form) -> list[Form]:
-        for t in self.baselines:
-            t.check_input(input_form, t.field)
+        """Walk the forms through every chain before anything runs; plan the conversion each target
+        needs (e.g. export_onnx before an onnxruntime target given a torch model). Returns the
+        forms of the main chain."""
+        self.conversions: dict[int, Pass] = {}
         forms = check_chain(self.passes, self.targets, input_form)
+        ends = [(input_form, self.baselines), (forms[-1], self.targets)]
         for b in self.branches:
-            check_chain(b.passes, b.targets, forms[-1], quantized_by=quantizing_step(self.passes))
+            branch = check_chain(b.passes, b.targets, forms[-1], quantized_by=quantizing_step(self.passes))
+            ends.append((branch[-1], b.targets))
+        for form, targets in ends:
+            for t in targets:
+                conversion = conversion_for(form, t)
+                if conversion is not None:
+                    self.conversions[id(t)] = conversion
         return forms
+
+    def planned_conversions(self) -> list[tuple[Target, Pass]]:
+        """(target, the conversion pass run before it), as planned by :meth:`check`."""
+        return [(t, self.conversions[id(t)]) for t in self.all_targets() if id(t) in self.conversions]
+
+    def all_passes(self) -> list[Pass]:
+        return [*self.passes, *(p for b in self.branches for p in b.passes),
+                *(c for _, c in self.planned_conversions())]
+
+    def check_data(self, has_data: bool) -> None:
+        """Every pass and target whose config reads data, checked once before anything runs."""
+        for p in self.all_passes():
+            require_data(p.step, "pass", p.name, p.requires_data(), has_data)
+        for t in self.all_targets():
+            require_data(t.step, "target", t.name, t.requires_data(), has_data)
 
     def preflight(self, model: ModelArtifact, data: DataBundle | None) -> None:
         """Every pass checks what it can before any pass runs (e.g. a teacher's classes). A pass
@@ -257,7 +254,7 @@ class Pipeline:
         first = next((p for p in [*self.passes, *(p for b in self.branches for p in b.passes)] if p.quantizes), None)
         if why is not None and first is not None:
             raise PipelineOrderError(
-                f"{first.field}: the input model is already quantized ({why}); a model is quantized once: "
+                f"{first.step}: the input model is already quantized ({why}); a model is quantized once: "
                 f"give the floating-point model, or remove the step"
             )
         main = self._preflight_chain(self.passes, model, data)
@@ -266,11 +263,7 @@ class Pipeline:
 
     def _preflight_chain(self, passes: Sequence[Pass], preview: ModelArtifact | None,
                          data: DataBundle | None) -> ModelArtifact | None:
-        from .errors import ConfigError
-
         for p in passes:
-            if p.needs_data and data is None:
-                raise ConfigError(f"{p.field}: pass {p.name!r} needs data (give the recipe a data section)")
             try:
                 hit = self.cache.get(self.cache.key(p, preview, data)) if (self.cache and preview is not None) else None
                 if hit is not None:
@@ -281,8 +274,8 @@ class Pipeline:
             except CompressorError:
                 raise
             except Exception as exc:  # e.g. a library that cannot trace the model: one line, like run()
-                raise PassError(f"{p.field}: pass {p.name!r} failed its check before the run: "
-                                f"{type(exc).__name__}: {_first(exc)}") from exc
+                raise PassError(f"{p.step}: pass {p.name!r} failed its check before the run: "
+                                f"{type(exc).__name__}: {first_line(exc)}") from exc
         return preview
 
     # ------------------------------------------------------------------ running
@@ -295,6 +288,7 @@ class Pipeline:
         evaluation: EvaluationConfig | None = None,
     ) -> RunResult:
         self.check(model.form)
+        self.check_data(data is not None)
         if data is not None:
             check_classes(model, data)
         self.preflight(model, data)
@@ -302,7 +296,7 @@ class Pipeline:
         threads = evaluation.threads or default_threads()
         tmp = run_scratch()
         result = RunResult(source=model, artifacts=[model], records=[], threads=threads, _tmp=tmp)
-        self.hooks.on_run_start(self, model)
+        self.hooks.on_run_start(model)
         artifact = model
         for index, p in enumerate(self.passes):
             artifact = self._run_pass(index, p, artifact, data, Path(tmp.name), threads, result)
@@ -316,8 +310,20 @@ class Pipeline:
             chains = [(model, self.baselines, "source-"), (artifact, self.targets, ""),
                       *((out, b.targets, f"{b.name}-") for b, out in zip(self.branches, branch_outputs))]
             names = assign_engine_names(chains)
-            for art, targets, prefix in chains:
-                self._build_targets(art, targets, Path(out_dir), result, data, prefix=prefix, names=names)
+            for art, targets, _ in chains:
+                converted: dict[str, ModelArtifact | TargetFailure] = {}  # one conversion per chain and kind
+                for t in targets:
+                    source = art
+                    conversion = self.conversions.get(id(t))
+                    if conversion is not None:
+                        if conversion.name not in converted:
+                            converted[conversion.name] = self._convert(conversion, art, data, Path(tmp.name),
+                                                                       threads, result)
+                        source = converted[conversion.name]
+                    if isinstance(source, TargetFailure):
+                        result.failures.append(TargetFailure(t.name, t.step, source.reason, unavailable=False))
+                        continue
+                    self._build_target(t, source, Path(out_dir), result, data, names[id(t)])
         if data is not None and out_dir is not None:
             self._measure(data, evaluation, threads, result)
         self.hooks.on_run_end(result)
@@ -347,7 +353,7 @@ class Pipeline:
             res = p(artifact, ctx)
             out, metrics, cached = res.artifact, res.metrics, False
             out.lineage = artifact.lineage + [
-                {"pass": p.name, "field": p.field, "config": p.config.model_dump(mode="json"),
+                {"pass": p.name, "step": p.step, "config": p.config.model_dump(mode="json"),
                  "input_hash": artifact.content_hash()}
             ]
             if self.cache and key:
@@ -356,7 +362,7 @@ class Pipeline:
         record = PassRecord(
             index=index,
             name=p.name,
-            field=p.field,
+            step=p.step,
             config=p.config.model_dump(mode="json"),
             form_in=artifact.form.value,
             form_out=out.form.value,
@@ -371,31 +377,33 @@ class Pipeline:
         self.hooks.on_pass_end(index, p, record)
         return out
 
-    def _build_targets(self, artifact: ModelArtifact, targets: list[Target], out_dir: Path, result: RunResult,
-                       data: DataBundle | None, prefix: str = "", names: dict[int, str] | None = None) -> None:
-        engines_dir = out_dir / "engines"
-        for t in targets:
-            self.hooks.on_target_start(t)
-            try:
-                engine = t.build(artifact, engines_dir, prefix=prefix, data=data, name=(names or {}).get(id(t)))
-            except TargetUnavailable as exc:
-                result.failures.append(TargetFailure(t.name, t.field, str(exc), unavailable=True))
-                self.hooks.on_target_end(t, None, str(exc))
-                continue
-            except TargetError as exc:
-                result.failures.append(TargetFailure(t.name, t.field, str(exc), unavailable=False))
-                self.hooks.on_target_end(t, None, str(exc))
-                continue
-            engine.info.setdefault("field", t.field)
-            result.engines.append(engine)
-            if not engine.built:
-                reason = engine.info["not_built"]
-                result.failures.append(TargetFailure(t.name, t.field, f"{reason}; wrote {engine.path.name} and "
-                                                     f"the build command to {engine.path.parent.name}/",
-                                                     unavailable=True))
-                self.hooks.on_target_end(t, None, reason)
-                continue
-            self.hooks.on_target_end(t, engine, None)
+    def _convert(self, conversion: Pass, artifact: ModelArtifact, data: DataBundle | None, tmp: Path, threads: int,
+                 result: RunResult) -> ModelArtifact | TargetFailure:
+        """Run a conversion the manager inserted before a target, as any pass (cached, recorded,
+        in the lineage). Its failure fails the targets that needed it, not the run."""
+        try:
+            return self._run_pass(len(result.records), conversion, artifact, data, tmp, threads, result)
+        except PassError as exc:
+            return TargetFailure(conversion.name, conversion.step, str(exc), unavailable=False)
+
+    def _build_target(self, t: Target, artifact: ModelArtifact, out_dir: Path, result: RunResult,
+                      data: DataBundle | None, name: str) -> None:
+        self.hooks.on_target_start(t)
+        try:
+            engine = t.build(artifact, out_dir / "engines", data=data, name=name)
+        except TargetError as exc:
+            result.failures.append(TargetFailure(t.name, t.step, str(exc),
+                                                 unavailable=isinstance(exc, TargetUnavailable)))
+            self.hooks.on_target_end(t, None, str(exc))
+            return
+        result.engines.append(engine)
+        if not engine.built:
+            reason = engine.info["not_built"]
+            result.failures.append(TargetFailure(t.name, t.step, f"{reason}; wrote {engine.path.name} and "
+                                                 f"the build command to {engine.path.parent.name}/", unavailable=True))
+            self.hooks.on_target_end(t, None, reason)
+            return
+        self.hooks.on_target_end(t, engine, None)
 
     def _measure(self, data: DataBundle, cfg: EvaluationConfig, threads: int, result: RunResult) -> None:
         """Every row in one measurement session: the source, the stages (if asked), the baselines
@@ -403,10 +411,8 @@ class Pipeline:
         source = result.source
         size = tuple(source.input_spec.sample_shape[1:])
         images, labels = data.evaluation_set(size, source.preprocessing.color)  # type: ignore[arg-type]
-        from .data import preprocess
-
         x = preprocess(images, source.preprocessing)
-        subjects = [Subject(
+        rows = [ResultRow(
             name="source",
             target="torch" if source.form is not Form.ONNX else "onnxruntime",
             precision=source.precision,
@@ -417,13 +423,14 @@ class Pipeline:
         if cfg.stages:
             for record, art in zip(result.records, result.artifacts[1:]):
                 if art.form is Form.TORCH:
-                    subjects.append(Subject(
+                    rows.append(ResultRow(
                         name=f"stage{record.index}-{record.name}", target="torch", precision=art.precision,
                         runner=TorchRunner(art.torch_module(), threads=threads, fixed_batch=art.meta.get("fixed_batch")),
                         size_bytes=len(state_dict_bytes(art.model)),
                     ))
         targets: dict[str, Target] = {}
-        for engine, target in self._engine_targets(result):
+        for engine in result.engines:
+            target = engine.builder
             name, runtime = engine.name, dict(engine.info.get("runtime_build", {}))
             try:
                 if engine.built:
@@ -437,15 +444,15 @@ class Pipeline:
                 self._runtime_failure(result, target, engine.name, exc)
                 continue
             targets[name] = target
-            subjects.append(Subject(name=name, target=engine.target, precision=engine.precision, runner=runner,
+            rows.append(ResultRow(name=name, target=engine.target, precision=engine.precision, runner=runner,
                                     size_bytes=engine.size_bytes, engine=str(engine.path), runtime=runtime))
 
-        def failed(subject: Subject, exc: Exception) -> None:
-            self._runtime_failure(result, targets.get(subject.name), subject.name, exc)
+        def failed(row: ResultRow, exc: Exception) -> None:
+            self._runtime_failure(result, targets.get(row.name), row.name, exc)
 
-        for s in subjects:
+        for s in rows:
             self.hooks.on_measure_start(s.name)
-        measured = measure_all(subjects, x=x, labels=labels, cfg=cfg, threads=threads,
+        measured = measure_all(rows, x=x, labels=labels, cfg=cfg, threads=threads,
                                progress=self.hooks.on_message, on_error=failed)
         for m in measured:
             result.measurements.append(m)
@@ -455,21 +462,15 @@ class Pipeline:
         detail = str(exc) if isinstance(exc, CompressorError) else f"{type(exc).__name__}: {exc}"
         message = f"engine {engine!r} failed to run on its runtime: {detail}"
         log.error(message)
-        result.failures.append(TargetFailure(target.name if target else engine, target.field if target else engine,
+        result.failures.append(TargetFailure(target.name if target else engine, target.step if target else engine,
                                              message, unavailable=False))
 
     def all_targets(self) -> list[Target]:
         return [*self.baselines, *self.targets, *(t for b in self.branches for t in b.targets)]
 
-    def _engine_targets(self, result: RunResult) -> list[tuple[Engine, Target]]:
-        by_field = {t.field: t for t in self.all_targets()}
-        return [(e, by_field[e.info["field"]]) for e in result.engines]
-
 
 def source_runner(source: ModelArtifact, threads: int) -> Any:
     if source.form is Form.ONNX:
-        from .targets.onnxruntime import OrtRunner
-
         return OrtRunner(source.path, threads=threads)  # type: ignore[arg-type]
     return TorchRunner(source.torch_module(), threads=threads, fixed_batch=source.meta.get("fixed_batch"))
 

@@ -23,6 +23,7 @@ from .artifact import Form, Preprocessing
 from .data import DataConfig
 from .errors import ConfigError, validation_message
 from .evaluate import EvaluationConfig
+from .pipeline import BranchSpec, Pipeline
 from .registry import get_pass, get_target
 
 SHIPPED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -104,20 +105,17 @@ class Recipe(BaseModel):
         out = []
         for i, step in enumerate(self.passes if steps is None else steps):
             name, config = self._split(step)
-            field = f"{section}[{i}].{name}"
-            out.append(get_pass(name, f"{section}[{i}]")(config, field=field))
+            out.append(get_pass(name, f"{section}[{i}]")(config, step=f"{section}[{i}].{name}"))
         return out
 
     def build_targets(self, section: str = "targets", steps: list[Step] | None = None) -> list[Any]:
         out = []
         for i, step in enumerate(getattr(self, section) if steps is None else steps):
             name, config = self._split(step)
-            out.append(get_target(name, f"{section}[{i}]")(config, field=f"{section}[{i}].{name}"))
+            out.append(get_target(name, f"{section}[{i}]")(config, step=f"{section}[{i}].{name}"))
         return out
 
     def build_branches(self) -> list[Any]:
-        from .pipeline import BranchSpec
-
         names = [b.name for b in self.branches]
         if len(set(names)) != len(names):
             raise ConfigError(f"branches: names must differ, got {names}")
@@ -125,15 +123,18 @@ class Recipe(BaseModel):
                            self.build_targets(f"branches[{i}].targets", b.targets))
                 for i, b in enumerate(self.branches)]
 
-    def check(self, input_form: Form = Form.TORCH) -> list[Form]:
-        """Validate every pass/target config and the chain of forms; return the forms after each pass."""
-        from .pipeline import Pipeline
-
-        passes, targets = self.build_passes(), self.build_targets()
+    def pipeline(self, **kwargs: Any) -> Pipeline:
+        """The recipe's pass manager (its passes, targets, baselines and branches); ``kwargs`` go to
+        :class:`~compressor.pipeline.Pipeline` (hooks, cache)."""
+        targets = self.build_targets()
         if not targets:
             raise ConfigError("targets: a recipe needs at least one target")
-        pipeline = Pipeline(passes, targets, baselines=self.build_targets("baselines"), branches=self.build_branches())
-        return pipeline.check(input_form)  # the same checks as before a run
+        return Pipeline(self.build_passes(), targets, baselines=self.build_targets("baselines"),
+                        branches=self.build_branches(), seed=self.seed, **kwargs)
+
+    def check(self, input_form: Form = Form.TORCH) -> list[Form]:
+        """Validate every pass/target config and the chain of forms; return the forms after each pass."""
+        return self.pipeline().check(input_form)  # the same checks as before a run
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_defaults=True)

@@ -63,15 +63,15 @@ def target_registry() -> dict[str, type[Target]]:
     return dict(sorted(_TARGETS.items()))
 
 
-def get_pass(name: str, field: str = "passes") -> type[Pass]:
+def get_pass(name: str, step: str = "passes") -> type[Pass]:
     known = pass_registry()
     if name not in known:
-        raise ConfigError(f"{field}: unknown pass {name!r} (known: {', '.join(known)})")
+        raise ConfigError(f"{step}: unknown pass {name!r} (known: {', '.join(known)})")
     return known[name]
 
 
-def get_target(name: str, field: str = "targets") -> type[Target]:
+def get_target(name: str, step: str = "targets") -> type[Target]:
     known = target_registry()
     if name not in known:
-        raise ConfigError(f"{field}: unknown target {name!r} (known: {', '.join(known)})")
+        raise ConfigError(f"{step}: unknown target {name!r} (known: {', '.join(known)})")
     return known[name]

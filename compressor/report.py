@@ -7,11 +7,13 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .environment import environment
+from .fingerprints import file_fingerprint, json_fingerprint
 from .staging import atomic_write
 
 if TYPE_CHECKING:
     from .data import DataBundle
-    from .pipeline import RunResult
+    from .records import RunResult
     from .recipe import AcceptanceConfig
 
 REPORT_VERSION = 1
@@ -55,11 +57,31 @@ def build_report(
     data: DataBundle | None,
     limits: AcceptanceConfig | None,
     timings: dict[str, float] | None = None,
+    world_size: int = 1,
+    samples: dict[str, Any] | None = None,
+    outputs: list[str] | None = None,
+    built_in: Path | None = None,
+    published_as: Path | None = None,
 ) -> dict[str, Any]:
-    from .compare import file_fingerprint, json_fingerprint
-    from .environment import environment
+    """The report of a finished run. ``samples`` (what compress compare reads), ``outputs`` (the
+    names a run writes at the top of its directory) and the engine paths go in as the directory
+    will hold them: files built in the staging directory ``built_in`` are named where they will
+    live once it is renamed to ``published_as``."""
+
+    def final(path: Any) -> str:
+        if path is None or built_in is None or published_as is None:
+            return path if path is None else str(path)
+        try:
+            return str(published_as / Path(path).relative_to(built_in))
+        except ValueError:  # outside the staging directory (e.g. the source model file)
+            return str(path)
 
     results = [m.to_json() for m in result.measurements]
+    for r in results:
+        r["engine"] = final(r.get("engine"))
+    engines = [e.to_json() for e in result.engines]
+    for e in engines:
+        e["files"] = [final(f) for f in e["files"]]
     source = next((r for r in results if r["name"] == "source"), None)
     for r in results:
         if source is not None:
@@ -104,11 +126,14 @@ def build_report(
         "environment": environment(result.threads),
         "data": data_info,
         "passes": [r.to_json() for r in result.records],
-        "engines": [e.to_json() for e in result.engines],
-        "not_built": [f.to_json() for f in result.failures],
+        "engines": engines,
+        "failures": [f.to_json() for f in result.failures],
         "results": results,
         "acceptance": {"checks": checks, "passed": all(c["passed"] for c in checks)},
         "timings_s": timings or {},
+        "world_size": world_size,
+        "samples": samples or {},
+        "outputs": outputs or [],
     }
 
 
@@ -177,9 +202,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                      "engine size.")
     else:
         lines.append("No measurements (the recipe has no data section).")
-    for f in report["not_built"]:
+    for f in report.get("failures", report.get("not_built", [])):
         state = "not built here" if f.get("unavailable", True) else "FAILED"
-        lines.append(f"- **{f['target']}** (`{f['field']}`): {state} — {f['reason']}")
+        lines.append(f"- **{f['target']}** (`{f.get('step', f.get('field'))}`): {state} — {f['reason']}")
     lines += ["", "## Passes", "", "| # | pass | forms | time s | cached | figures |", "|---|---|---|---|---|---|"]
     for p in report["passes"]:
         figures = json.dumps(p["metrics"], default=str)
@@ -223,7 +248,7 @@ def print_table(report: dict[str, Any], console: Any = None) -> None:
     for row in result_rows(report):
         table.add_row(*row)
     console.print(table)
-    for f in report["not_built"]:
+    for f in report.get("failures", report.get("not_built", [])):
         state = "not built here" if f.get("unavailable", True) else "[red]FAILED[/]"
         console.print(f"[yellow]{f['target']}[/]: {state} — {f['reason']}")
     for c in report["acceptance"]["checks"]:

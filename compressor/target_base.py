@@ -4,8 +4,10 @@ and report what the runtime really used."""
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -14,8 +16,9 @@ from pydantic import BaseModel
 
 from .artifact import Form, ModelArtifact, file_size
 from .errors import CompressorError, PipelineOrderError, TargetError, TargetUnavailable
-from .pass_base import PassConfig, make_config
-from .staging import OutputError, staged_dir
+from .config import StepConfig, make_config, require_data
+from .intake import load_model
+from .staging import OutputError, check_writable, staged_dir
 
 
 @dataclass
@@ -24,9 +27,14 @@ class Availability:
     reason: str = ""
 
 
+class TargetConfig(StepConfig):
+    """Base of every target config."""
+
+
 @dataclass
 class Engine:
-    """A built engine: its files in the output directory and what it is."""
+    """A built engine (or, ``built=False``, the files a device builds it from): its files in the
+    output directory, what it is, and the :class:`Target` that made it and can load it."""
 
     target: str
     name: str
@@ -34,6 +42,7 @@ class Engine:
     precision: str
     info: dict[str, Any] = field(default_factory=dict)
     built: bool = True
+    builder: Target | None = field(default=None, repr=False, compare=False)
 
     @property
     def path(self) -> Path:
@@ -44,9 +53,9 @@ class Engine:
         return file_size(self.files)
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["files"] = [str(p) for p in self.files]
-        return d
+        return {"target": self.target, "name": self.name, "files": [str(p) for p in self.files],
+                "precision": self.precision, "info": self.info, "built": self.built,
+                "step": self.builder.step if self.builder is not None else None}
 
 
 class Runner(ABC):
@@ -72,15 +81,16 @@ class Target(ABC):
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
-    Config: ClassVar[type[PassConfig]] = PassConfig
+    Config: ClassVar[type[TargetConfig]] = TargetConfig
     consumes: ClassVar[frozenset[Form]]
     libraries: ClassVar[tuple[str, ...]] = ()
     needs_data: ClassVar[bool] = False
-    """whether building needs the recipe's calibration data (instances may set it from their config)"""
+    """whether building may need the recipe's calibration data (:meth:`requires_data` says whether
+    this instance's config does)"""
 
-    def __init__(self, config: BaseModel | dict | None = None, /, *, field: str | None = None, **kwargs: Any) -> None:
-        self.field = field or self.name
-        self.config = make_config(self.Config, config, kwargs, self.field)
+    def __init__(self, config: BaseModel | dict | None = None, /, *, step: str | None = None, **kwargs: Any) -> None:
+        self.step = step or self.name
+        self.config = make_config(self.Config, config, kwargs, self.step)
 
     @classmethod
     @abstractmethod
@@ -94,8 +104,16 @@ class Target(ABC):
                 f"{step}: target {self.name!r} cannot take {form.a_model} (it takes: {wanted})"
             )
 
+    def requires_data(self) -> bool:
+        """Whether building with this config reads the recipe's data. Override where the config decides."""
+        return type(self).needs_data
+
+    def engine_precision(self, artifact: ModelArtifact) -> str:
+        """The precision of the engine built from ``artifact`` (the artifact's, unless the target quantizes)."""
+        return artifact.precision
+
     def engine_name(self, artifact: ModelArtifact) -> str:
-        return f"{self.name}-{artifact.precision}"
+        return f"{self.name}-{self.engine_precision(artifact)}"
 
     def build(self, artifact: ModelArtifact, out_dir: Path, *, prefix: str = "", data: Any = None,
               name: str | None = None) -> Engine:
@@ -104,9 +122,8 @@ class Target(ABC):
         ``data`` is the job's DataBundle; targets with ``needs_data`` calibrate on it. ``name`` is
         the engine's name as the pipeline assigned it (unique in the run); default: ``prefix`` +
         :meth:`engine_name`."""
-        self.check_input(artifact.form, self.field)
-        if self.needs_data and data is None:
-            raise TargetError(f"{self.field}: target {self.name!r} needs calibration data; add a data section or --data")
+        self.check_input(artifact.form, self.step)
+        require_data(self.step, "target", self.name, self.requires_data(), data is not None)
         avail = self.availability()
         not_built = None if avail.ok else f"target {self.name!r} is not available here: {avail.reason}"
         if not_built and not self.has_proxy:
@@ -122,15 +139,32 @@ class Target(ABC):
                     info["not_built"] = not_built
                 else:
                     files, info = self._build(artifact, tmp, data)
+                precision = self.engine_precision(artifact)
                 (tmp / "engine.json").write_text(json.dumps({
-                    "target": self.name, "precision": artifact.precision,
+                    "target": self.name, "precision": precision,
                     "config": self.config.model_dump(mode="json"), "lineage": artifact.lineage, **info},
                     indent=1, default=str))
         except CompressorError:
             raise
         except Exception as exc:
             raise TargetError(f"target {self.name!r} failed to build: {type(exc).__name__}: {exc}") from exc
-        return Engine(self.name, name, [final / f.name for f in files], artifact.precision, info, built=not not_built)
+        return Engine(self.name, name, [final / f.name for f in files], precision, info, built=not not_built,
+                      builder=self)
+
+    def build_on_device(self, engine_dir: Path, *, precision: str | None = None) -> list[Path]:
+        """Build the engine from what was written where this target could not build (its
+        ``model.onnx`` in ``engine_dir``, e.g. copied to the Jetson); the built files land beside it."""
+        avail = self.availability()
+        if not avail.ok:
+            raise TargetUnavailable(f"target {self.name!r} is not available here: {avail.reason}")
+        check_writable(engine_dir, "engine directory")
+        artifact = load_model(engine_dir / "model.onnx")
+        artifact.meta["precision"] = precision or artifact.precision
+        with tempfile.TemporaryDirectory(dir=engine_dir, prefix=".build-") as tmp:
+            files, _ = self._build(artifact, Path(tmp))
+            for f in files:
+                os.replace(f, engine_dir / f.name)
+        return [engine_dir / f.name for f in files]
 
     @abstractmethod
     def _build(self, artifact: ModelArtifact, tmp_dir: Path, data: Any = None) -> tuple[list[Path], dict[str, Any]]:
@@ -152,6 +186,3 @@ class Target(ABC):
     def load_proxy(self, engine: Engine, *, threads: int) -> tuple[str, Runner]:
         """(proxy runtime's name, runner) for an engine that was not built here."""
         raise NotImplementedError
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "config": self.config.model_dump(mode="json")}

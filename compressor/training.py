@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from .data import ImageSource
 from .environment import has_native_bf16
 from .errors import ConfigError
 
@@ -153,8 +154,6 @@ def training_data(artifact: ModelArtifact, data: DataBundle, cfg: TrainConfig) -
     val_idx = src.balanced_indices(n_val, seed=cfg.seed + 1) if n_val else np.array([], int)
     train_idx = np.setdiff1d(all_idx, val_idx)
     if cfg.train_samples is not None and cfg.train_samples < len(train_idx):
-        from .data import ImageSource
-
         sub = ImageSource(name="train", classes=src.classes, labels=src.labels[train_idx])
         train_idx = train_idx[sub.balanced_indices(cfg.train_samples, seed=cfg.seed)]
     if len(train_idx) == 0:

@@ -131,7 +131,7 @@ def test_preflight_refuses_an_int8_artifact(model_files):
 
     artifact = load_model(model_files["pickle"], trust=True)
     data = open_data(DataConfig(source="digits"))
-    pipe = Pipeline([get_pass("quantize_qat")(field="passes[0].quantize_qat")], [get_target("openvino")()])
+    pipe = Pipeline([get_pass("quantize_qat")(step="passes[0].quantize_qat")], [get_target("openvino")()])
     pipe.preflight(artifact, data)  # a float model: fine
     artifact.meta["precision"] = "int8"
     with pytest.raises(PipelineOrderError, match=r"passes\[0\]\.quantize_qat: the input model is already quantized "

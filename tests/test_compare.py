@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from compressor.cli import main
-from compressor.compare import (LATENCY_FILE, PREDICTIONS_FILE, bootstrap_median_ratio, mcnemar_exact,
+from compressor.compare import (LATENCY_FILE, PREDICTIONS_FILE, bootstrap_median_ratio, gating_checks, mcnemar_exact,
                                 resolve_thresholds, save_samples)
 from compressor.data import DataConfig, open_data
 
@@ -183,6 +183,43 @@ def test_thresholds_come_from_flags_then_recipe_then_defaults():
                           "max_size_growth": "default", "max_agreement_drop": "default"}
 
 
+def _cmp(*flagged: str, same_environment: bool = True) -> dict:
+    """A comparison whose regressions are ``flagged`` ("row:metric"), beside one check that passed."""
+    checks = [{"result": f.split(":")[0], "metric": f.split(":")[1], "regression": True} for f in flagged]
+    checks.append({"result": "source", "metric": "top1", "regression": False})
+    return {"checks": checks, "regressions": len(flagged), "passed": not flagged,
+            "same_environment": same_environment}
+
+
+def test_gating_checks_decide_what_fails_the_job():
+    lat, size, top1 = "int8:latency_p50", "int8:size", "int8:top1"
+    for same in (True, False):
+        gate = gating_checks(_cmp(lat, size, top1, same_environment=same), "all")
+        assert [f"{c['result']}:{c['metric']}" for c in gate.failing] == [lat, size, top1]
+        assert (gate.reported, gate.reason, gate.latency_only) == (0, "", False)
+        gate = gating_checks(_cmp(lat, size, top1, same_environment=same), "accuracy")
+        assert gate.to_json() == {"fail_on": "accuracy", "failing": [top1], "reported": 2,
+                                  "reason": "outside --fail-on accuracy", "latency_only": False}
+    # auto: everything in the baseline's environment, accuracy only in another.
+    gate = gating_checks(_cmp(lat, size, same_environment=True), "auto")
+    assert gate.to_json()["failing"] == [lat, size] and gate.reported == 0 and not gate.latency_only
+    gate = gating_checks(_cmp(lat, size, same_environment=False), "auto")
+    assert not gate.failing and gate.reported == 2 and not gate.latency_only
+    assert gate.reason == "outside --fail-on auto (the environment differs from the baseline's)"
+    gate = gating_checks(_cmp(lat, top1, same_environment=False), "auto")
+    assert gate.to_json()["failing"] == [top1] and gate.reported == 1 and not gate.latency_only
+    # latency only: what .ci/regression times again in a fresh process before failing.
+    for fail_on in ("all", "auto"):
+        gate = gating_checks(_cmp(lat, "source:latency_p50"), fail_on)
+        assert len(gate.failing) == 2 and gate.latency_only
+    assert not gating_checks(_cmp(lat), "accuracy").latency_only  # reported only: nothing fails
+    assert not gating_checks(_cmp(lat, same_environment=False), "auto").latency_only
+    passed = gating_checks(_cmp(), "all")
+    assert (passed.failing, passed.reported, passed.latency_only) == ([], 0, False)
+    with pytest.raises(ValueError, match="fail_on"):
+        gating_checks(_cmp(), "latency")
+
+
 # ---------------------------------------------------------------------- compress compare
 
 
@@ -204,7 +241,7 @@ def test_identical_rerun_passes(runs, tmp_path, capsys):
 def test_damaged_quantization_is_an_accuracy_regression(runs, tmp_path, capsys):
     """The INT8 engine calibrated on one image instead of 64 loses many images."""
     code, cmp, xml, out, _ = _compare(capsys, runs["damaged"], runs["base"], tmp_path, *REAL_RUN_SLOWDOWN)
-    assert code == 1
+    assert code == 1 and cmp["gate"]["failing"] and not cmp["gate"]["latency_only"]
     for fail_on in ("accuracy", "auto"):  # an accuracy regression fails whatever the environment
         assert cli(capsys, "compare", runs["damaged"], "--baseline", runs["base"], "--fail-on", fail_on,
                     *REAL_RUN_SLOWDOWN)[0] == 1
@@ -276,6 +313,8 @@ def test_latency_slowdown_is_flagged_and_noise_is_not(runs, tmp_path, capsys):
     _synthetic_latency(slow, 1, 1.0, engine_scale=1.5)
     code, cmp, xml, out, _ = _compare(capsys, slow, base, tmp_path)
     assert code == 1 and cmp["thresholds"]["latency"] == "both"
+    assert cmp["gate"] == {"fail_on": "all", "failing": ["openvino-int8:latency_p50"], "reported": 0, "reason": "",
+                           "latency_only": True}
     assert _flagged(cmp) == {("openvino-int8", "latency_p50")}
     c = cmp["checks"][0]
     assert c["ci"][0] > 1 and c["difference"] == pytest.approx(0.5, abs=0.1)
@@ -289,6 +328,7 @@ def test_latency_slowdown_is_flagged_and_noise_is_not(runs, tmp_path, capsys):
     # --fail-on: accuracy only reports it; auto gates it while the environment is the baseline's ...
     code, cmp, *_, err = _compare(capsys, slow, base, tmp_path, "--fail-on", "accuracy")
     assert code == 0 and cmp["regressions"] == 1 and "outside --fail-on accuracy" in err
+    assert cmp["gate"]["reported"] == 1 and not cmp["gate"]["failing"] and not cmp["gate"]["latency_only"]
     code, cmp, *_ = _compare(capsys, slow, base, tmp_path, "--fail-on", "auto")
     assert code == 1 and cmp["same_environment"]
     # ... and not once the run comes from another CPU.

@@ -75,5 +75,5 @@ def test_bad_configs_fail_before_training(case, match, model_files, digits, tmp_
         "nobody": {},
     }[case]
     with pytest.raises(ConfigError, match=match):
-        p = get_pass("distill")({**config, "train": slow}, field="passes[0].distill")
+        p = get_pass("distill")({**config, "train": slow}, step="passes[0].distill")
         Pipeline([get_pass("prune_structured")(finetune=slow), p], [get_target("openvino")()]).run(art, data=digits)

@@ -162,7 +162,7 @@ def _check(name: str, form: str, models: dict[str, Path], tmp_path: Path, capsys
     names = [r["name"] for r in report["results"]]
     if "source" not in names or len(names) < 2:
         problems.append(f"{form}: measured only {names}")
-    failed = [f for f in report["not_built"] if not f["unavailable"]]  # TensorRT without a GPU: unavailable
+    failed = [f for f in report["failures"] if not f["unavailable"]]  # TensorRT without a GPU: unavailable
     if failed:
         problems.append(f"{form}: targets failed: {failed}")
     return problems

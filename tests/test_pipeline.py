@@ -127,14 +127,18 @@ def test_branches_put_runtimes_side_by_side(tmp_path, model_files, digits):
 
     art = load_model(model_files["pickle"], trust=True)
     ort_branch = BranchSpec("ort", [get_pass("export_onnx")(), get_pass("quantize_ptq")(backend="onnxruntime")],
-                            [get_target("onnxruntime")(field="branches[0].targets[0].onnxruntime")])
+                            [get_target("onnxruntime")(step="branches[0].targets[0].onnxruntime")])
     pipe = Pipeline([get_pass("fuse")()], [get_target("openvino")()], baselines=[get_target("onnxruntime")(
-        field="baselines[0].onnxruntime")], branches=[ort_branch], cache=PassCache(tmp_path / "cache"))
+        step="baselines[0].onnxruntime")], branches=[ort_branch], cache=PassCache(tmp_path / "cache"))
     assert pipe.check(Form.TORCH) == [Form.TORCH, Form.TORCH]
     result = pipe.run(art, data=digits, out_dir=tmp_path / "out", evaluation=FAST_EVAL)
     names = [m.name for m in result.measurements]
     assert names == ["source", "source-onnxruntime-fp32", "openvino-fp32", "ort-onnxruntime-int8"]
-    assert [r.name for r in result.records] == ["fuse", "export_onnx", "quantize_ptq"]
+    # the source-model baseline reaches its onnxruntime target through an export the manager inserts
+    assert [(r.name, r.step) for r in result.records] == [
+        ("fuse", "fuse"), ("export_onnx", "export_onnx"), ("quantize_ptq", "quantize_ptq"),
+        ("export_onnx", "baselines[0].onnxruntime <- export_onnx")]
+    assert [c.name for _, c in pipe.planned_conversions()] == ["export_onnx"]
     rows = {m.name: m for m in result.measurements}
     assert rows["ort-onnxruntime-int8"].agreement > 90 and rows["source-onnxruntime-fp32"].agreement > 99
 
@@ -143,7 +147,7 @@ def test_branch_chain_is_checked_before_running(model_files):
     from compressor.errors import PipelineOrderError
     from compressor.pipeline import BranchSpec
 
-    bad = BranchSpec("ov", [get_pass("quantize_ptq")(backend="openvino", field="branches[0].passes[0].quantize_ptq")],
-                     [get_target("onnxruntime")(field="branches[0].targets[0].onnxruntime")])
+    bad = BranchSpec("ov", [get_pass("quantize_ptq")(backend="openvino", step="branches[0].passes[0].quantize_ptq")],
+                     [get_target("onnxruntime")(step="branches[0].targets[0].onnxruntime")])
     with pytest.raises(PipelineOrderError, match=r"branches\[0\].targets\[0\].onnxruntime"):
         Pipeline([get_pass("fuse")()], [get_target("openvino")()], branches=[bad]).check(Form.TORCH)

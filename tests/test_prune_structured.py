@@ -56,13 +56,13 @@ def test_macs_target_is_met_and_finetuning_recovers(model_files, digits, tmp_pat
 ])
 def test_bad_config_names_the_field(config, field):
     with pytest.raises(ConfigError, match=field):
-        get_pass("prune_structured")(config, field="passes[0].prune_structured")
+        get_pass("prune_structured")(config, step="passes[0].prune_structured")
 
 
 def test_errors_come_before_any_training(model_files, digits, tmp_path):
     art = load_model(model_files["pickle"], trust=True)
     finetune = {"epochs": 50, "batch_size": 8}  # would take minutes if it ever started
-    bad_layer = get_pass("prune_structured")(ignored_layers=["nope"], finetune=finetune, field="passes[0].prune_structured")
+    bad_layer = get_pass("prune_structured")(ignored_layers=["nope"], finetune=finetune, step="passes[0].prune_structured")
     with pytest.raises(ConfigError, match=r"passes\[0\].prune_structured.ignored_layers: .*'nope'"):
         Pipeline([bad_layer], [get_target("openvino")()]).run(art, data=digits)
     unreachable = get_pass("prune_structured")(macs_reduction=0.95, max_layer_ratio=0.5, finetune=finetune)

@@ -98,7 +98,7 @@ def test_compressed_size_shrinks(art, tmp_path):
 def test_gradual_with_finetuning_follows_the_schedule(art, digits, tmp_path):
     ft = TrainConfig(epochs=0.5, batch_size=64, val_samples=100)
     p = make(sparsity=0.6, schedule="gradual", steps=2, finetune=ft.model_dump())
-    assert p.needs_data
+    assert p.requires_data()
     res = run(p, art, tmp_path, data=digits)
     steps = res.metrics["steps"]
     # Zhu & Gupta: s_t = 0.6 * (1 - (1 - t/2)^3) -> 0.525, 0.6
@@ -115,7 +115,7 @@ def test_finetune_without_data_is_refused(art, tmp_path):
     p = make(finetune={"epochs": 0.1})
     with pytest.raises(ConfigError, match="needs"):
         run(p, art, tmp_path)
-    assert not make().needs_data
+    assert not make().requires_data()
 
 
 @pytest.mark.parametrize("bad", [0, 1, 1.5, -0.2])
@@ -138,7 +138,7 @@ def test_unknown_ignored_layer_names_the_field_before_training(art, digits, tmp_
     monkeypatch.setattr(mod, "train", no_training)
     monkeypatch.setattr(mod, "training_data", no_training)
     p = get_pass("prune_unstructured")({"ignored_layers": ["x"], "finetune": {"epochs": 0.1}},
-                                       field="passes[0].prune_unstructured")
+                                       step="passes[0].prune_unstructured")
     with pytest.raises(ConfigError, match=r"passes\[0\]\.prune_unstructured\.ignored_layers: no module named 'x'"):
         run(p, art, tmp_path, data=digits)
 

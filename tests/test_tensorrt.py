@@ -17,7 +17,7 @@ from torch import nn
 
 from compressor import qdq_rules
 from compressor.cli import main
-from compressor.passes.quantize_ptq import quantize_for_tensorrt
+from compressor.passes._ptq.modelopt_qdq import quantize_for_tensorrt
 from compressor.targets.tensorrt import TensorRTTarget
 
 from .conftest import SHAPE, write_recipe
@@ -133,8 +133,8 @@ def test_jetson_recipe_writes_qdq_and_build_command_and_measures_proxy(tmp_path,
     assert "--memPoolSize=workspace:256M" in script and "compress build-engine" in script
     assert os.stat(engine_dir / "build_engine.sh").st_mode & stat.S_IXUSR
     assert qdq_rules.check(engine_dir / "model.onnx").ok
-    assert [f["target"] for f in report["not_built"]] == ["tensorrt"]
-    assert report["not_built"][0]["unavailable"] and TRT_HERE.reason in report["not_built"][0]["reason"]
+    assert [f["target"] for f in report["failures"]] == ["tensorrt"]
+    assert report["failures"][0]["unavailable"] and TRT_HERE.reason in report["failures"][0]["reason"]
     rows = {r["name"]: r for r in report["results"]}
     proxy = rows["tensorrt-int8-proxy-onnxruntime"]
     assert proxy["top1"] > rows["source"]["top1"] - 5 and proxy["agreement"] > 90

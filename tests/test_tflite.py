@@ -54,7 +54,7 @@ def engines(tiny, digits, tmp_path_factory):
                "int8-aeq": {"quantization": "int8", "int8_method": "ai_edge_quantizer", "io": "quantized"}}
     for key, extra in configs.items():
         target = TFLiteTarget({"quantization": key, **extra})
-        built[key] = (target, target.build(tiny, out / key, data=digits if target.needs_data else None))
+        built[key] = (target, target.build(tiny, out / key, data=digits if target.requires_data() else None))
     return built
 
 
@@ -70,17 +70,17 @@ def _run(engines, q, x, threads=2):
 def test_registered_with_config_and_data_needs():
     cls = get_target("tflite")
     assert cls is TFLiteTarget and cls.consumes == frozenset({Form.TORCH, Form.EXPORTED})
-    assert TFLiteTarget().needs_data and TFLiteTarget().config.quantization == "int8"
-    assert not TFLiteTarget(quantization="none").needs_data
-    assert not TFLiteTarget(quantization="fp16").needs_data
+    assert TFLiteTarget().requires_data() and TFLiteTarget().config.quantization == "int8"
+    assert not TFLiteTarget(quantization="none").requires_data()
+    assert not TFLiteTarget(quantization="fp16").requires_data()
     with pytest.raises(ConfigError, match="quantization"):
         TFLiteTarget(quantization="int4")
     with pytest.raises(ConfigError, match="unknown key"):
         TFLiteTarget(nonsense=1)
 
 
-def test_int8_without_data_is_a_target_error(tiny, tmp_path):
-    with pytest.raises(TargetError, match="calibration data"):
+def test_int8_without_data_is_a_config_error(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="needs calibration data"):  # the one data rule of passes and targets
         TFLiteTarget().build(tiny, tmp_path)
 
 
@@ -224,9 +224,9 @@ class _Erfinv(nn.Module):
 
 def test_unconvertible_op_names_target_op_and_pass(tiny, tmp_path):
     art = tiny.derive(Form.TORCH, model=_Erfinv().eval())
-    art.lineage = [{"pass": "fuse", "field": "passes[0]", "config": {}}]
+    art.lineage = [{"pass": "fuse", "step": "passes[0]", "config": {}}]
     with pytest.raises(TargetError) as err:
-        TFLiteTarget(quantization="none", field="targets[0]").build(art, tmp_path)
+        TFLiteTarget(quantization="none", step="targets[0]").build(art, tmp_path)
     msg = str(err.value)
     assert "targets[0]" in msg and "'tflite'" in msg and "aten.erfinv" in msg and "pass 'fuse'" in msg, msg
     assert not list(tmp_path.iterdir())  # no half-built engine left behind
@@ -234,8 +234,8 @@ def test_unconvertible_op_names_target_op_and_pass(tiny, tmp_path):
 
 def test_pipeline_reports_the_failure_and_still_builds_the_other_targets(tiny, tmp_path):
     art = tiny.derive(Form.TORCH, model=_Erfinv().eval())  # OpenVINO converts erfinv, LiteRT cannot
-    targets = [TFLiteTarget(quantization="none", field="targets[0]"), get_target("openvino")(field="targets[1]")]
+    targets = [TFLiteTarget(quantization="none", step="targets[0]"), get_target("openvino")(step="targets[1]")]
     result = Pipeline([], targets).run(art, out_dir=tmp_path)
-    assert [(f.target, f.field, f.unavailable) for f in result.failures] == [("tflite", "targets[0]", False)]
+    assert [(f.target, f.step, f.unavailable) for f in result.failures] == [("tflite", "targets[0]", False)]
     assert "aten.erfinv" in result.failures[0].reason and "source model" in result.failures[0].reason
     assert [e.target for e in result.engines] == ["openvino"]

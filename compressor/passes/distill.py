@@ -20,6 +20,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..artifact import Form, ModelArtifact
 from ..errors import CompressorError, ConfigError
+from ..intake import build_arch, load_model
 from ..pass_base import Pass, PassConfig, PassContext, PassResult
 from ..registry import register_pass
 from ..training import TrainConfig, TrainData, evaluate_top1, train, training_data
@@ -127,14 +128,12 @@ class Distill(Pass):
         if self.config.teacher is None:
             return artifact
         if self._teacher is None:
-            from ..intake import load_model
-
             try:  # a teacher file that names no input shape takes the student's
                 self._teacher = load_model(Path(self.config.teacher), arch=self.config.teacher_arch,
                                            trust=self.config.teacher_trusted, fallback_source="student",
                                            fallback_shape=artifact.input_spec.shape if artifact else None)
             except CompressorError as exc:
-                raise ConfigError(f"{self.field}.teacher: {exc}") from None
+                raise ConfigError(f"{self.step}.teacher: {exc}") from None
         return self._teacher
 
     def _student(self, artifact: ModelArtifact) -> Any:
@@ -142,8 +141,6 @@ class Distill(Pass):
         if spec is None:
             return copy.deepcopy(artifact.torch_module())
         if spec.startswith("torchvision:"):
-            from ..intake import build_arch
-
             import torch
 
             width = artifact.meta.get("num_outputs") or len(artifact.classes or [])
@@ -151,20 +148,18 @@ class Distill(Pass):
                 torch.manual_seed(self.config.train.seed)
                 return build_arch(spec, width or None)
         if self._student_file is None:
-            from ..intake import load_model
-
             try:  # a student file that names no input shape takes the current model's
                 self._student_file = load_model(Path(spec), trust=self.config.student_trusted,
                                                 fallback_shape=artifact.input_spec.shape, fallback_source="teacher")
             except CompressorError as exc:
-                raise ConfigError(f"{self.field}.student: {exc}") from None
+                raise ConfigError(f"{self.step}.student: {exc}") from None
             import torch
 
             form = self._student_file.form
             if form is not Form.TORCH or isinstance(self._student_file.model, torch.jit.ScriptModule):
                 got = "TorchScript" if form is Form.TORCH else form.value
                 self._student_file = None
-                raise ConfigError(f"{self.field}.student: a student must be a trainable torch model (an nn.Module), "
+                raise ConfigError(f"{self.step}.student: a student must be a trainable torch model (an nn.Module), "
                                   f"got {got}")
         return copy.deepcopy(self._student_file.torch_module())
 
@@ -174,7 +169,7 @@ class Distill(Pass):
         if self.config.student is not None and artifact is not None:
             self._student(artifact)  # a bad student file fails here, before any training
         if self.config.student is None and artifact is not None and isinstance(artifact.model, torch.jit.ScriptModule):
-            raise ConfigError(f"{self.field}: the input model is the student, and a TorchScript model cannot be "
+            raise ConfigError(f"{self.step}: the input model is the student, and a TorchScript model cannot be "
                               "trained; give it as an nn.Module (a pickled module, or a state dict with --arch)")
         teacher = self.teacher(artifact)
         if teacher is None:
@@ -182,25 +177,25 @@ class Distill(Pass):
         width = teacher.meta["num_outputs"]
         classes = data.classes if data is not None else None
         if classes is not None and width != len(classes):
-            raise ConfigError(f"{self.field}.teacher: the teacher has {width} outputs but the data has "
+            raise ConfigError(f"{self.step}.teacher: the teacher has {width} outputs but the data has "
                               f"{len(classes)} classes")
         if artifact is not None:
             student_width = artifact.meta.get("num_outputs")
             if student_width is not None and student_width != width:
-                raise ConfigError(f"{self.field}.teacher: the teacher has {width} outputs, the student "
+                raise ConfigError(f"{self.step}.teacher: the teacher has {width} outputs, the student "
                                   f"{student_width}")
             if teacher.classes and artifact.classes and list(teacher.classes) != list(artifact.classes):
-                raise ConfigError(f"{self.field}.teacher: the teacher's classes {teacher.classes} differ from the "
+                raise ConfigError(f"{self.step}.teacher: the teacher's classes {teacher.classes} differ from the "
                                   f"student's {artifact.classes}")
             if teacher.input_spec.shape[1:] != artifact.input_spec.shape[1:]:
-                raise ConfigError(f"{self.field}.teacher: the teacher takes input {teacher.input_spec.shape}, "
+                raise ConfigError(f"{self.step}.teacher: the teacher takes input {teacher.input_spec.shape}, "
                                   f"the student {artifact.input_spec.shape}")
             if self.config.feature_loss != "none":
                 try:
                     _classifier(teacher.torch_module())
                     _classifier(self._student(artifact))
                 except ValueError as exc:
-                    raise ConfigError(f"{self.field}.feature_loss: {exc}") from None
+                    raise ConfigError(f"{self.step}.feature_loss: {exc}") from None
 
     def preview(self, artifact: ModelArtifact) -> ModelArtifact | None:
         if self.config.student is None:

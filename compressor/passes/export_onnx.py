@@ -11,7 +11,6 @@ from typing import Literal
 from ..artifact import Form, ModelArtifact
 from ..pass_base import Pass, PassConfig, PassContext, PassResult
 from ..registry import register_pass
-from .quantize_qat import is_qat_model
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ class ExportOnnx(Pass):
         model = artifact.model
         example = (torch.zeros(artifact.input_spec.with_batch(1)),)
         exporter = cfg.exporter
-        qat = is_qat_model(model)  # NNCF fake quantizers export as QuantizeLinear/DequantizeLinear with TorchScript only
+        qat = bool(artifact.meta.get("qat"))  # NNCF fake quantizers export as Q/DQ pairs with TorchScript only
         if exporter == "auto":
             exporter = "torchscript" if isinstance(model, torch.jit.ScriptModule) or qat else "dynamo"
         if exporter == "dynamo":
@@ -81,13 +80,17 @@ class ExportOnnx(Pass):
             with _quiet():
                 proto = onnxslim.slim(proto)
             onnx.save(proto, str(path))
-        onnx.checker.check_model(str(path), full_check=True)
         ops: dict[str, int] = {}
         for node in proto.graph.node:
             ops[node.op_type] = ops.get(node.op_type, 0) + 1
         metrics = {"exporter": exporter, "opset": cfg.opset, "nodes_exported": before,
                    "nodes": len(proto.graph.node), "ops": dict(sorted(ops.items()))}
         return PassResult(artifact.derive(Form.ONNX, path=path), metrics)
+
+    def ensures(self, before: ModelArtifact, result: PassResult, ctx: PassContext) -> None:
+        import onnx
+
+        onnx.checker.check_model(str(result.artifact.path), full_check=True)
 
 
 @contextlib.contextmanager

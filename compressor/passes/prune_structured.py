@@ -69,8 +69,10 @@ class PruneStructured(Pass):
 
     def __init__(self, config: Any = None, /, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
-        self.needs_data = self.config.finetune is not None or self.config.importance == "taylor"
         self._plan: dict[str, tuple[float, Any]] = {}
+
+    def requires_data(self) -> bool:  # fine-tuning trains, Taylor importance takes gradients on data
+        return self.config.finetune is not None or self.config.importance == "taylor"
 
     # ------------------------------------------------------------------ planning (dry runs)
     def _ignored(self, model: Any) -> list[Any]:
@@ -80,7 +82,7 @@ class PruneStructured(Pass):
         ignored = []
         for name in self.config.ignored_layers:
             if name not in modules:
-                raise ConfigError(f"{self.field}.ignored_layers: the model has no module named {name!r}")
+                raise ConfigError(f"{self.step}.ignored_layers: the model has no module named {name!r}")
             ignored.append(modules[name])
         if self.config.protect_classifier:
             linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -132,7 +134,7 @@ class PruneStructured(Pass):
             return self._plan[key]
         model = copy.deepcopy(artifact.torch_module()).eval()
         if isinstance(model, torch.jit.ScriptModule):
-            raise ConfigError(f"{self.field}: TorchScript models cannot be pruned; give an nn.Module")
+            raise ConfigError(f"{self.step}: TorchScript models cannot be pruned; give an nn.Module")
         example = torch.zeros(artifact.input_spec.with_batch(1))
         base_macs, _ = tp.utils.count_ops_and_params(model, example)
         cfg = self.config
@@ -146,7 +148,7 @@ class PruneStructured(Pass):
             trial, macs = self._dry_run(model, example, hi)
             if macs > want * 1.01:
                 raise ConfigError(
-                    f"{self.field}.macs_reduction: {cfg.macs_reduction} is out of reach with max_layer_ratio "
+                    f"{self.step}.macs_reduction: {cfg.macs_reduction} is out of reach with max_layer_ratio "
                     f"{cfg.max_layer_ratio} (at most {1 - macs / base_macs:.2f})"
                 )
             ratio, chosen = hi, macs
@@ -162,8 +164,8 @@ class PruneStructured(Pass):
             got = 1 - chosen / base_macs
             if got - cfg.macs_reduction > 0.02:  # MACs fall in steps as whole channel groups go
                 log.warning("%s: no channel ratio removes exactly %.0f%% of the MACs; the nearest above removes "
-                            "%.1f%%", self.field, 100 * cfg.macs_reduction, 100 * got)
-        _check_layers(trial, self.field)
+                            "%.1f%%", self.step, 100 * cfg.macs_reduction, 100 * got)
+        _check_layers(trial, self.step)
         self._plan[key] = (ratio, trial)
         return ratio, trial
 
@@ -243,14 +245,14 @@ def _taylor_gradients(model: Any, data: Any, batches: int, seed: int) -> None:
     model.eval()
 
 
-def _check_layers(model: Any, field: str) -> None:
+def _check_layers(model: Any, step: str) -> None:
     import torch
 
     for name, m in model.named_modules():
         width = m.out_channels if isinstance(m, torch.nn.modules.conv._ConvNd) else (
             m.out_features if isinstance(m, torch.nn.Linear) else None)
         if width is not None and width < 1:
-            raise ConfigError(f"{field}: pruning would remove every channel of layer {name!r}; "
+            raise ConfigError(f"{step}: pruning would remove every channel of layer {name!r}; "
                               "lower the ratio or max_layer_ratio, or list it in ignored_layers")
 
 

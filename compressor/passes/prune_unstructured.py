@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, model_validator
 
 from ..artifact import Form, ModelArtifact, state_dict_bytes
+from ..environment import has_amx_int8
 from ..errors import ConfigError
 from ..pass_base import Pass, PassConfig, PassContext, PassResult
 from ..registry import register_pass
@@ -71,10 +72,8 @@ class PruneUnstructured(Pass):
     consumes = frozenset({Form.TORCH})
     produces = Form.TORCH
 
-    def __init__(self, config: Any = None, /, **kwargs: Any) -> None:
-        super().__init__(config, **kwargs)
-        # data only for fine-tuning; an instance attribute, so listings of the class say "no data"
-        self.needs_data = self.config.finetune is not None
+    def requires_data(self) -> bool:  # data only for fine-tuning (the class says "no data" in listings)
+        return self.config.finetune is not None
 
     # ------------------------------------------------------------------ checks before any work
     def preflight(self, artifact: ModelArtifact | None, data: DataBundle | None) -> None:
@@ -87,13 +86,13 @@ class PruneUnstructured(Pass):
 
         if isinstance(model, torch.jit.ScriptModule):
             raise ConfigError(
-                f"{self.field}: TorchScript models cannot be pruned (torch.nn.utils.prune needs an nn.Module); "
+                f"{self.step}: TorchScript models cannot be pruned (torch.nn.utils.prune needs an nn.Module); "
                 "give the pickled module or a state dict with its architecture"
             )
         modules = dict(model.named_modules())
         for name in self.config.ignored_layers:
             if name not in modules:
-                raise ConfigError(f"{self.field}.ignored_layers: no module named {name!r}")
+                raise ConfigError(f"{self.step}.ignored_layers: no module named {name!r}")
         layers = {n: m for n, m in modules.items() if _prunable(m)}
         kept = [n for n in layers if any(n == i or n.startswith(i + ".") for i in self.config.ignored_layers)]
         if self.config.protect_classifier:
@@ -103,7 +102,7 @@ class PruneUnstructured(Pass):
         chosen = {n: m for n, m in layers.items() if n not in kept}
         if not chosen:
             raise ConfigError(
-                f"{self.field}: no Conv or Linear layer left to prune (kept dense: {', '.join(kept) or 'none'})"
+                f"{self.step}: no Conv or Linear layer left to prune (kept dense: {', '.join(kept) or 'none'})"
             )
         return chosen, kept
 
@@ -119,7 +118,7 @@ class PruneUnstructured(Pass):
         if cfg.finetune is not None:
             if ctx.data is None:
                 raise ConfigError(
-                    f"{self.field}.finetune: fine-tuning needs training data (give the recipe a data section)"
+                    f"{self.step}.finetune: fine-tuning needs training data (give the recipe a data section)"
                 )
             tdata = training_data(artifact, ctx.data, cfg.finetune)
         dense_bytes, dense_zlib = _state_dict_sizes(model)
@@ -244,9 +243,7 @@ def _state_dict_sizes(model: Any) -> tuple[int, int]:
 
 
 def _speed_note(dense_zlib: int, pruned_zlib: int) -> str:
-    from ..environment import cpu_flags
-
-    amx = bool({"amx_int8", "amx_tile"} & cpu_flags())
+    amx = has_amx_int8()
     openvino = (
         "this CPU has AMX, so OpenVINO's CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE could pack the sparse weights of "
         "INT8 fully-connected layers (this project does not set it; convolutions are not covered)"

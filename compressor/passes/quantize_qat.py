@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from pydantic import Field, field_validator
@@ -31,9 +31,10 @@ from pydantic import Field, field_validator
 from ..artifact import Form, ModelArtifact
 from ..data import preprocess
 from ..errors import ConfigError
-from ..pass_base import Pass, PassConfig, PassContext, PassResult
+from ..pass_base import Pass, PassContext, PassResult
 from ..registry import register_pass
 from ..training import TrainConfig, evaluate_top1, train, training_data
+from ._nncf import NNCFQuantizationConfig, nncf_quantize_arguments
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +45,10 @@ log = logging.getLogger(__name__)
 QAT_TRAIN_DEFAULTS: dict[str, Any] = {"epochs": 1.0, "lr": 1e-5, "weight_decay": 0.0, "warmup_fraction": 0.0}
 
 
-class QuantizeQATConfig(PassConfig):
+class QuantizeQATConfig(NNCFQuantizationConfig):
     calibration_samples: int | None = Field(default=None, ge=1)
     """images for the PTQ calibration that initialises the quantizer ranges (default: the recipe's
     data.calibration.samples)"""
-    preset: Literal["performance", "mixed"] = "performance"
-    """symmetric (performance) or asymmetric (mixed) activation quantizers; weights are symmetric"""
-    bias_correction: bool = True
-    """NNCF fast bias correction during the PTQ initialisation"""
-    overflow_fix: Literal["first_layer", "enable", "disable"] = "first_layer"
-    """7-bit weights against u8*s8 overflow on CPUs without VNNI (first layer only, all layers, none)"""
     freeze_bn: bool = True
     """keep batch-norm layers in eval mode while training (fixed statistics, as calibrated)"""
     disable_dropout: bool = True
@@ -88,11 +83,9 @@ class QuantizeQAT(Pass):
             try:
                 _check_module(artifact.model)
             except (TypeError, ValueError) as exc:
-                raise ConfigError(f"{self.field}: {exc}") from None
+                raise ConfigError(f"{self.step}: {exc}") from None
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> PassResult:
-        import torch
-
         cfg = self.config
         assert ctx.data is not None
         _check_module(artifact.model)
@@ -111,10 +104,6 @@ class QuantizeQAT(Pass):
         result = train(qmodel, tdata, cfg.train, description="quantize_qat")
         qmodel.eval()
         qat_top1 = _val_top1(qmodel, tdata)
-        with torch.no_grad():  # a last check that the trained quantizers still give numbers
-            probe = qmodel(torch.from_numpy(x_cal[:2]))
-        if not torch.isfinite(probe).all():
-            raise RuntimeError("the fine-tuned model produces NaN/inf logits (learning rate too high?)")
 
         metrics = {
             "backend": "nncf/torch",
@@ -134,27 +123,24 @@ class QuantizeQAT(Pass):
             meta["graph"] = "nncf"
         return PassResult(artifact.derive(Form.TORCH, model=qmodel, **meta), metrics)
 
+    def ensures(self, before: ModelArtifact, result: PassResult, ctx: PassContext) -> None:
+        """The trained quantizers still give numbers: finite logits on two calibration images."""
+        import torch
+
+        size = tuple(before.input_spec.sample_shape[1:])
+        images = ctx.data.calibration_images(size, before.preprocessing.color, self.config.calibration_samples)  # type: ignore[union-attr,arg-type]
+        with torch.no_grad():
+            probe = result.artifact.model(torch.from_numpy(preprocess(images[:2], before.preprocessing)))
+        if not torch.isfinite(probe).all():
+            raise RuntimeError("the fine-tuned model produces NaN/inf logits (learning rate too high?)")
+
     def _ptq_init(self, model: Any, x: np.ndarray) -> Any:
         import nncf
         import torch
-        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
-        cfg = self.config
         _ensure_kernels()
-        overflow = {"first_layer": OverflowFix.FIRST_LAYER, "enable": OverflowFix.ENABLE,
-                    "disable": OverflowFix.DISABLE}[cfg.overflow_fix]
         batches = [torch.from_numpy(x[i : i + 1]) for i in range(len(x))]
-        return nncf.quantize(
-            model.eval(),
-            nncf.Dataset(batches),
-            preset=nncf.QuantizationPreset.PERFORMANCE if cfg.preset == "performance" else nncf.QuantizationPreset.MIXED,
-            target_device=nncf.TargetDevice.CPU,
-            subset_size=len(batches),
-            fast_bias_correction=True,
-            advanced_parameters=AdvancedQuantizationParameters(
-                overflow_fix=overflow, disable_bias_correction=not cfg.bias_correction
-            ),
-        )
+        return nncf.quantize(model.eval(), nncf.Dataset(batches), **nncf_quantize_arguments(self.config, len(batches)))
 
 
 def _check_module(model: Any) -> None:
@@ -227,7 +213,7 @@ def _ensure_kernels() -> None:
     if _KERNELS_READY:
         return
     import nncf.torch
-    import nncf.torch.quantization.extensions  # noqa: F401 - registers the loaders that force_build_* runs
+    import nncf.torch.quantization.extensions  # registers the loaders that force_build_* runs
     import torch
 
     nncf.torch.force_build_cpu_extensions()

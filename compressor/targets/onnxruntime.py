@@ -15,14 +15,12 @@ from typing import Any, Literal
 import numpy as np
 
 from ..artifact import Form, ModelArtifact
-from ..pass_base import PassConfig
+from ..environment import widest_int8_isa
 from ..registry import register_target
-from ..target_base import Availability, Engine, Runner, Target
-
-OPT_LEVELS = ("disabled", "basic", "extended", "all")
+from ..target_base import Availability, Engine, Runner, Target, TargetConfig
 
 
-class OnnxRuntimeConfig(PassConfig):
+class OnnxRuntimeConfig(TargetConfig):
     graph_optimization: Literal["disabled", "basic", "extended", "all"] = "all"
     """ORT graph optimization level"""
 
@@ -32,8 +30,8 @@ class OnnxRuntimeTarget(Target):
     name = "onnxruntime"
     summary = "ONNX Runtime, CPU execution provider (FP32 or INT8 QDQ)"
     Config = OnnxRuntimeConfig
-    consumes = frozenset({Form.ONNX, Form.TORCH, Form.EXPORTED})
-    """a torch model is exported first (export_onnx with its defaults), e.g. as an FP32 baseline"""
+    consumes = frozenset({Form.ONNX})
+    """given a torch model (e.g. as an FP32 baseline), the pass manager runs export_onnx first"""
     libraries = ("onnxruntime",)
 
     @classmethod
@@ -48,21 +46,10 @@ class OnnxRuntimeTarget(Target):
 
     def _build(self, artifact: ModelArtifact, tmp_dir: Path, data: Any = None) -> tuple[list[Path], dict[str, Any]]:
         info: dict[str, Any] = {"graph_optimization": self.config.graph_optimization}
-        if artifact.form is not Form.ONNX:
-            from ..pass_base import PassContext
-            from ..passes.export_onnx import ExportOnnx
-
-            work = tmp_dir / ".export"
-            work.mkdir()
-            exported = ExportOnnx()(artifact, PassContext(work_dir=work))
-            artifact = exported.artifact
-            info["exported"] = exported.metrics
-        assert artifact.path is not None
         files = []
         for f in artifact.files():
             shutil.copy2(f, tmp_dir / f.name)
             files.append(tmp_dir / f.name)
-        shutil.rmtree(tmp_dir / ".export", ignore_errors=True)
         return files, info
 
     def load(self, engine: Engine, *, threads: int) -> Runner:
@@ -115,20 +102,8 @@ class OrtRunner(Runner):
             "graph_optimization": self.graph_optimization,
             "fixed_batch": self.fixed_batch,
             "kernels": dict(kernels.most_common()),
-            "isa": cpu_isa(),
+            "isa": widest_int8_isa(),
         }
 
     def close(self) -> None:
         shutil.rmtree(self._optimized.parent, ignore_errors=True)
-
-
-def cpu_isa() -> str:
-    """The widest integer dot-product / vector extension the CPU reports (Linux /proc/cpuinfo)."""
-    from ..environment import cpu_flags
-
-    flags = cpu_flags()
-    for flag, name in (("amx_int8", "amx"), ("avx512_vnni", "avx512_vnni"), ("avx_vnni", "avx_vnni"),
-                       ("avx512f", "avx512"), ("avx2", "avx2")):
-        if flag in flags:
-            return name
-    return "unknown"

@@ -16,39 +16,20 @@ from typing import Any, Literal
 import numpy as np
 
 from ..artifact import Form, ModelArtifact
-from ..pass_base import PassConfig
+from ..openvino_convert import to_openvino_model
 from ..registry import register_target
-from ..target_base import Availability, Engine, Runner, Target
+from ..target_base import Availability, Engine, Runner, Target, TargetConfig
 
 log = logging.getLogger(__name__)
 
 
-class OpenVINOConfig(PassConfig):
+class OpenVINOConfig(TargetConfig):
     device: str = "CPU"
     """OpenVINO device"""
     precision_hint: Literal["f32", "bf16", "f16"] = "f32"
     """INFERENCE_PRECISION_HINT for layers that are not quantized"""
     compress_to_fp16: bool = False
     """store floating-point weights as FP16 in the .bin"""
-
-
-def to_openvino_model(artifact: ModelArtifact) -> Any:
-    """An ``ov.Model`` with a dynamic batch dimension, from any form OpenVINO can read."""
-    import openvino as ov
-
-    if artifact.form is Form.OPENVINO:
-        return ov.Core().read_model(str(artifact.path))
-    if artifact.form is Form.ONNX:
-        model = ov.convert_model(str(artifact.path))
-    else:
-        import torch
-
-        source = artifact.model
-        example = torch.zeros(artifact.input_spec.with_batch(1))
-        model = ov.convert_model(source, example_input=example)
-    shape = [-1, *artifact.input_spec.sample_shape]
-    model.reshape({model.inputs[0]: ov.PartialShape(shape)})
-    return model
 
 
 @register_target
@@ -153,7 +134,7 @@ class OVRunner(Runner):
             "runtime": f"openvino {ov.get_version()}",
             "device": self.device,
             "threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
-            "inference_precision": str(compiled.get_property("INFERENCE_PRECISION_HINT")),
+            "inference_precision": _type_name(compiled.get_property("INFERENCE_PRECISION_HINT")),
             "layer_precisions": dict(precisions.most_common()),
             "kernels": dict(kernels.most_common()),
             "isa": isa_from_kernels(kernels),
@@ -164,9 +145,16 @@ class OVRunner(Runner):
         self._compiled.clear()
 
 
+def _type_name(value: Any) -> str:
+    """``f32`` for OpenVINO's element type (its str() is the repr ``<Type: 'float32'>``)."""
+    name = getattr(value, "get_type_name", None)
+    return name() if callable(name) else str(value)
+
+
 def isa_from_kernels(kernels: Counter[str]) -> str:
     """The instruction set named by the most used compute kernel, e.g. avx512_core_vnni or amx."""
-    for tag in ("amx", "avx512_core_vnni", "avx512_core_bf16", "avx512_core", "avx2_vnni", "avx2", "sse42"):
+    # OpenVINO 2026 names FP32 kernels brgconv_avx512_f32 / jit_avx512_f32: "avx512" after the _core tags
+    for tag in ("amx", "avx512_core_vnni", "avx512_core_bf16", "avx512_core", "avx512", "avx2_vnni", "avx2", "sse42"):
         if any(tag in k for k in kernels):
             return tag
     return "unknown"

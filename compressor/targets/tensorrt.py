@@ -18,13 +18,14 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from .. import qdq_rules
 from ..artifact import Form, ModelArtifact
-from ..pass_base import PassConfig
 from ..registry import register_target
-from ..target_base import Availability, Engine, Runner, Target
+from ..target_base import Availability, Engine, Runner, Target, TargetConfig
+from .onnxruntime import OrtRunner
 
 
-class TensorRTConfig(PassConfig):
+class TensorRTConfig(TargetConfig):
     precision: Literal["int8", "fp16", "fp32"] = "int8"
     """int8: INT8 where the QDQ graph says so, FP16 fallback elsewhere"""
     min_batch: int = Field(default=1, ge=1)
@@ -128,8 +129,6 @@ class TensorRTTarget(Target):
     def _build_portable(self, artifact: ModelArtifact, tmp_dir: Path, reason: str) -> tuple[list[Path], dict[str, Any]]:
         import onnx
 
-        from .. import qdq_rules
-
         assert artifact.path is not None
         model = tmp_dir / "model.onnx"
         shutil.copy2(artifact.path, model)
@@ -156,8 +155,6 @@ class TensorRTTarget(Target):
         return [model, script], info
 
     def load_proxy(self, engine: Engine, *, threads: int) -> tuple[str, Runner]:
-        from .onnxruntime import OrtRunner
-
         return "onnxruntime", OrtRunner(engine.path, threads=threads)
 
 

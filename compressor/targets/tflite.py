@@ -41,10 +41,11 @@ import numpy as np
 from pydantic import Field
 
 from ..artifact import Form, ModelArtifact, eval_mode, plain_graph_module
-from ..errors import TargetError
-from ..pass_base import PassConfig
+from ..data import preprocess
+from ..environment import installed_version
+from ..errors import TargetError, first_line
 from ..registry import register_target
-from ..target_base import Availability, Engine, Runner, Target
+from ..target_base import Availability, Engine, Runner, Target, TargetConfig
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ _INSTALL = "install the tflite extra (litert-torch 0.10, ai-edge-litert 2.3; see
 PRECISION = {"none": "fp32", "fp16": "fp16", "dynamic_int8": "dynamic_int8", "int8": "int8"}
 
 
-class TFLiteConfig(PassConfig):
+class TFLiteConfig(TargetConfig):
     quantization: Literal["none", "fp16", "dynamic_int8", "int8"] = "int8"
     """none: FP32; fp16: FP16 weights; dynamic_int8: int8 weights, activations quantized at run time;
     int8: full integer with calibration on the recipe's data"""
@@ -101,9 +102,8 @@ class TFLiteTarget(Target):
     needs_data = True
     """the default (int8) calibrates on the recipe's data; instances set it from their config"""
 
-    def __init__(self, config: Any = None, /, **kwargs: Any) -> None:
-        super().__init__(config, **kwargs)
-        self.needs_data = self.config.quantization == "int8"
+    def requires_data(self) -> bool:
+        return self.config.quantization == "int8"
 
     @classmethod
     def availability(cls) -> Availability:
@@ -120,18 +120,9 @@ class TFLiteTarget(Target):
             return Availability(False, f"litert-torch cannot be imported: {type(exc).__name__}: {exc}")
         return Availability(True, f"ai-edge-litert {ai_edge_litert.__version__} interpreter, XNNPACK delegate")
 
-    def engine_name(self, artifact: ModelArtifact) -> str:
-        return f"{self.name}-{self._precision(artifact)}"
-
-    def _precision(self, artifact: ModelArtifact) -> str:
+    def engine_precision(self, artifact: ModelArtifact) -> str:
         q = self.config.quantization
         return artifact.precision if q == "none" else PRECISION[q]
-
-    def build(self, artifact: ModelArtifact, out_dir: Path, *, prefix: str = "", data: Any = None,
-              name: str | None = None) -> Engine:
-        engine = super().build(artifact, out_dir, prefix=prefix, data=data, name=name)
-        engine.precision = self._precision(artifact)
-        return engine
 
     # ------------------------------------------------------------------ conversion
     def _build(self, artifact: ModelArtifact, tmp_dir: Path, data: Any = None) -> tuple[list[Path], dict[str, Any]]:
@@ -166,15 +157,13 @@ class TFLiteTarget(Target):
         path.write_bytes(content)
         info["convert_seconds"] = round(time.perf_counter() - started, 2)
         info["flatbuffer"] = flatbuffer_summary(content)
-        info["runtime_build"] = {"converter": f"litert-torch {_version('litert-torch')}",
-                                 "interpreter": f"ai-edge-litert {_version('ai-edge-litert')}"}
+        info["runtime_build"] = {"converter": f"litert-torch {installed_version('litert-torch')}",
+                                 "interpreter": f"ai-edge-litert {installed_version('ai-edge-litert')}"}
         return [path], info
 
     def _calibration(self, artifact: ModelArtifact, data: Any) -> np.ndarray:
-        from ..data import preprocess
-
         if data is None:
-            raise TargetError(f"{self.field}: target 'tflite' with quantization int8 needs calibration data; "
+            raise TargetError(f"{self.step}: target 'tflite' with quantization int8 needs calibration data; "
                               "add a data section or --data")
         size = tuple(artifact.input_spec.sample_shape[1:])
         images = data.calibration_images(size, artifact.preprocessing.color, self.config.samples)
@@ -208,7 +197,7 @@ class TFLiteTarget(Target):
                         prepared(torch.from_numpy(x[i : i + batch]))
                 quantized = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
             except Exception as exc:
-                errors.append(f"{mode}, calibration batch {batch}: {type(exc).__name__}: {_first_line(exc)}")
+                errors.append(f"{mode}, calibration batch {batch}: {type(exc).__name__}: {first_line(exc, 400)}")
                 log.debug("tflite: PT2E with %s export at batch %d failed", mode, batch, exc_info=True)
                 last = exc
                 continue
@@ -244,7 +233,7 @@ class TFLiteTarget(Target):
                     captured = torch.export.export(module, (example,), dynamic_shapes=dynamic, strict=strict).module()
                 except Exception as exc:
                     errors.append(f"{name} export{' (dynamic batch)' if dynamic else ''}: "
-                                  f"{type(exc).__name__}: {_first_line(exc)}")
+                                  f"{type(exc).__name__}: {first_line(exc, 400)}")
                     continue
                 if not strict:
                     _tag_sources(captured)
@@ -290,8 +279,8 @@ class TFLiteTarget(Target):
         producer = (f"the graph produced by pass {artifact.lineage[-1]['pass']!r}" if artifact.lineage
                     else "the source model (no pass ran before it)")
         what = f"cannot convert op {op}" if op else "conversion failed"
-        return TargetError(f"{self.field}: target 'tflite' (litert-torch {stage}) {what} in {producer}: "
-                           f"{type(exc).__name__}: {_first_line(exc)}")
+        return TargetError(f"{self.step}: target 'tflite' (litert-torch {stage}) {what} in {producer}: "
+                           f"{type(exc).__name__}: {first_line(exc, 400)}")
 
     # ------------------------------------------------------------------ running
     def load(self, engine: Engine, *, threads: int) -> Runner:
@@ -476,20 +465,6 @@ def unsupported_op(exc: BaseException) -> str | None:
                 return m.group(1).rstrip(".,")
         e = e.__cause__ or e.__context__
     return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:400] if text else ""
-
-
-def _version(dist: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "absent"
 
 
 class _DevNull:
