@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compressor.evaluate import EvaluationConfig, Subject, TorchRunner, latency, measure_all
+from compressor.evaluate import EvaluationConfig, ResultRow, TorchRunner, latency, measure_all
 from compressor.target_base import Runner
 
 from .conftest import digits_tensors
@@ -20,22 +20,130 @@ class Broken(Runner):
         raise RuntimeError("unsupported op Foo")
 
 
-def test_latency_rounds_time_every_runner_alike(trained_tiny):
-    x, _ = digits_tensors("test")
-    cfg = EvaluationConfig(warmup=1, latency_runs=20, latency_min_seconds=0, latency_rounds=4)
-    runners = [TorchRunner(trained_tiny, threads=1), TorchRunner(trained_tiny, threads=1)]
-    samples = latency(runners, x.numpy(), cfg)
-    assert [len(s) for s in samples] == [20, 20]
-    assert all(v > 0 for s in samples for v in s)
+class Machine:
+    """A fake clock for the fake runners: every call takes 1 ms plus ``drift`` ms per call made before
+    it (a machine that slows down as it runs). ``calls`` logs (runner, batch, ms) in one global order,
+    with latency's round messages in between."""
+
+    def __init__(self, drift: float = 0.01) -> None:
+        self.now, self.drift, self.n, self.calls = 0.0, drift, 0, []
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def run(self, who: str, batch: int) -> None:
+        ms = 1.0 + self.drift * self.n
+        self.now += ms / 1e3
+        self.n += 1
+        self.calls.append((who, batch, ms))
+
+
+class Fake(Runner):
+    def __init__(self, name: str, machine: Machine) -> None:
+        self.name, self.machine, self.prepared = name, machine, []
+
+    def prepare(self, batch: int) -> None:
+        self.prepared.append(batch)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.machine.run(self.name, len(x))
+        return np.tile(np.arange(10, dtype=np.float32), (len(x), 1))
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """The fake clock in place of the one the batch-1 timing reads (the one internal this file patches)."""
+    import time
+
+    m = Machine()
+    monkeypatch.setattr(time, "perf_counter", m.perf_counter)
+    return m
+
+
+def _rounds(log: list) -> list[list[tuple[str, int]]]:
+    """The batch-1 calls after each 'round k/n' progress message, as (runner, consecutive calls) visits."""
+    rounds: list[list[tuple[str, int]]] = []
+    for item in log:
+        if isinstance(item, str):
+            assert item == f"batch-1 latency, round {len(rounds) + 1}", item
+            rounds.append([])
+        elif rounds and item[1] == 1:  # batch 1: not the accuracy or throughput batches
+            visits = rounds[-1]
+            if visits and visits[-1][0] == item[0]:
+                visits[-1] = (item[0], visits[-1][1] + 1)
+            else:
+                visits.append((item[0], 1))
+    return rounds
+
+
+def _progress(machine: Machine):
+    """A progress callback that puts latency's round messages into the machine's call log."""
+
+    def say(msg: str) -> None:
+        if msg.startswith("batch-1 latency, round "):
+            machine.calls.append(msg.rsplit("/", 1)[0])
+
+    return say
+
+
+def test_latency_rounds_time_every_runner_alike(machine):
+    """Warm-up for each runner, then rounds that visit every runner once, in alternating order
+    (r0 r1 r2, r2 r1 r0, ...), each runner taking the same share of timed batch-1 runs per round;
+    so a machine that drifts while timing moves every runner's latency alike."""
+    warmup, rounds, runs = 2, 4, 20
+    cfg = EvaluationConfig(warmup=warmup, latency_runs=runs, latency_min_seconds=0, latency_rounds=rounds)
+    names = ["r0", "r1", "r2"]
+    runners = [Fake(n, machine) for n in names]
+    samples = latency(runners, np.zeros((5, 3, 4, 4), np.float32), cfg, progress=_progress(machine))
+
+    calls = [c for c in machine.calls if not isinstance(c, str)]
+    assert all(b == 1 for _, b, _ in calls), "batch-1 latency must run batches of 1"
+    assert all(r.prepared == [1] for r in runners)
+    assert [who for who, _, _ in calls[: 3 * warmup]] == [n for n in names for _ in range(warmup)]  # warm-up
+    visits = _rounds(machine.calls)
+    assert len(visits) == rounds
+    for rnd, visit in enumerate(visits):  # every runner once a round, the order reversed every other round
+        assert [who for who, _ in visit] == (names if rnd % 2 == 0 else names[::-1]), (rnd, visit)
+    assert len({n for visit in visits for _, n in visit}) == 1, visits  # the same number of calls a visit
+
+    assert [len(s) for s in samples] == [runs] * 3  # each runner timed alike
+    per_round = runs // rounds
+    for name, got in zip(names, samples):
+        assert all(v > 0 for v in got)
+        # the samples are the last per_round calls of each of the runner's visits, as the clock saw them
+        # (the first ones of a visit re-warm the runner after the others ran)
+        in_visit = visits[0][0][1]
+        own = [ms for who, _, ms in calls if who == name][warmup:]
+        timed = [ms for k, ms in enumerate(own) if k % in_visit >= in_visit - per_round]
+        np.testing.assert_allclose(got, timed, rtol=1e-6)
+    # the drift (1 ms growing to ~1.8 ms) falls on all three alike: equal means, where timing the
+    # runners one after the other would give r2 ~40% more than r0, and plain round-robin ~8% more
+    means = [float(np.mean(s)) for s in samples]
+    assert max(means) / min(means) < 1.02, means
+
+
+def test_measure_all_interleaves_every_subject(machine):
+    """measure_all times every subject's batch-1 latency in the same interleaved rounds."""
+    cfg = EvaluationConfig(warmup=1, latency_runs=12, latency_min_seconds=0, latency_rounds=4, batch_size=8,
+                           throughput_batch=4, throughput_seconds=0.01)
+    runners = [Fake(n, machine) for n in ("a", "b", "c")]
+    subjects = [ResultRow(r.name, "fake", "fp32", r, 1) for r in runners]
+    x, labels = np.zeros((16, 3, 4, 4), np.float32), np.full(16, 9)
+    rows = measure_all(subjects, x=x, labels=labels, cfg=cfg, threads=1, progress=_progress(machine))
+    assert [r.top1 for r in rows] == [100.0] * 3 and [r.latency_ms["runs"] for r in rows] == [12] * 3
+    visits = _rounds(machine.calls)
+    assert [[who for who, _ in v] for v in visits] == [["a", "b", "c"], ["c", "b", "a"]] * 2
+    p50 = [r.latency_ms["p50"] for r in rows]
+    assert max(p50) / min(p50) < 1.05, p50
 
 
 def test_failing_runtime_is_dropped_and_others_measured(trained_tiny):
     x, y = digits_tensors("test")
     cfg = EvaluationConfig(warmup=1, latency_runs=10, latency_min_seconds=0, latency_rounds=2,
                            throughput_seconds=0.05, throughput_batch=8)
-    subjects = [Subject("source", "torch", "fp32", TorchRunner(trained_tiny, threads=1), 1),
-                Subject("bad", "broken", "int8", Broken(), 1),
-                Subject("copy", "torch", "fp32", TorchRunner(trained_tiny, threads=1), 1)]
+    subjects = [ResultRow("source", "torch", "fp32", TorchRunner(trained_tiny, threads=1), 1),
+                ResultRow("bad", "broken", "int8", Broken(), 1),
+                ResultRow("copy", "torch", "fp32", TorchRunner(trained_tiny, threads=1), 1)]
     errors: list[str] = []
     rows = measure_all(subjects, x=x.numpy(), labels=y.numpy(), cfg=cfg, threads=1,
                        on_error=lambda s, e: errors.append(f"{s.name}: {e}"))
