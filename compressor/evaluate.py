@@ -51,6 +51,8 @@ class Measurement:
     runtime: dict[str, Any] = field(default_factory=dict)
     latency_samples_ms: list[float] = field(default_factory=list, repr=False)
     predictions: np.ndarray | None = field(default=None, repr=False)
+    output_sqnr_db: float | None = None  # logits against the source row's; None for the source itself or exact
+    logits: np.ndarray | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -60,6 +62,7 @@ class Measurement:
             "top1": self.top1,
             "top5": self.top5,
             "agreement": self.agreement,
+            "output_sqnr_db": self.output_sqnr_db,
             "latency_ms": self.latency_ms,
             "throughput_ips": self.throughput_ips,
             "throughput_batch": self.throughput_batch,
@@ -110,13 +113,15 @@ class TorchRunner(Runner):
 
 def accuracy(
     runner: Runner, x: np.ndarray, labels: np.ndarray, batch_size: int, reference: np.ndarray | None
-) -> tuple[float, float, float, np.ndarray]:
-    """top-1 %, top-5 %, agreement % with ``reference`` predictions, and the top-1 predictions."""
+) -> tuple[float, float, float, np.ndarray, np.ndarray]:
+    """top-1 %, top-5 %, agreement % with ``reference`` predictions, the top-1 predictions and the logits."""
     runner.prepare(batch_size)
     top5_hits = 0
     preds = np.empty(len(x), dtype=np.int64)
+    outputs = []
     for start in range(0, len(x), batch_size):
-        logits = runner(x[start : start + batch_size])
+        logits = np.asarray(runner(x[start : start + batch_size]), dtype=np.float32)
+        outputs.append(logits)
         k = min(5, logits.shape[1])
         top = np.argsort(-logits, axis=1)[:, :k]
         preds[start : start + len(logits)] = top[:, 0]
@@ -124,7 +129,17 @@ def accuracy(
     top1 = 100.0 * float((preds == labels).mean())
     top5 = 100.0 * top5_hits / len(x)
     agreement = 100.0 * float((preds == reference).mean()) if reference is not None else 100.0
-    return top1, top5, agreement, preds
+    return top1, top5, agreement, preds, np.concatenate(outputs) if outputs else np.empty((0, 0), np.float32)
+
+
+def sqnr_db(reference: np.ndarray, output: np.ndarray) -> float | None:
+    """Signal-to-quantization-noise ratio of ``output`` against ``reference`` in dB:
+    10 log10(sum(ref^2) / sum((ref - out)^2)); None where the two are identical (infinite)."""
+    ref = reference.astype(np.float64)
+    noise = float(((ref - output.astype(np.float64)) ** 2).sum())
+    if noise == 0.0:
+        return None
+    return 10.0 * float(np.log10(float((ref ** 2).sum()) / noise))
 
 
 def latency_stats(samples: list[float]) -> dict[str, float]:
@@ -228,7 +243,7 @@ def measure_all(
             say(f"{s.name}: accuracy on {len(x)} images")
             reference = results[0].predictions if results else None
             try:
-                top1, top5, agree, preds = accuracy(s.runner, x, labels, cfg.batch_size, reference)
+                top1, top5, agree, preds, logits = accuracy(s.runner, x, labels, cfg.batch_size, reference)
             except Exception as exc:
                 if on_error is None or not kept:
                     raise
@@ -239,6 +254,8 @@ def measure_all(
                 name=s.name, target=s.target, precision=s.precision, top1=top1, top5=top5, agreement=agree,
                 latency_ms={}, throughput_ips=0.0, size_bytes=s.size_bytes, threads=threads,
                 throughput_batch=cfg.throughput_batch, engine=s.engine, predictions=preds,
+                output_sqnr_db=sqnr_db(results[0].logits, logits) if results else None,
+                logits=None if results else logits,  # only the first (source) row's are kept, as the reference
             ))
         for m, samples in zip(results, latency([s.runner for s in kept], x, cfg, say)):
             m.latency_ms, m.latency_samples_ms = latency_stats(samples), samples

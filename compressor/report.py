@@ -153,13 +153,13 @@ def result_rows(report: dict[str, Any]) -> list[list[str]]:
             r["name"], r["target"], r["precision"], _fmt(r["top1"]), _fmt(r["top5"]), _fmt(r["agreement"]),
             _fmt(r.get("top1_delta"), 2), _fmt(lat["p50"], 3), _fmt(lat["p90"], 3), _fmt(lat["p99"], 3),
             f"{_fmt(r.get('speedup'))}x", _fmt(r["throughput_ips"], 0), f"{r['size_bytes'] / 1e6:.2f}",
-            f"{_fmt(r.get('compression'))}x",
+            f"{_fmt(r.get('compression'))}x", _fmt(r.get("output_sqnr_db"), 1),
         ])
     return rows
 
 
 RESULT_HEADER = ["name", "target", "precision", "top-1 %", "top-5 %", "agree %", "Δtop-1", "p50 ms", "p90 ms",
-                 "p99 ms", "speedup", "img/s", "size MB", "smaller"]
+                 "p99 ms", "speedup", "img/s", "size MB", "smaller", "SQNR dB"]
 
 
 INPUT_SHAPE_SOURCES = {"model": "the model file", "recipe": "the recipe's model.input_shape",
@@ -199,7 +199,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("")
         lines.append("Latency is batch 1 after warm-up; speedup is the source's p50 over the row's p50; "
                      "agreement is top-1 agreement with the source model; `smaller` is source file size over "
-                     "engine size.")
+                     "engine size; SQNR is the row's logits against the source's on the same images "
+                     "(10 log10 of signal over error energy; - where identical or for the source).")
     else:
         lines.append("No measurements (the recipe has no data section).")
     for f in report.get("failures", report.get("not_built", [])):
@@ -241,7 +242,7 @@ def print_table(report: dict[str, Any], console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console(width=None if Console().is_terminal else 150)
+    console = console or Console(width=None if Console().is_terminal else 200)
     table = Table(title=f"compressor: {report['recipe']} ({report['environment']['threads']} threads)")
     for h in RESULT_HEADER:
         table.add_column(h, justify="left" if h in ("name", "target", "precision") else "right")

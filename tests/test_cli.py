@@ -32,6 +32,9 @@ def test_run_writes_engines_and_report(tmp_path, capsys, model_files, recipe):
     assert rows["openvino-int8"]["engine"] == str(engine / "model.xml")  # where it lives after the rename
     assert report["environment"]["threads"] == rows["source"]["threads"]
     assert "| openvino-int8 |" in (out / "report.md").read_text()
+    # the INT8 engine's logits against the source's: a real error, far above noise, far from exact
+    assert rows["source"]["output_sqnr_db"] is None and 10 < rows["openvino-int8"]["output_sqnr_db"] < 80
+    assert "SQNR dB" in (out / "report.md").read_text()
     assert "openvino-int8" in stdout
     assert not list(tmp_path.glob(".out.partial-*"))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compressor.evaluate import EvaluationConfig, ResultRow, TorchRunner, latency, measure_all
+from compressor.evaluate import EvaluationConfig, ResultRow, TorchRunner, latency, measure_all, sqnr_db
 from compressor.target_base import Runner
 
 from .conftest import digits_tensors
@@ -154,3 +154,33 @@ def test_failing_runtime_is_dropped_and_others_measured(trained_tiny):
     assert rows[1].throughput_ips > 0
     with pytest.raises(RuntimeError):
         measure_all(subjects[:2], x=x.numpy(), labels=y.numpy(), cfg=cfg, threads=1)
+
+
+class Scaled(Runner):
+    """Fixed logits, times a gain and plus an offset: a known error against the unscaled ones."""
+
+    def __init__(self, logits: np.ndarray, gain: float = 1.0, offset: float = 0.0) -> None:
+        self.logits, self.gain, self.offset, self.seen = logits, gain, offset, 0
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        out = self.logits[self.seen : self.seen + len(x)] * self.gain + self.offset
+        self.seen = (self.seen + len(x)) % len(self.logits)
+        return out
+
+
+def test_sqnr_of_every_row_against_the_source():
+    assert sqnr_db(np.ones((4, 3)), np.ones((4, 3))) is None  # identical: infinite, reported as none
+    assert sqnr_db(np.ones((4, 3)), np.full((4, 3), 1.1)) == pytest.approx(20.0)  # 10% error in amplitude
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(16, 10)).astype(np.float32)
+    cfg = EvaluationConfig(warmup=0, latency_runs=10, latency_min_seconds=0, latency_rounds=1, batch_size=5,
+                           throughput_batch=2, throughput_seconds=0.01)
+    rows = [ResultRow("source", "fake", "fp32", Scaled(logits), 1),
+            ResultRow("same", "fake", "fp32", Scaled(logits), 1),
+            ResultRow("noisy", "fake", "int8", Scaled(logits, gain=1.01), 1),
+            ResultRow("worse", "fake", "int8", Scaled(logits, gain=1.1), 1)]
+    measured = measure_all(rows, x=np.zeros((16, 3, 4, 4), np.float32), labels=np.zeros(16, int), cfg=cfg, threads=1)
+    sqnr = {m.name: m.output_sqnr_db for m in measured}
+    assert sqnr["source"] is None and sqnr["same"] is None
+    assert sqnr["noisy"] == pytest.approx(40.0, abs=1e-3) and sqnr["worse"] == pytest.approx(20.0, abs=1e-3)
+    assert all(m.to_json()["output_sqnr_db"] == sqnr[m.name] for m in measured)
