@@ -30,10 +30,6 @@ def _cpuinfo() -> tuple[str, frozenset[str]]:
     return model, flags
 
 
-def cpu_model() -> str:
-    return _cpuinfo()[0]
-
-
 def cpu_flags() -> frozenset[str]:
     return _cpuinfo()[1]
 

@@ -33,12 +33,6 @@ class OutputError(CompressorError):
     """An output (directory, file, cache entry) cannot be written where it was asked for."""
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def describe_os_error(exc: OSError) -> str:
     """``[Errno 28] No space left on device: 'x'`` -> ``No space left on device``."""
     return exc.strerror or type(exc).__name__
@@ -260,10 +254,3 @@ def run_tempdir() -> Iterator[Path]:
         else:
             os.environ["TMPDIR"] = saved_env
         shutil.rmtree(path, ignore_errors=True)
-
-
-def normal_permissions(path: Path) -> None:
-    """Give a file or directory made by mkstemp/mkdtemp the mode the user's umask gives new ones."""
-    base = 0o777 if path.is_dir() else 0o666
-    with contextlib.suppress(OSError):
-        os.chmod(path, base & ~_umask())
