@@ -97,8 +97,21 @@ def run(model: Path | None, recipe: str, out: Path | None, overwrite: bool, arch
     if not job.report:  # a non-first process of a torchrun job: the first one reports
         return job.exit_code
     print_table(job.report)
+    _explain_hint(job.report, job.out_dir, trust_model)
     click.echo(f"wrote {job.out_dir}/report.md, {job.out_dir}/report.json and {len(job.report['engines'])} engine(s)")
     return job.exit_code
+
+
+def _explain_hint(report: dict, out_dir: Path, trust_model: bool) -> None:
+    """Each engine that missed the top-1 limit: its worst layer, and the command that explains all."""
+    explained = report.get("explain") or {}
+    for name in explained.get("missed_top1", []):
+        line = explained["worst"].get(name)
+        if line:
+            click.echo(f"missed the top-1 limit: {line}")
+    if explained.get("missed_top1"):
+        click.echo(f"where accuracy is lost: {out_dir}/explain.md; all engines, with sensitivity: "
+                   f"compress explain {out_dir} --overwrite{' --trust-model' if trust_model else ''}")
 
 
 @cli.command()
@@ -170,6 +183,45 @@ def list_targets() -> int:
     return 0
 
 
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--model", type=click.Path(path_type=Path), help="the run's model file, if not where the run found it")
+@click.option("--trust-model", is_flag=True, help="allow loading a pickled nn.Module (runs code from the file)")
+@click.option("--data", "data_root", help="data directory (overrides the recipe's data.root)")
+@click.option("--images", type=click.IntRange(1, 100_000), default=64, show_default=True,
+              help="images held out of the calibration split (never the test split)")
+@click.option("--threshold-db", type=float, default=15.0, show_default=True, help="flag layers below this SQNR")
+@click.option("--no-sensitivity", is_flag=True, help="skip the per-layer sensitivity ranking")
+@click.option("--threads", type=click.IntRange(1, 1024), help="threads for every runtime [all cores]")
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="pass cache [~/.cache/compressor/passes]")
+@click.option("--overwrite", is_flag=True, help="replace a previous explanation in RUN_DIR")
+@click.option("--verbose", "-v", count=True)
+def explain(run_dir: Path, model: Path | None, trust_model: bool, data_root: str | None, images: int,
+            threshold_db: float, no_sensitivity: bool, threads: int | None, cache_dir: Path | None, overwrite: bool,
+            verbose: int) -> int:
+    """Where accuracy is lost in RUN_DIR's engines: per layer, per pass, per quantizer."""
+    from .evaluate import ExplainConfig
+    from .explain import worst_line
+    from .job import JobOptions, explain_run_dir
+
+    _setup_logging(verbose)
+    options = JobOptions(trust_model=trust_model, data_root=data_root, threads=threads, cache_dir=cache_dir,
+                         overwrite=overwrite)
+    cfg = ExplainConfig(images=images, threshold_db=threshold_db, sensitivity=not no_sensitivity)
+    say = (lambda m: click.echo(m, err=True)) if verbose else None
+    exp, written = explain_run_dir(run_dir, options, cfg, model=model, say=say)
+    for s in exp.data["stages"]:
+        if "status" not in s:
+            click.echo(f"{s['step']:<40} top-1 {s['top1']:6.2f}%  agreement {s['agreement']:6.2f}%  "
+                       f"output SQNR {'-' if s['output_sqnr_db'] is None else format(s['output_sqnr_db'], '.1f')} dB")
+    for name, e in exp.data["engines"].items():
+        line = worst_line(name, e)
+        if line:
+            click.echo(line)
+    click.echo(f"wrote {', '.join(str(p) for p in written)} ({exp.data['seconds']:.0f} s)")
+    return 0
+
+
 @cli.command(name="build-engine")
 @click.argument("engine_dir", type=click.Path(path_type=Path))
 def build_engine(engine_dir: Path) -> int:
@@ -210,6 +262,7 @@ def demo(out: Path, overwrite: bool, epochs: int, threads: int | None, quiet: bo
     _setup_logging(0)
     job = run_demo(out, epochs=epochs, threads=threads, quiet=quiet, overwrite=overwrite)
     print_table(job.report)
+    _explain_hint(job.report, job.out_dir, True)
     click.echo(f"wrote {job.out_dir}/report.md and {job.out_dir}/report.json")
     return job.exit_code
 

@@ -288,6 +288,31 @@ class DataBundle:
             self._cache[key] = self.calibration_source.load_images(idx, size, color)
         return self._cache[key]
 
+    def validation_indices(self, count: int, *, calibrated: int | None = None) -> np.ndarray:
+        """``count`` class-balanced indices of the training (calibration) split that calibration
+        with ``calibrated`` images (default: data.calibration.samples) does not see; drawn with
+        seed data.calibration.seed + 1. Never the evaluation (test) split: for explaining and for
+        accuracy budgets."""
+        cfg = self.config.calibration
+        src = self.calibration_source
+        used = src.balanced_indices(self.calibration_count(calibrated), cfg.seed)
+        rest = np.setdiff1d(np.arange(len(src)), used)
+        if len(rest) == 0:
+            raise DataError(f"every image of split {cfg.split!r} is a calibration image: none is left to "
+                            f"validate on (lower data.calibration.samples)")
+        pool = ImageSource(name=src.name, classes=src.classes, labels=src.labels[rest])
+        return rest[pool.balanced_indices(count, cfg.seed + 1)]
+
+    def validation_set(self, size: tuple[int, int], color: str, count: int, *,
+                       calibrated: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 images and labels of :meth:`validation_indices`."""
+        key = ("val", size, color, count, calibrated)
+        if key not in self._cache:
+            idx = self.validation_indices(count, calibrated=calibrated)
+            src = self.calibration_source
+            self._cache[key] = (src.load_images(idx, size, color), src.labels[idx])
+        return self._cache[key]
+
     def split_images(self, which: str, size: tuple[int, int], color: str) -> np.ndarray:
         """Every image of the training (calibration) or evaluation split, decoded once.
 

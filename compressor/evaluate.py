@@ -18,6 +18,20 @@ from .target_base import Runner
 log = logging.getLogger(__name__)
 
 
+class ExplainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    images: int = Field(default=64, ge=1, description="held-out images (never the test split)")
+    threshold_db: float = Field(default=15.0, description="a layer whose SQNR or channel SQNR is below this is flagged")
+    sensitivity: bool = Field(default=True, description="rank layers by the output SQNR won back without their quantizer")
+    disagreement_db: float = Field(default=10.0, gt=0, description="same layer, same precision, two engines this far apart")
+    drift_outside: float = Field(default=0.01, ge=0, le=1,
+                                 description="warn when this share of a layer's activations falls outside its calibrated range")
+    drift_range_used: float = Field(default=0.25, ge=0, le=1,
+                                    description="warn when the activations use less than this share of the calibrated range")
+    batch_size: int = Field(default=16, ge=1)
+
+
 class EvaluationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -30,6 +44,13 @@ class EvaluationConfig(BaseModel):
     throughput_batch: int = Field(default=64, ge=1)
     throughput_seconds: float = Field(default=3.0, gt=0)
     stages: bool = Field(default=False, description="also measure every intermediate torch model (eager)")
+    explain: bool | ExplainConfig = Field(
+        default=False, description="where accuracy is lost: per layer, per pass, sensitivity (explain.json/.md/.png)")
+
+    def explain_config(self) -> ExplainConfig | None:
+        if self.explain is False:
+            return None
+        return ExplainConfig() if self.explain is True else self.explain
 
 
 @dataclass

@@ -23,6 +23,7 @@ from .pipeline import PassCache, Pipeline
 from .training import world
 from .recipe import Recipe
 from .compare import save_samples
+from .explain import EXPLAIN_FILES
 from .report import build_report, write_report
 from .staging import OutputError, check_writable, describe_os_error, run_tempdir, staged_dir, sweep_stale
 
@@ -114,7 +115,7 @@ def preflight_out_dir(out_dir: Path, *, overwrite: bool, protected: list[tuple[s
             if report is None:
                 raise OutputError(f"{where} holds files that are not a compressor run ({_names(entries)}): "
                                   "not writing there; give a new or empty directory")
-            known = set(report.get("outputs") or RUN_OUTPUTS)
+            known = set(report.get("outputs") or RUN_OUTPUTS) | set(EXPLAIN_FILES)
             foreign = [e for e in entries if e not in known]
             if foreign:
                 raise OutputError(f"{where} holds a previous run and other files ({_names(foreign)}): not "
@@ -270,7 +271,10 @@ def run_and_write(plan: JobPlan, artifact: Any, data: DataBundle | None) -> JobR
                 built_in=staging,
                 published_as=out_dir,
             )
-            write_report(report, staging)
+            if plan.recipe_path is not None:
+                report["recipe_path"] = str(plan.recipe_path)  # compress explain resolves the data from there
+            explained = _explain_in_run(plan, result, data, report, staging)
+            write_report(report, staging, explain=explained)
         except (CompressorError, OSError) as exc:  # name where the file was to go, not the staging place
             relocated = _relocated(exc, staging, out_dir)
             if relocated is exc:
@@ -279,6 +283,30 @@ def run_and_write(plan: JobPlan, artifact: Any, data: DataBundle | None) -> JobR
     failed_targets = [f for f in result.failures if options.require_targets or not f.unavailable]
     exit_code = 0 if report["acceptance"]["passed"] and not failed_targets else 1
     return JobResult(report=report, out_dir=out_dir, exit_code=exit_code)
+
+
+def _explain_in_run(plan: JobPlan, result: Any, data: DataBundle | None, report: dict[str, Any],
+                    staging: Path) -> dict[str, Any] | None:
+    """With ``evaluation.explain``, explain every engine; otherwise, when engines miss the top-1
+    limit, a quick explanation of those (32 images, no sensitivity) so the console can name each
+    one's worst layer. Adds report["explain"]; returns explain.json's content."""
+    from .evaluate import ExplainConfig
+    from .explain import explain_result, write_outputs
+
+    cfg = plan.evaluation.explain_config()
+    failing = sorted({c["result"] for c in report["acceptance"]["checks"]
+                      if c["metric"] == "top1_drop" and not c["passed"]})
+    if data is None or not result.engines or (cfg is None and not failing):
+        return None
+    quick = cfg is None
+    cfg = cfg or ExplainConfig(images=32, sensitivity=False)
+    exp = explain_result(result, data, cfg, threads=result.threads, only=set(failing) if quick else None,
+                         say=plan.pipeline.hooks.on_message)
+    written = write_outputs(exp, staging)
+    report["explain"] = {"files": [p.name for p in written], "quick": quick, "missed_top1": failing,
+                         "worst": exp.worst, "seconds": exp.data["seconds"]}
+    report["outputs"] = sorted({*report.get("outputs", []), *(p.name for p in written)})
+    return exp.data
 
 
 def _relocated(exc: CompressorError | OSError, staging: Path, out_dir: Path) -> CompressorError | OSError:
@@ -296,3 +324,61 @@ class ReadOnlyCache(PassCache):
 
     def put(self, key: str, artifact: Any, metrics: dict[str, Any]) -> Any:
         return artifact
+
+
+def explain_run_dir(run_dir: Path, options: JobOptions, cfg: Any, *, model: Path | None = None,
+                    say: Any = None) -> tuple[Any, list[Path]]:
+    """``compress explain RUN_DIR``: reload the run's source model, data and engines, take every
+    pass's output from the pass cache, explain, and write explain.json / .md / .png into RUN_DIR."""
+    from .explain import cached_stages, engine_handles, evaluation_sample, explain, held_out_images
+    from .explain import write_outputs
+    from .recipe import parse_recipe
+    from .registry import get_target
+    from .target_base import Engine
+
+    run_dir = Path(run_dir)
+    report = previous_run(run_dir)
+    if report is None:
+        raise ConfigError(f"{run_dir} is not a compressor run directory (no readable report.json)")
+    there = [f for f in EXPLAIN_FILES if (run_dir / f).exists()]
+    if there and not options.overwrite:
+        raise OutputError(f"{run_dir} already holds {there[0]}: pass --overwrite to replace the explanation")
+    check_writable(run_dir, "run directory")
+    recipe = parse_recipe(report.get("recipe_config") or {}, source=f"{run_dir}/report.json")
+    model_path = Path(model or report.get("model", ""))
+    if not model_path.is_file():
+        raise ConfigError(f"the run's model {model_path} is not found from here; give it with --model PATH")
+    recipe_path = Path(report["recipe_path"]) if report.get("recipe_path") else None
+    cache_root = options.cache_dir or PassCache.default_root()
+    pipeline = Pipeline(recipe.build_passes(), recipe.build_targets(), baselines=recipe.build_targets("baselines"),
+                        branches=recipe.build_branches(), cache=PassCache(cache_root) if options.use_cache else None,
+                        seed=recipe.seed)
+    pipeline.check(guess_form(model_path))
+    evaluation = recipe.evaluation.model_copy()
+    plan = JobPlan(model_path=model_path, recipe=recipe, recipe_path=recipe_path, options=options, pipeline=pipeline,
+                   out_dir=run_dir, evaluation=evaluation, timing=TimingHook(), rank=0, world_size=1)
+    artifact, data = load_inputs(plan)
+    if data is None:
+        raise ConfigError("explain needs images: the run's recipe names no data (give --data DIR)")
+    engines = []
+    for entry in report.get("engines", []):
+        d = run_dir / "engines" / entry["name"]
+        try:
+            meta = json.loads((d / "engine.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{d}/engine.json cannot be read ({type(exc).__name__}); is {run_dir} complete?") from None
+        target = get_target(meta["target"])(meta.get("config") or {}, step=entry.get("step") or meta["target"])
+        files = [d / Path(f).name for f in entry.get("files", [])]
+        engines.append(Engine(entry["target"], entry["name"], files, entry.get("precision", meta.get("precision", "")),
+                              entry.get("info", {}), built=entry.get("built", True), builder=target))
+    from .environment import default_threads
+
+    threads = options.threads or evaluation.threads or default_threads()
+    stages, missing = cached_stages(pipeline, artifact, data)
+    x, labels, where = held_out_images(artifact, data, cfg.images)
+    dx, dwhere = evaluation_sample(artifact, data, cfg.images)
+    exp = explain(artifact, engine_handles(engines, threads=threads), x, labels, stages=stages, images_from=where,
+                  threads=threads, cfg=cfg, drift_x=dx, drift_from=dwhere, say=say or (lambda _m: None))
+    if missing:
+        exp.data["stages_not_in_cache"] = missing
+    return exp, write_outputs(exp, run_dir)

@@ -231,10 +231,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+def write_report(report: dict[str, Any], out_dir: Path, *, explain: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """report.json and report.md; ``explain``: the run's explanation (explain.json's content), whose
+    section goes at the end of report.md."""
     json_path, md_path = out_dir / "report.json", out_dir / "report.md"
     atomic_write(json_path, json.dumps(report, indent=1, default=str) + "\n", what="report")
-    atomic_write(md_path, render_markdown(report), what="report")
+    md = render_markdown(report)
+    if explain is not None:
+        from .explain import render_markdown as explain_markdown
+
+        md += "\n" + explain_markdown(explain) + "\n"
+    atomic_write(md_path, md, what="report")
     return json_path, md_path
 
 

@@ -142,7 +142,8 @@ class Target(ABC):
                 precision = self.engine_precision(artifact)
                 (tmp / "engine.json").write_text(json.dumps({
                     "target": self.name, "precision": precision,
-                    "config": self.config.model_dump(mode="json"), "lineage": artifact.lineage, **info},
+                    "config": self.config.model_dump(mode="json"), "lineage": artifact.lineage,
+                    "input_hash": artifact.content_hash(), **info},
                     indent=1, default=str))
         except CompressorError:
             raise
@@ -173,6 +174,12 @@ class Target(ABC):
     @abstractmethod
     def load(self, engine: Engine, *, threads: int) -> Runner:
         """A runner for the built engine, using exactly ``threads`` threads."""
+
+    def taps(self, engine: Engine, reference: list[Any], *, threads: int) -> Any:
+        """A :class:`compressor.taps.Tapper` reading the engine's per-layer tensors (``reference``:
+        the reference model's :class:`compressor.taps.LayerInfo` list, for targets that match layers
+        by shape and order)."""
+        raise NotImplementedError(f"target {self.name!r} cannot read its engine's intermediate tensors")
 
     # Targets whose engine is built on the device (TensorRT on a Jetson) set ``has_proxy``: where
     # they are unavailable, they still write what the device needs to build it and name a runtime

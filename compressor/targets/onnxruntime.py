@@ -56,6 +56,12 @@ class OnnxRuntimeTarget(Target):
         return OrtRunner(engine.path, threads=threads, graph_optimization=self.config.graph_optimization)
 
 
+    def taps(self, engine: Engine, reference: list[Any], *, threads: int) -> Any:
+        from ..taps import OnnxTapper
+
+        return OnnxTapper(engine.path, threads=threads)
+
+
 class OrtRunner(Runner):
     def __init__(self, path: Path, *, threads: int, graph_optimization: str = "all") -> None:
         import onnxruntime as ort

@@ -74,6 +74,13 @@ class OpenVINOTarget(Target):
         return OVRunner(engine.path, threads=threads, device=self.config.device, precision_hint=self.config.precision_hint)
 
 
+    def taps(self, engine: Engine, reference: list[Any], *, threads: int) -> Any:
+        from ..taps import OpenVINOTapper
+
+        return OpenVINOTapper(engine.path, threads=threads, precision_hint=self.config.precision_hint,
+                              reference=reference)
+
+
 class OVRunner(Runner):
     """Compiles one static-shape model per batch size, with a latency hint and fixed threads."""
 

@@ -158,6 +158,16 @@ class TensorRTTarget(Target):
         return "onnxruntime", OrtRunner(engine.path, threads=threads)
 
 
+    def taps(self, engine: Engine, reference: list[Any], *, threads: int) -> Any:
+        """The QDQ graph TensorRT builds from, on ONNX Runtime (a TensorRT engine keeps no names
+        of intermediate tensors that map back here)."""
+        from ..taps import OnnxTapper
+
+        tapper = OnnxTapper(engine.path.parent / "model.onnx", threads=threads)
+        tapper.plan.note = "the QDQ ONNX graph TensorRT builds from, run on ONNX Runtime"
+        return tapper
+
+
 class TRTRunner(Runner):
     """Runs a serialized engine with torch CUDA tensors as its buffers."""
 

@@ -287,6 +287,12 @@ class TFLiteTarget(Target):
         return TFLiteRunner(engine.path, threads=threads)
 
 
+    def taps(self, engine: Engine, reference: list[Any], *, threads: int) -> Any:
+        from ..taps import TFLiteTapper
+
+        return TFLiteTapper(engine.path, reference, threads=threads)
+
+
 class TFLiteRunner(Runner):
     """One LiteRT interpreter per batch size (the input resized, then tensors allocated), XNNPACK
     delegate with exactly ``threads`` threads. Float NCHW batches in, float logits out; quantized
