@@ -48,6 +48,20 @@ def acceptance_checks(results: list[dict[str, Any]], limits: AcceptanceConfig) -
     return checks
 
 
+def budget_checks(passes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One check per quantize_ptq with ``max_drop``: its accuracy budget, met on the validation images
+    or not (a budget no setting met fails the run, with the best model it found still built)."""
+    checks = []
+    for p in passes:
+        b = (p.get("metrics") or {}).get("accuracy_budget")
+        if not b:
+            continue
+        checks.append({"result": p["step"], "metric": "validation_top1_drop", "value": round(b["drop"], 4),
+                       "limit": b["max_drop"], "unit": "points", "passed": bool(b["met"]),
+                       "kept_in_float": len(b.get("kept_in_float") or [])})
+    return checks
+
+
 def build_report(
     result: RunResult,
     *,
@@ -89,6 +103,7 @@ def build_report(
             r["speedup"] = source["latency_ms"]["p50"] / r["latency_ms"]["p50"]
             r["compression"] = source["size_bytes"] / r["size_bytes"] if r["size_bytes"] else None
     checks = acceptance_checks(results, limits) if (limits is not None and results) else []
+    checks += budget_checks([r.to_json() for r in result.records])
     data_info = None
     if data is not None:
         ev = data.config.evaluation
@@ -213,6 +228,22 @@ def render_markdown(report: dict[str, Any]) -> str:
             figures = figures[:157] + "..."
         lines.append(f"| {p['index']} | {p['name']} | {p['form_in']} → {p['form_out']} | {p['seconds']:.1f} | "
                      f"{'yes' if p['cached'] else 'no'} | `{figures}` |")
+    for p in report["passes"]:
+        b = (p.get("metrics") or {}).get("accuracy_budget")
+        if not b:
+            continue
+        lines += ["", f"## Accuracy budget of `{p['step']}`", "",
+                  f"max_drop {b['max_drop']} points on {b['validation_images']} validation images (held out of the "
+                  f"training split, not the test split): float {b['float_top1']:.2f}%, plain INT8 "
+                  f"{b['int8_top1_plain']:.2f}%, budgeted INT8 {b['int8_top1']:.2f}% (drop {b['drop']:.2f}); "
+                  f"{'met' if b['met'] else '**NOT MET**: the best setting found is built'}. The test-split drop "
+                  "is each engine's Δtop-1 above.", ""]
+        kept = b.get("kept_layers") or []
+        if kept:
+            lines += ["| layer kept in float | source module | op | batch-1 latency cost ms |", "|---|---|---|---|"]
+            for k in kept:
+                lines.append(f"| {k.get('node')} | {k.get('source_module') or '-'} | {k.get('op_type') or '-'} | "
+                             f"{_fmt(k.get('latency_cost_ms'), 3)} |")
     lines += ["", "## What each runtime used", ""]
     for r in report["results"]:
         rt = {k: v for k, v in r["runtime"].items() if k not in ("kernels",)}

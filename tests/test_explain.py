@@ -192,3 +192,29 @@ def test_calibration_drift_warns_on_noise_calibration_only(noisy, model_files, t
     assert engine["calibration_drift"], engine
     drift = engine["verdict"].get("drift", [])
     assert bool(drift) is noisy, engine["calibration_drift"]
+
+
+def test_max_drop_in_a_run_is_a_gated_check_with_the_kept_layers_in_the_report(planted, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "budget.yaml", RECIPE.split("passes:")[0] + """passes:
+  - export_onnx
+  - quantize_ptq: {backend: onnxruntime, max_drop: 1.0, validation_samples: 200, kept_layer_latency: false}
+targets: [onnxruntime]
+evaluation: {batch_size: 64, warmup: 1, latency_runs: 10, latency_min_seconds: 0, latency_rounds: 1,
+             throughput_batch: 4, throughput_seconds: 0.05, threads: 2}
+acceptance: {max_top1_drop: 3.0}
+""")
+    code, out, err = cli(capsys, planted, "--recipe", recipe, "--trust-model", "--out", tmp_path / "out", "-q")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    check = next(c for c in report["acceptance"]["checks"] if c["metric"] == "validation_top1_drop")
+    assert code == 0 and check["passed"] and 1 <= check["kept_in_float"] <= 2, (report["acceptance"], err)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Accuracy budget of `passes[1].quantize_ptq`" in md and "| 0 |" in md
+
+
+def test_a_budget_not_met_fails_the_acceptance():
+    from compressor.report import budget_checks
+
+    passes = [{"step": "passes[1].quantize_ptq", "metrics": {"accuracy_budget": {
+        "max_drop": 0.3, "drop": 4.2, "met": False, "kept_in_float": ["/4/Conv"]}}}, {"step": "x", "metrics": {}}]
+    (check,) = budget_checks(passes)
+    assert check["passed"] is False and check["value"] == 4.2 and check["limit"] == 0.3

@@ -14,6 +14,11 @@ Three backends, each the library made for it, each in its own module under ``_pt
   activation and residual adds fuse), calibrated here on the CPU with ONNX Runtime; the placement
   is checked by :mod:`compressor.qdq_rules` and reported.
 
+With ``max_drop`` (an accuracy budget in top-1 points on validation images of the training split),
+each backend keeps the most sensitive layers in float until the budget holds
+(:mod:`._ptq.accuracy_budget`); the pass metrics then carry an ``accuracy_budget`` block whose
+``met`` says whether it did.
+
 This module keeps the config, the registration and the dispatch.
 """
 
@@ -26,11 +31,13 @@ from pydantic import Field, model_validator
 
 from ..artifact import Form, ModelArtifact
 from ..data import preprocess
+from ..environment import default_threads
 from ..errors import PipelineOrderError
 from ..pass_base import Pass, PassContext, PassResult
 from ..registry import register_pass
 from ._nncf import NNCFQuantizationConfig
 from ._ptq import modelopt_qdq, onnxruntime_static, openvino_nncf
+from ._ptq.accuracy_budget import Budget
 
 Calibration = Literal["minmax", "mean_minmax", "percentile", "histogram", "entropy"]
 CALIBRATION_METHODS = {
@@ -66,6 +73,18 @@ class QuantizePTQConfig(NNCFQuantizationConfig):
     pass has no VNNI/AMX. Set it explicitly when quantizing for another CPU."""
     ignored_nodes: list[str] = Field(default_factory=list)
     """node names to keep in floating point"""
+    max_drop: float | None = Field(default=None, ge=0)
+    """accuracy budget: most top-1 points lost on validation images (held out of the training split,
+    never the test split); where plain PTQ loses more, the most sensitive layers stay in float
+    until it holds (openvino: NNCF quantize_with_accuracy_control; onnxruntime, tensorrt: ranked
+    layers in the quantizer's excluded nodes). None: plain PTQ"""
+    validation_samples: int = Field(default=500, ge=10)
+    """max_drop: class-balanced validation images of the training split that calibration does not use"""
+    max_kept_layers: int = Field(default=8, ge=1)
+    """max_drop: most layers kept in float before the search gives up (the pass then reports
+    accuracy_budget.met false with the best model found)"""
+    kept_layer_latency: bool = True
+    """max_drop: time the batch-1 latency each kept layer costs (the model with it in INT8 against without)"""
 
     @model_validator(mode="after")
     def _method_fits_backend(self) -> QuantizePTQConfig:
@@ -110,6 +129,8 @@ class QuantizePTQ(Pass):
     def preflight(self, artifact: ModelArtifact | None, data: Any) -> None:
         if self.config.backend == "tensorrt":
             modelopt_qdq.check_available(self.step)
+        if self.config.max_drop is not None and data is not None:
+            data.validation_indices(1, calibrated=self.config.samples)  # a DataError where none is left
 
     # ------------------------------------------------------------------ calibration data
     def _calibration(self, artifact: ModelArtifact, ctx: PassContext) -> np.ndarray:
@@ -118,6 +139,20 @@ class QuantizePTQ(Pass):
         images = ctx.data.calibration_images(size, artifact.preprocessing.color, self.config.samples)  # type: ignore[arg-type]
         return preprocess(images, artifact.preprocessing)
 
+    def _budget(self, artifact: ModelArtifact, ctx: PassContext) -> Budget | None:
+        """The accuracy budget and its validation images (training split, not calibration images)."""
+        cfg = self.config
+        if cfg.max_drop is None:
+            return None
+        assert ctx.data is not None
+        size = tuple(artifact.input_spec.sample_shape[1:])
+        images, labels = ctx.data.validation_set(size, artifact.preprocessing.color, cfg.validation_samples,  # type: ignore[arg-type]
+                                                 calibrated=cfg.samples)
+        return Budget(max_drop=cfg.max_drop, x=preprocess(images, artifact.preprocessing), labels=labels,
+                      max_kept_layers=cfg.max_kept_layers, threads=ctx.threads or default_threads(),
+                      layer_latency=cfg.kept_layer_latency)
+
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> PassResult:
         x = self._calibration(artifact, ctx)
-        return BACKENDS[self.config.backend](artifact, x, self.config, ctx.work_dir, self.step)
+        return BACKENDS[self.config.backend](artifact, x, self.config, ctx.work_dir, self.step,
+                                             budget=self._budget(artifact, ctx))

@@ -20,6 +20,8 @@ from ... import qdq_rules
 from ...artifact import Form, ModelArtifact
 from ...errors import ConfigError
 from ...pass_base import PassResult
+from . import accuracy_budget
+from .accuracy_budget import Budget
 
 if TYPE_CHECKING:
     from ..quantize_ptq import QuantizePTQConfig
@@ -37,12 +39,25 @@ def check_available(step: str) -> None:
 
 
 def quantize(artifact: ModelArtifact, x: np.ndarray, config: QuantizePTQConfig, work_dir: Path,
-             step: str) -> PassResult:
+             step: str, budget: Budget | None = None) -> PassResult:
+    """ModelOpt's QDQ for TensorRT; with ``budget``, the layers the search picks go into ModelOpt's
+    ``nodes_to_exclude`` (see :mod:`.accuracy_budget`; measured on ONNX Runtime's CPU provider)."""
     import onnx
 
     assert artifact.path is not None
     path = work_dir / "model.onnx"
-    quantize_for_tensorrt(artifact.path, path, x, config.calibration, config.ignored_nodes)
+    extra: dict[str, Any] = {}
+    if budget is None:
+        quantize_for_tensorrt(artifact.path, path, x, config.calibration, config.ignored_nodes)
+    else:
+        plain = work_dir / "try-0.onnx"
+        quantize_for_tensorrt(artifact.path, plain, x, config.calibration, config.ignored_nodes)
+        path, extra["accuracy_budget"] = accuracy_budget.search_onnx(
+            artifact.path, plain, budget,
+            lambda exclude, dst: quantize_for_tensorrt(artifact.path, dst, x, config.calibration,
+                                                       [*config.ignored_nodes, *exclude]),
+            work_dir, producer_outputs_quantized=False, method="nvidia-modelopt nodes_to_exclude",
+            latency_runtime="onnxruntime CPU (the QDQ graph; TensorRT builds its engine elsewhere)")
     if not config.per_channel:
         log.warning("%s: ModelOpt always quantizes weights per channel for TensorRT", step)
     rules = qdq_rules.check(onnx.load(str(path)))
@@ -50,7 +65,7 @@ def quantize(artifact: ModelArtifact, x: np.ndarray, config: QuantizePTQConfig, 
         log.warning("%s: the QDQ graph breaks TensorRT placement rules: %s", step,
                     "; ".join(map(str, rules.violations[:5])))
     metrics = {"backend": "nvidia-modelopt (TensorRT QDQ)", "calibration": config.calibration, "samples": len(x),
-               "calibration_provider": "onnxruntime CPU", "tensorrt_qdq_rules": rules.to_json()}
+               "calibration_provider": "onnxruntime CPU", "tensorrt_qdq_rules": rules.to_json(), **extra}
     return PassResult(artifact.derive(Form.ONNX, path=path, precision="int8", qdq_for="tensorrt"), metrics)
 
 

@@ -1,10 +1,14 @@
 """quantize_ptq backend openvino: NNCF ``nncf.quantize`` on an OpenVINO model (converted from torch
-or ONNX), producing an IR with FakeQuantize nodes that the CPU plugin runs as INT8 (VNNI/AMX)."""
+or ONNX), producing an IR with FakeQuantize nodes that the CPU plugin runs as INT8 (VNNI/AMX).
+Under an accuracy budget, ``nncf.quantize_with_accuracy_control`` instead, on the validation images."""
 
 from __future__ import annotations
 
+import logging
+import re
+import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -12,13 +16,17 @@ from ...artifact import Form, ModelArtifact
 from ...openvino_convert import to_openvino_model
 from ...pass_base import PassResult
 from .._nncf import nncf_quantize_arguments
+from . import accuracy_budget
+from .accuracy_budget import Budget
 
 if TYPE_CHECKING:
     from ..quantize_ptq import QuantizePTQConfig
 
 
 def quantize(artifact: ModelArtifact, x: np.ndarray, config: QuantizePTQConfig, work_dir: Path,
-             step: str) -> PassResult:
+             step: str, budget: Budget | None = None) -> PassResult:
+    """``nncf.quantize``; with ``budget``, ``nncf.quantize_with_accuracy_control`` on the validation
+    images (NNCF reverts the most sensitive layers to float until the drop holds)."""
     import nncf
     import openvino as ov
     from nncf.quantization.advanced_parameters import QuantizationParameters
@@ -33,20 +41,152 @@ def quantize(artifact: ModelArtifact, x: np.ndarray, config: QuantizePTQConfig, 
     }
     dataset = nncf.Dataset([x[i : i + 1] for i in range(len(x))])
     ignored = nncf.IgnoredScope(names=config.ignored_nodes, validate=True) if config.ignored_nodes else None
-    quantized = nncf.quantize(
-        model,
-        dataset,
-        ignored_scope=ignored,
-        **nncf_quantize_arguments(
-            config,
-            len(x),
-            activations_range_estimator_params=estimators[config.calibration],
-            weights_quantization_params=None if config.per_channel else QuantizationParameters(per_channel=False),
-        ),
+    arguments = nncf_quantize_arguments(
+        config,
+        len(x),
+        activations_range_estimator_params=estimators[config.calibration],
+        weights_quantization_params=None if config.per_channel else QuantizationParameters(per_channel=False),
     )
+    extra: dict[str, Any] = {}
+    if budget is None:
+        quantized = nncf.quantize(model, dataset, ignored_scope=ignored, **arguments)
+    else:
+        quantized, extra["accuracy_budget"] = _within_budget(model, dataset, budget, config, arguments, work_dir)
     path = work_dir / "model.xml"
     ov.save_model(quantized, str(path), compress_to_fp16=False)
     fq = sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ops())
     metrics = {"backend": "nncf/openvino", "calibration": config.calibration, "samples": len(x),
-               "fake_quantize_nodes": fq}
+               "fake_quantize_nodes": fq, **extra}
     return PassResult(artifact.derive(Form.OPENVINO, path=path, precision="int8"), metrics)
+
+
+# ---------------------------------------------------------------------- accuracy budget
+
+_LAYERS = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "GroupConvolutionBackpropData", "MatMul")
+_ACTIVATION_PATH = ("MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze")
+_WEIGHT_PATH = ("Convert", "Reshape", "Transpose", "Subtract", "Multiply")
+_LOW_PRECISION = ("i8", "u8", "i4", "u4")
+
+
+def quantized_layers(model: Any) -> dict[str, str]:
+    """{friendly name: type} of the convolutions and matmuls of an OpenVINO model with an input that
+    comes through a FakeQuantize (data, or weights before compression) or from int8 weights."""
+
+    def quantized(value: Any, through: tuple[str, ...]) -> bool:
+        node = value.get_node()
+        while node.get_type_name() in through:
+            node = node.input_value(0).get_node()
+        kind = node.get_type_name()
+        return kind == "FakeQuantize" or (kind == "Constant" and node.get_element_type().get_type_name() in _LOW_PRECISION)
+
+    return {op.get_friendly_name(): op.get_type_name() for op in model.get_ops()
+            if op.get_type_name() in _LAYERS and op.get_input_size() >= 2
+            and (quantized(op.input_value(0), _ACTIVATION_PATH) or quantized(op.input_value(1), _WEIGHT_PATH))}
+
+
+class _NNCFLog(logging.Handler):
+    """What NNCF's accuracy restorer logs about each step: the operations it reverts and the drop after."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.tries: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if text.startswith("Reverted ") and "floating-point precision" in text:
+            self.tries.append({"reverted": [n.strip() for n in text.splitlines()[1:] if n.strip()], "drop": None})
+        elif self.tries and self.tries[-1]["drop"] is None:
+            found = re.search(r"(?:new quantization scope is|achieved required accuracy drop) (-?[\d.e-]+)", text)
+            if found:
+                self.tries[-1]["drop"] = 100.0 * float(found.group(1))
+
+
+def _validation_fn(labels: np.ndarray) -> Any:
+    def validate(compiled: Any, items: Any) -> tuple[float, list[float]]:
+        request = compiled.create_infer_request()
+        hits = []
+        for image, label in items:
+            request.infer({0: image})
+            hits.append(float(request.get_output_tensor(0).data.argmax() == label))
+        return float(np.mean(hits)) if hits else 0.0, hits  # per-image hits: NNCF ranks by the metric
+
+    return validate
+
+
+def _top1(xml: Any, budget: Budget) -> float:
+    from ...targets.openvino import OVRunner
+
+    runner = OVRunner(xml, threads=budget.threads)
+    try:
+        return budget.top1(np.concatenate([runner(budget.x[i : i + 64]) for i in range(0, len(budget.x), 64)]))
+    finally:
+        runner.close()
+
+
+def _within_budget(model: Any, dataset: Any, budget: Budget, config: QuantizePTQConfig, arguments: dict[str, Any],
+                   work_dir: Path) -> tuple[Any, dict[str, Any]]:
+    import nncf
+    import openvino as ov
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    from ...targets.openvino import OVRunner
+
+    items = [(budget.x[i : i + 1], int(budget.labels[i])) for i in range(len(budget.x))]
+    validation = nncf.Dataset(items, lambda item: item[0])
+    plain_dir = work_dir / "plain"
+    plain_dir.mkdir(exist_ok=True)
+    fp32_xml = plain_dir / "float.xml"
+    ov.save_model(model, str(fp32_xml), compress_to_fp16=False)
+    restorer = AdvancedAccuracyRestorerParameters(
+        max_num_iterations=budget.max_kept_layers, ranking_subset_size=min(len(items), 300),
+        intermediate_model_dir=str(plain_dir))
+    advanced = arguments.pop("advanced_parameters")
+    nncf_log = _NNCFLog()
+    logger = logging.getLogger("nncf")
+    logger.addHandler(nncf_log)
+    try:
+        quantized = nncf.quantize_with_accuracy_control(
+            model, dataset, validation, _validation_fn(budget.labels),
+            max_drop=budget.max_drop / 100.0,  # NNCF's metric is our top-1 as a fraction
+            drop_type=nncf.DropType.ABSOLUTE,
+            ignored_scope=nncf.IgnoredScope(names=config.ignored_nodes, validate=True) if config.ignored_nodes else None,
+            advanced_quantization_parameters=advanced,
+            advanced_accuracy_restorer_parameters=restorer,
+            **arguments,
+        )
+    finally:
+        logger.removeHandler(nncf_log)
+    plain_xml = plain_dir / "intermediate_model.xml"
+    final_xml = plain_dir / "budgeted.xml"
+    ov.save_model(quantized, str(final_xml), compress_to_fp16=False)
+    float_top1, plain_top1, top1 = (_top1(p, budget) for p in (fp32_xml, plain_xml, final_xml))
+    core = ov.Core()
+    plain_layers = quantized_layers(core.read_model(str(plain_xml)))
+    reverted = [name for name in plain_layers if name not in quantized_layers(quantized)]
+    if not budget.holds(float_top1, top1) and plain_top1 > top1:  # NNCF's last step made it worse
+        quantized, top1, reverted = core.read_model(str(plain_xml)), plain_top1, []
+
+    latencies: dict[str, float] = {}
+    extra: dict[str, Any] = {}
+    if reverted and budget.layer_latency:
+        variants = {}
+        for i, layer in enumerate(reverted):
+            others = [r for r in reverted if r != layer]
+            if not others:
+                variants[layer] = plain_xml
+                continue
+            scope = nncf.IgnoredScope(names=[*config.ignored_nodes, *others], validate=False)
+            variant = nncf.quantize(model, dataset, ignored_scope=scope, advanced_parameters=advanced, **arguments)
+            variants[layer] = plain_dir / f"without-{i}.xml"
+            ov.save_model(variant, str(variants[layer]), compress_to_fp16=False)
+        final_ms, latencies = accuracy_budget.latency_costs(
+            OVRunner(final_xml, threads=budget.threads),
+            {k: OVRunner(v, threads=budget.threads) for k, v in variants.items()}, budget.x[:1])
+        extra["latency_ms"] = {"budgeted": final_ms, "runtime": "openvino CPU", "threads": budget.threads}
+    kept = [{"node": name, "op_type": plain_layers[name], "source_module": accuracy_budget.source_module(name),
+             "latency_cost_ms": latencies.get(name)} for name in reverted]
+    shutil.rmtree(plain_dir, ignore_errors=True)
+    metrics = accuracy_budget.metrics_block(
+        budget, method="nncf quantize_with_accuracy_control", float_top1=float_top1, plain_top1=plain_top1,
+        top1=top1, kept=kept, tries=nncf_log.tries, **extra)
+    return quantized, metrics
