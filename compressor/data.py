@@ -13,10 +13,10 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .artifact import Preprocessing
 from .errors import DataError
@@ -32,8 +32,22 @@ class CalibrationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     split: str = "train"
-    samples: int = Field(default=300, ge=1, le=100_000, description="class-balanced calibration images")
+    samples: int = Field(default=300, ge=1, le=100_000,
+                         description="class-balanced calibration images; a list sweeps the sizes (see sweep)")
     seed: int = 0
+    sweep: list[int] | None = Field(default=None, description="set by giving samples a list: every quantize_ptq "
+                                    "also calibrates on each size and reports its validation top-1; the engine "
+                                    "uses the largest")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _samples_list(cls, value: Any) -> Any:
+        if isinstance(value, dict) and isinstance(value.get("samples"), list):
+            sizes = value["samples"]
+            if not sizes or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes):
+                raise ValueError("samples: a list of calibration sizes must hold positive integers")
+            value = {**value, "samples": max(sizes), "sweep": sorted(set(sizes))}
+        return value
 
 
 class EvaluationDataConfig(BaseModel):
@@ -288,6 +302,12 @@ class DataBundle:
             self._cache[key] = self.calibration_source.load_images(idx, size, color)
         return self._cache[key]
 
+    def calibration_per_class(self, count: int | None = None) -> dict[str, int]:
+        """How many calibration images of each class a request for ``count`` gets."""
+        src = self.calibration_source
+        labels = src.labels[src.balanced_indices(self.calibration_count(count), self.config.calibration.seed)]
+        return {src.classes[c]: int((labels == c).sum()) for c in range(len(src.classes))}
+
     def validation_indices(self, count: int, *, calibrated: int | None = None) -> np.ndarray:
         """``count`` class-balanced indices of the training (calibration) split that calibration
         with ``calibrated`` images (default: data.calibration.samples) does not see; drawn with
@@ -366,7 +386,8 @@ class DataBundle:
         if kind == "calibration":
             c = self.config.calibration
             # the count used, not the one asked for: 5000 and 100000 of a 1347-image split are the same images
-            return f"{self.calibration_source.fingerprint}:{self.calibration_count()}:{c.seed}"
+            sweep = f":sweep={','.join(map(str, c.sweep))}" if c.sweep else ""
+            return f"{self.calibration_source.fingerprint}:{self.calibration_count()}:{c.seed}{sweep}"
         e = self.config.evaluation
         return f"{self.evaluation_source.fingerprint}:{e.limit}:{e.seed}"
 

@@ -127,7 +127,7 @@ def _logits(runner: Any, x: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate([np.asarray(runner(x[i : i + batch]), np.float32) for i in range(0, len(x), batch)])
 
 
-def _stage_runner(art: ModelArtifact, threads: int) -> Any:
+def artifact_runner(art: ModelArtifact, threads: int) -> Any:
     from .evaluate import TorchRunner
     from .targets.onnxruntime import OrtRunner
     from .targets.openvino import OVRunner
@@ -161,7 +161,7 @@ def explain(source: ModelArtifact, engines: list[EngineHandle], x: np.ndarray, l
     bs = cfg.batch_size
     by_hash = {source.content_hash(): source, **{a.content_hash(): a for _, _, a in stages}}
     say("explain: source logits")
-    src_runner = _stage_runner(source, threads)
+    src_runner = artifact_runner(source, threads)
     try:
         ref_logits = _logits(src_runner, x, bs)
     finally:
@@ -178,7 +178,7 @@ def explain(source: ModelArtifact, engines: list[EngineHandle], x: np.ndarray, l
     for step, name, art in stages:
         say(f"explain: stage {step}")
         try:
-            r = _stage_runner(art, threads)
+            r = artifact_runner(art, threads)
             try:
                 stage_rows.append(row(step, name, _logits(r, x, bs), form=art.form.value, precision=art.precision))
             finally:

@@ -116,6 +116,8 @@ def build_report(
             "calibration": {"split": data.config.calibration.split,
                             "samples_requested": data.config.calibration.samples,
                             "samples_used": data.calibration_count(),
+                            "per_class": data.calibration_per_class(),
+                            **({"sweep": data.config.calibration.sweep} if data.config.calibration.sweep else {}),
                             "seed": data.config.calibration.seed, "fingerprint": data.fingerprint("calibration")},
             "classes": data.classes,
         }
@@ -228,6 +230,19 @@ def render_markdown(report: dict[str, Any]) -> str:
             figures = figures[:157] + "..."
         lines.append(f"| {p['index']} | {p['name']} | {p['form_in']} → {p['form_out']} | {p['seconds']:.1f} | "
                      f"{'yes' if p['cached'] else 'no'} | `{figures}` |")
+    for p in report["passes"]:
+        sw = (p.get("metrics") or {}).get("calibration_sweep")
+        if not sw:
+            continue
+        lines += ["", f"## Calibration size of `{p['step']}`", "",
+                  f"Plain INT8 top-1 on {sw['validation_images']} validation images of split "
+                  f"'{sw['validation_split']}' that no size calibrates on (not the test split); float "
+                  f"{sw['float_top1']:.2f}%. The engine was built with {sw['built_with']} images.", "",
+                  "| calibration images | validation top-1 % | drop from float |", "|---|---|---|"]
+        for r in sw["rows"]:
+            lines.append(f"| {r['samples_used']}" + (f" (of {r['samples_requested']} asked)"
+                         if r["samples_used"] != r["samples_requested"] else "") +
+                         f" | {r['validation_top1']:.2f} | {sw['float_top1'] - r['validation_top1']:.2f} |")
     for p in report["passes"]:
         b = (p.get("metrics") or {}).get("accuracy_budget")
         if not b:

@@ -133,11 +133,50 @@ class QuantizePTQ(Pass):
             data.validation_indices(1, calibrated=self.config.samples)  # a DataError where none is left
 
     # ------------------------------------------------------------------ calibration data
-    def _calibration(self, artifact: ModelArtifact, ctx: PassContext) -> np.ndarray:
+    def _calibration(self, artifact: ModelArtifact, ctx: PassContext, count: int | None = None) -> np.ndarray:
         assert ctx.data is not None
         size = tuple(artifact.input_spec.sample_shape[1:])
-        images = ctx.data.calibration_images(size, artifact.preprocessing.color, self.config.samples)  # type: ignore[arg-type]
+        images = ctx.data.calibration_images(size, artifact.preprocessing.color, count or self.config.samples)  # type: ignore[arg-type]
         return preprocess(images, artifact.preprocessing)
+
+    def _sweep(self, artifact: ModelArtifact, ctx: PassContext, built: PassResult, used: int) -> dict[str, Any] | None:
+        """With ``data.calibration.samples`` a list (and no ``samples`` of the pass's own): plain PTQ
+        calibrated on each size, its top-1 on validation images of the training split that none of
+        the sizes calibrates on (never the test split); the built model is the largest size's."""
+        assert ctx.data is not None
+        sizes = ctx.data.config.calibration.sweep
+        if not sizes or self.config.samples is not None:
+            return None
+        from ..explain import artifact_runner
+
+        threads = ctx.threads or default_threads()
+        size = tuple(artifact.input_spec.sample_shape[1:])
+        images, labels = ctx.data.validation_set(size, artifact.preprocessing.color, self.config.validation_samples,  # type: ignore[arg-type]
+                                                 calibrated=max(sizes))
+        xv = preprocess(images, artifact.preprocessing)
+
+        def top1(art: ModelArtifact) -> float:
+            runner = artifact_runner(art, threads)
+            try:
+                runner.prepare(64)
+                logits = np.concatenate([np.asarray(runner(xv[i : i + 64])) for i in range(0, len(xv), 64)])
+            finally:
+                runner.close()
+            return round(100.0 * float((logits.argmax(1) == labels).mean()), 2)
+
+        plain = self.config.model_copy(update={"max_drop": None})
+        rows = []
+        for n in sizes:
+            x = self._calibration(artifact, ctx, n)
+            if len(x) == used and self.config.max_drop is None:
+                art = built.artifact
+            else:
+                work = ctx.work_dir / f"sweep-{n}"
+                work.mkdir(parents=True, exist_ok=True)
+                art = BACKENDS[self.config.backend](artifact, x, plain, work, self.step, budget=None).artifact
+            rows.append({"samples_requested": n, "samples_used": len(x), "validation_top1": top1(art)})
+        return {"validation_images": len(labels), "validation_split": ctx.data.config.calibration.split,
+                "float_top1": top1(artifact), "rows": rows, "built_with": used}
 
     def _budget(self, artifact: ModelArtifact, ctx: PassContext) -> Budget | None:
         """The accuracy budget and its validation images (training split, not calibration images)."""
@@ -154,5 +193,9 @@ class QuantizePTQ(Pass):
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> PassResult:
         x = self._calibration(artifact, ctx)
-        return BACKENDS[self.config.backend](artifact, x, self.config, ctx.work_dir, self.step,
-                                             budget=self._budget(artifact, ctx))
+        res = BACKENDS[self.config.backend](artifact, x, self.config, ctx.work_dir, self.step,
+                                            budget=self._budget(artifact, ctx))
+        sweep = self._sweep(artifact, ctx, res, len(x))
+        if sweep is not None:
+            res.metrics["calibration_sweep"] = sweep
+        return res
