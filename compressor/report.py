@@ -231,34 +231,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {p['index']} | {p['name']} | {p['form_in']} → {p['form_out']} | {p['seconds']:.1f} | "
                      f"{'yes' if p['cached'] else 'no'} | `{figures}` |")
     for p in report["passes"]:
-        sw = (p.get("metrics") or {}).get("calibration_sweep")
-        if not sw:
-            continue
-        lines += ["", f"## Calibration size of `{p['step']}`", "",
-                  f"Plain INT8 top-1 on {sw['validation_images']} validation images of split "
-                  f"'{sw['validation_split']}' that no size calibrates on (not the test split); float "
-                  f"{sw['float_top1']:.2f}%. The engine was built with {sw['built_with']} images.", "",
-                  "| calibration images | validation top-1 % | drop from float |", "|---|---|---|"]
-        for r in sw["rows"]:
-            lines.append(f"| {r['samples_used']}" + (f" (of {r['samples_requested']} asked)"
-                         if r["samples_used"] != r["samples_requested"] else "") +
-                         f" | {r['validation_top1']:.2f} | {sw['float_top1'] - r['validation_top1']:.2f} |")
-    for p in report["passes"]:
-        b = (p.get("metrics") or {}).get("accuracy_budget")
-        if not b:
-            continue
-        lines += ["", f"## Accuracy budget of `{p['step']}`", "",
-                  f"max_drop {b['max_drop']} points on {b['validation_images']} validation images (held out of the "
-                  f"training split, not the test split): float {b['float_top1']:.2f}%, plain INT8 "
-                  f"{b['int8_top1_plain']:.2f}%, budgeted INT8 {b['int8_top1']:.2f}% (drop {b['drop']:.2f}); "
-                  f"{'met' if b['met'] else '**NOT MET**: the best setting found is built'}. The test-split drop "
-                  "is each engine's Δtop-1 above.", ""]
-        kept = b.get("kept_layers") or []
-        if kept:
-            lines += ["| layer kept in float | source module | op | batch-1 latency cost ms |", "|---|---|---|---|"]
-            for k in kept:
-                lines.append(f"| {k.get('node')} | {k.get('source_module') or '-'} | {k.get('op_type') or '-'} | "
-                             f"{_fmt(k.get('latency_cost_ms'), 3)} |")
+        lines += _calibration_sweep_lines(p) + _budget_lines(p)
     lines += ["", "## What each runtime used", ""]
     for r in report["results"]:
         rt = {k: v for k, v in r["runtime"].items() if k not in ("kernels",)}
@@ -275,6 +248,43 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {c['result']} | {c['metric']} | {c['value']} {c['unit']} | {c['limit']} {c['unit']} | "
                          f"{'pass' if c['passed'] else '**FAIL**'} |")
     return "\n".join(lines) + "\n"
+
+
+def _calibration_sweep_lines(p: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    sw = (p.get("metrics") or {}).get("calibration_sweep")
+    if not sw:
+        return lines
+    lines += ["", f"## Calibration size of `{p['step']}`", "",
+              f"Plain INT8 top-1 on {sw['validation_images']} validation images of split "
+              f"'{sw['validation_split']}' that no size calibrates on (not the test split); float "
+              f"{sw['float_top1']:.2f}%. The engine was built with {sw['built_with']} images.", "",
+              "| calibration images | validation top-1 % | drop from float |", "|---|---|---|"]
+    for r in sw["rows"]:
+        lines.append(f"| {r['samples_used']}" + (f" (of {r['samples_requested']} asked)"
+                     if r["samples_used"] != r["samples_requested"] else "") +
+                     f" | {r['validation_top1']:.2f} | {sw['float_top1'] - r['validation_top1']:.2f} |")
+    return lines
+
+
+def _budget_lines(p: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    b = (p.get("metrics") or {}).get("accuracy_budget")
+    if not b:
+        return lines
+    lines += ["", f"## Accuracy budget of `{p['step']}`", "",
+              f"max_drop {b['max_drop']} points on {b['validation_images']} validation images (held out of the "
+              f"training split, not the test split): float {b['float_top1']:.2f}%, plain INT8 "
+              f"{b['int8_top1_plain']:.2f}%, budgeted INT8 {b['int8_top1']:.2f}% (drop {b['drop']:.2f}); "
+              f"{'met' if b['met'] else '**NOT MET**: the best setting found is built'}. The test-split drop "
+              "is each engine's Δtop-1 above.", ""]
+    kept = b.get("kept_layers") or []
+    if kept:
+        lines += ["| layer kept in float | source module | op | batch-1 latency cost ms |", "|---|---|---|---|"]
+        for k in kept:
+            lines.append(f"| {k.get('node')} | {k.get('source_module') or '-'} | {k.get('op_type') or '-'} | "
+                         f"{_fmt(k.get('latency_cost_ms'), 3)} |")
+    return lines
 
 
 def write_report(report: dict[str, Any], out_dir: Path, *, explain: dict[str, Any] | None = None) -> tuple[Path, Path]:
