@@ -103,7 +103,9 @@ def build_report(
             r["speedup"] = source["latency_ms"]["p50"] / r["latency_ms"]["p50"]
             r["compression"] = source["size_bytes"] / r["size_bytes"] if r["size_bytes"] else None
     checks = acceptance_checks(results, limits) if (limits is not None and results) else []
-    checks += budget_checks([r.to_json() for r in result.records])
+    checks += budget_checks([r.to_json() for r in result.records]
+                            + [{"step": e.builder.step if e.builder else e.name, "metrics": e.info}
+                               for e in result.engines])
     data_info = None
     if data is not None:
         ev = data.config.evaluation
@@ -232,6 +234,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{'yes' if p['cached'] else 'no'} | `{figures}` |")
     for p in report["passes"]:
         lines += _calibration_sweep_lines(p) + _budget_lines(p)
+    for e in report.get("engines", []):  # targets that quantize themselves (tflite int8)
+        lines += _budget_lines({"step": e.get("step") or e["name"], "metrics": e.get("info") or {}})
     lines += ["", "## What each runtime used", ""]
     for r in report["results"]:
         rt = {k: v for k, v in r["runtime"].items() if k not in ("kernels",)}

@@ -218,3 +218,22 @@ def test_a_budget_not_met_fails_the_acceptance():
         "max_drop": 0.3, "drop": 4.2, "met": False, "kept_in_float": ["/4/Conv"]}}}, {"step": "x", "metrics": {}}]
     (check,) = budget_checks(passes)
     assert check["passed"] is False and check["value"] == 4.2 and check["limit"] == 0.3
+
+
+def test_tflite_int8_under_a_budget_keeps_the_planted_layers_in_float(planted, tmp_path, capsys):
+    """The tflite target's PT2E path: plain INT8 loses the planted model; max_drop 1.0 holds on the
+    validation images with at most two layers left unannotated (the planted one first)."""
+    recipe = write_recipe(tmp_path / "tfl.yaml", RECIPE.split("passes:")[0] + """passes: [fuse]
+targets:
+  - tflite: {quantization: int8, max_drop: 1.0, validation_samples: 200}
+evaluation: {batch_size: 64, warmup: 1, latency_runs: 10, latency_min_seconds: 0, latency_rounds: 1,
+             throughput_batch: 4, throughput_seconds: 0.05, threads: 2}
+acceptance: {max_top1_drop: 3.0}
+""")
+    code, out, err = cli(capsys, planted, "--recipe", recipe, "--trust-model", "--out", tmp_path / "out", "-q")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    budget = report["engines"][0]["info"]["accuracy_budget"]
+    assert budget["drop_plain"] > 10 and budget["met"] and 1 <= len(budget["kept_in_float"]) <= 2, budget
+    assert budget["ranking"][0]["layer"] == PLANTED_LAYER and budget["kept_in_float"][0] == PLANTED_LAYER
+    assert code == 0, (report["acceptance"], err[-2000:])
+    assert "## Accuracy budget of `targets[0].tflite`" in (tmp_path / "out" / "report.md").read_text()

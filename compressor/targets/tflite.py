@@ -71,6 +71,16 @@ class TFLiteConfig(TargetConfig):
     """int8: float: a QUANTIZE op on the input and a DEQUANTIZE op on the output make the model take
     and return float32 (XNNPACK runs them with the rest); quantized: keep the converter's int8 input
     and output (the runner then quantizes batches in numpy)"""
+    max_drop: float | None = Field(default=None, ge=0)
+    """int8 (pt2e): accuracy budget, most top-1 points lost on validation images of the training
+    split that calibration does not use (never the test split); where plain INT8 loses more, the
+    layers that lose most (per-layer taps against the float model) stay in float, one more per try"""
+    validation_samples: int = Field(default=500, ge=10)
+    """max_drop: class-balanced validation images"""
+    max_kept_layers: int = Field(default=8, ge=1)
+    """max_drop: most layers kept in float before giving up (accuracy_budget.met false, best kept)"""
+    kept_layer_latency: bool = True
+    """max_drop: time what each kept layer costs at batch 1 (one more conversion per kept layer)"""
     export: Literal["auto", "strict", "non_strict"] = "auto"
     """int8 (pt2e): torch.export mode of the capture; auto tries strict (which records the source
     functions the quantizer's add / pool patterns match) and falls back to non-strict"""
@@ -141,6 +151,8 @@ class TFLiteTarget(Target):
                 x = self._calibration(artifact, data)
                 content = self._convert_pt2e(module, sample, x, info, artifact)
                 info["calibration_samples"] = len(x)
+                if cfg.max_drop is not None:
+                    content = self._within_budget(module, sample, x, content, info, artifact, data, tmp_dir)
             else:
                 content = self._convert(module, sample, artifact)
                 info["route"] = "litert_torch.convert"
@@ -179,13 +191,13 @@ class TFLiteTarget(Target):
             raise self._conversion_error(exc, artifact) from exc
 
     def _convert_pt2e(self, module: Any, sample: Any, x: np.ndarray, info: dict[str, Any],
-                      artifact: ModelArtifact) -> bytes:
+                      artifact: ModelArtifact, keep_float: tuple[str, ...] = ()) -> bytes:
         import torch
         from litert_torch.quantize import pt2e_quantizer, quant_config
         from torchao.quantization.pt2e import quantize_pt2e
 
         cfg = self.config
-        quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
+        quantizer = (_keeping_quantizer(keep_float) if keep_float else pt2e_quantizer.PT2EQuantizer()).set_global(
             pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=cfg.per_channel, is_dynamic=False))
         errors: list[str] = []
         quantized, last = None, None
@@ -212,6 +224,100 @@ class TFLiteTarget(Target):
                         "per-channel" if cfg.per_channel else "per-tensor"))
         config = quant_config.QuantConfig(pt2e_quantizer=quantizer)
         return self._convert(quantized, sample, artifact, quant_config=config)
+
+    def _within_budget(self, module: Any, sample: Any, x: np.ndarray, content: bytes, info: dict[str, Any],
+                       artifact: ModelArtifact, data: Any, tmp_dir: Path) -> bytes:
+        """max_drop on the PT2E path: rank the layers by the SQNR each one loses against the float
+        model (taps on validation images), then convert again with the top 1, 2, ... layers (their
+        batch norm and activation, and the pooling / reshaping after them) left unannotated, so
+        they run in float, until the validation drop holds. The metrics go to engine.json's
+        ``accuracy_budget`` (the run fails its acceptance when ``met`` is false)."""
+        from ..environment import default_threads
+        from ..passes._ptq.accuracy_budget import Budget, latency_costs, metrics_block
+        from ..taps import TFLiteTapper, TorchTapper
+
+        cfg = self.config
+        size = tuple(artifact.input_spec.sample_shape[1:])
+        images, labels = data.validation_set(size, artifact.preprocessing.color, cfg.validation_samples,
+                                             calibrated=cfg.samples)
+        budget = Budget(max_drop=cfg.max_drop, x=preprocess(images, artifact.preprocessing), labels=labels,
+                        max_kept_layers=cfg.max_kept_layers, threads=default_threads(),
+                        layer_latency=cfg.kept_layer_latency)
+        work = tmp_dir / ".budget"
+        work.mkdir()
+
+        def saved(blob: bytes, tag: str) -> Path:
+            path = work / f"{tag}.tflite"
+            path.write_bytes(blob)
+            return path
+
+        def top1(blob: bytes, tag: str) -> float:
+            runner = TFLiteRunner(saved(blob, tag), threads=budget.threads)
+            try:
+                return budget.top1(np.concatenate([runner(budget.x[i : i + 64]) for i in range(0, len(budget.x), 64)]))
+            finally:
+                runner.close()
+
+        import torch
+
+        with torch.inference_mode():
+            float_top1 = budget.top1(np.concatenate([module(torch.from_numpy(budget.x[i : i + 64])).numpy()
+                                                     for i in range(0, len(budget.x), 64)]))
+        plain = top1(content, "plain")
+        best, best_top1, kept, tries = content, plain, [], []
+        ranking: list[dict[str, Any]] = []
+        if not budget.holds(float_top1, plain):
+            ref = TorchTapper(module)
+            tap = TFLiteTapper(saved(content, "plain"), ref.layers, threads=budget.threads)
+            xs = budget.x[:64]
+            want, got = ref(xs), tap(xs)
+            from ..explain import _Acc, _low
+
+            prev = 60.0
+            for name in ref.plan.layers:
+                if name not in got:
+                    continue
+                acc = _Acc()
+                acc.add(want[name], got[name], None)
+                low = _low(acc.result(None))
+                low = 99.0 if low is None else low
+                ranking.append({"layer": name, "sqnr_db": round(low, 2), "loss_db": round(max(0.0, prev - low), 2)})
+                prev = min(prev, low)
+            ranking.sort(key=lambda r: -r["loss_db"])
+            modules = {layer.name: layer.modules for layer in ref.layers}
+            for k in range(1, min(cfg.max_kept_layers, len(ranking)) + 1):
+                layers = [r["layer"] for r in ranking[:k]]
+                keep = tuple(m for layer in layers for m in modules.get(layer, (layer,)))
+                blob = self._convert_pt2e(module, sample, x, {}, artifact, keep_float=keep)
+                t = top1(blob, f"keep{k}")
+                tries.append({"kept": layers, "int8_top1": t, "met": budget.holds(float_top1, t)})
+                if t > best_top1 or (t == best_top1 and not kept):
+                    best, best_top1, kept = blob, t, layers
+                if budget.holds(float_top1, t):
+                    best, best_top1, kept = blob, t, layers
+                    break
+        rows = [{"node": layer, "source_module": layer, "op_type": "CONV_2D/FULLY_CONNECTED", "latency_cost_ms": None}
+                for layer in kept]
+        extra: dict[str, Any] = {"ranking": ranking}
+        if kept and budget.layer_latency:
+            variants = {}
+            for layer in kept:
+                others = tuple(m for other in kept if other != layer for m in modules.get(other, (other,)))
+                blob = self._convert_pt2e(module, sample, x, {}, artifact, keep_float=others) if others else content
+                variants[layer] = TFLiteRunner(saved(blob, f"without-{layer}"), threads=budget.threads)
+            final_p50, costs = latency_costs(TFLiteRunner(saved(best, "final"), threads=budget.threads), variants,
+                                             budget.x[:1])
+            for r in rows:
+                r["latency_cost_ms"] = round(costs[r["node"]], 4)
+            extra["latency_ms"] = {"budgeted": round(final_p50, 4), "runtime": "tflite (XNNPACK)",
+                                   "threads": budget.threads}
+        info["accuracy_budget"] = metrics_block(budget, method="per-layer SQNR loss ranking, layers left "
+                                                "unannotated in PT2E", float_top1=float_top1, plain_top1=plain,
+                                                top1=best_top1, kept=rows, tries=tries, **extra)
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+        return best
 
     def _captures(self, module: Any, sample: Any, x: np.ndarray, errors: list[str]) -> Iterator[tuple[Any, str, int]]:
         """torch.export captures of the module for PT2E, best first: strict if possible (it records
@@ -240,7 +346,7 @@ class TFLiteTarget(Target):
                 yield captured, name, batch if dynamic is not None else 1
 
     def _ai_edge_quantize(self, content: bytes, x: np.ndarray | None, info: dict[str, Any]) -> bytes:
-        from ai_edge_quantizer import qtyping, quantizer, recipe
+        from ai_edge_quantizer import qtyping, quantizer
 
         cfg = self.config
         granularity = qtyping.QuantGranularity.CHANNELWISE if cfg.per_channel else qtyping.QuantGranularity.TENSORWISE
@@ -291,6 +397,53 @@ class TFLiteTarget(Target):
         from ..taps import TFLiteTapper
 
         return TFLiteTapper(engine.path, reference, threads=threads)
+
+
+_MOVES = {"max_pool2d", "max_pool2d_with_indices", "adaptive_avg_pool2d", "avg_pool2d", "flatten", "view", "reshape",
+          "permute", "squeeze", "unsqueeze", "getitem", "hardtanh", "relu", "relu6", "dropout", "mean"}
+
+
+def _keeping_quantizer(keep: tuple[str, ...]) -> Any:
+    """A litert_torch PT2EQuantizer that leaves the nodes of the ``keep`` modules unannotated (they
+    then run in float), and with them the data-movement ops whose only input is such a node (which
+    the quantizer would otherwise quantize with their input's scale)."""
+    from litert_torch.quantize import pt2e_quantizer
+
+    wanted = set(keep)
+
+    def module_of(node: Any) -> set[str]:
+        names = set()
+        for value in (node.meta.get("nn_module_stack") or {}).values():
+            path = value[0] if isinstance(value, tuple) else str(value)
+            if "L['self']" in path or "getattr(" in path:  # strict export: getattr(L['self'], '0'), L['self'].a[0]
+                parts = [a or b or c for a, b, c in re.findall(r"'([^']+)'|\.([A-Za-z_]\w*)|\[(\d+)\]", path)]
+                path = ".".join(p for p in parts if p != "self")
+            names.add(path)
+        return names
+
+    class Keeping(pt2e_quantizer.PT2EQuantizer):
+        def annotate(self, model: Any) -> Any:
+            model = super().annotate(model)
+            stripped: set[Any] = set()
+            for node in model.graph.nodes:
+                if module_of(node) & wanted:
+                    node.meta.pop("quantization_annotation", None)
+                    stripped.add(node)
+            changed = True
+            while changed:
+                changed = False
+                for node in model.graph.nodes:
+                    if node in stripped or node.op != "call_function":
+                        continue
+                    name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+                    inputs = [a for a in node.args if hasattr(a, "op")]
+                    if name in _MOVES and inputs and all(a in stripped for a in inputs):
+                        node.meta.pop("quantization_annotation", None)
+                        stripped.add(node)
+                        changed = True
+            return model
+
+    return Keeping()
 
 
 class TFLiteRunner(Runner):
