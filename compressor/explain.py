@@ -188,15 +188,13 @@ def explain(source: ModelArtifact, engines: list[EngineHandle], x: np.ndarray, l
                                "status": f"not run: {type(exc).__name__}: {first_line(exc)}"})
 
     references: dict[str, TorchTapper | OnnxTapper] = {}
-    ref_taps_cache: dict[str, list[dict[str, np.ndarray]]] = {}
-    drift_cache: dict[str, list[dict[str, np.ndarray]]] = {}
 
-    def reference(art: ModelArtifact) -> tuple[str, Any]:
+    def reference(art: ModelArtifact) -> Any:
         key = art.content_hash()
         if key not in references:
             references[key] = (TorchTapper(art.torch_module(), threads=threads) if art.form is not Form.ONNX
                                else OnnxTapper(art.path, threads=threads))
-        return key, references[key]
+        return references[key]
 
     out_engines: dict[str, Any] = {}
     for e in engines:
@@ -217,7 +215,7 @@ def explain(source: ModelArtifact, engines: list[EngineHandle], x: np.ndarray, l
             out_engines[e.name] = entry
             continue
         ref_art = _reference_for(e, by_hash, source)
-        key, ref = reference(ref_art)
+        ref = reference(ref_art)
         entry["reference"] = "source" if ref_art is source else _stage_name(ref_art, stages)
         try:
             tap = e.tapper(getattr(ref, "layers", []))
@@ -230,12 +228,10 @@ def explain(source: ModelArtifact, engines: list[EngineHandle], x: np.ndarray, l
             out_engines[e.name] = entry
             continue
         try:
-            if key not in ref_taps_cache:
-                ref_taps_cache[key] = [ref(x[i : i + bs]) for i in range(0, len(x), bs)]
             accs = {name: _Acc() for name in tap.plan.layers}
-            for b, i in enumerate(range(0, len(x), bs)):
+            for i in range(0, len(x), bs):  # batch by batch: the reference's tensors are not all held at once
                 got = tap(x[i : i + bs])
-                want = ref_taps_cache[key][b]
+                want = ref(x[i : i + bs])
                 for name, acc in accs.items():
                     if name in want:
                         acc.add(want[name], got[name], tap.plan.quantizers.get(name))
@@ -254,9 +250,8 @@ def explain(source: ModelArtifact, engines: list[EngineHandle], x: np.ndarray, l
             if tap.plan.note:
                 entry["taps"] = tap.plan.note
             if drift_x is not None and tap.plan.quantizers:
-                if key not in drift_cache:
-                    drift_cache[key] = [ref(drift_x[i : i + bs]) for i in range(0, len(drift_x), bs)]
-                entry["calibration_drift"] = _drift(tap.plan.quantizers, drift_cache[key], ref.plan.layers)
+                batches = (ref(drift_x[i : i + bs]) for i in range(0, len(drift_x), bs))
+                entry["calibration_drift"] = _drift(tap.plan.quantizers, batches, ref.plan.layers)
             if cfg.sensitivity and tap.can_bypass and tap.plan.quantizers:
                 entry["sensitivity"] = _sensitivity(tap, x, ref_logits, entry["output_sqnr_db"], bs, say, e.name)
             elif cfg.sensitivity and tap.plan.quantizers:
@@ -282,25 +277,21 @@ def explain(source: ModelArtifact, engines: list[EngineHandle], x: np.ndarray, l
     return Explanation(data, worst)
 
 
-def _drift(quantizers: dict[str, Quantizer], batches: list[dict[str, np.ndarray]], order: list[str]) -> list[dict[str, Any]]:
+def _drift(quantizers: dict[str, Quantizer], batches: Any, order: list[str]) -> list[dict[str, Any]]:
     """Per quantized layer: the share of the reference's activations on the evaluation images outside
     the calibrated range, and the share of the range their largest magnitude reaches."""
-    rows = []
-    for name in order:
-        q = quantizers.get(name)
-        if q is None or not all(name in b for b in batches):
-            continue
-        outside = count = 0
-        peak = 0.0
-        span = max(abs(q.low), abs(q.high)) or 1.0
-        for b in batches:
-            a = b[name]
-            outside += int(((a < q.low) | (a > q.high)).sum())
-            count += a.size
-            peak = max(peak, float(np.abs(a).max()) / span if a.size else 0.0)
-        rows.append({"name": name, "outside_share": round(outside / max(count, 1), 6), "range_used": round(peak, 4),
-                     "values": count})
-    return rows
+    stats = {name: [0, 0, 0.0] for name in order if name in quantizers}  # outside, count, peak
+    for b in batches:
+        for name, st in stats.items():
+            a = b.get(name)
+            if a is None or not a.size:
+                continue
+            q = quantizers[name]
+            st[0] += int(((a < q.low) | (a > q.high)).sum())
+            st[1] += a.size
+            st[2] = max(st[2], float(np.abs(a).max()) / (max(abs(q.low), abs(q.high)) or 1.0))
+    return [{"name": name, "outside_share": round(o / max(c, 1), 6), "range_used": round(peak, 4), "values": c}
+            for name, (o, c, peak) in stats.items() if c]
 
 
 def _stage_name(art: ModelArtifact, stages: list[tuple[str, str, ModelArtifact]]) -> str:
@@ -479,12 +470,10 @@ def render_markdown(data: dict[str, Any], *, heading: str = "##", limit: int = 1
 
 def plot(data: dict[str, Any], path: Path) -> bool:
     """SQNR per layer in graph order, one line per engine; False when matplotlib is missing."""
-    try:
-        import matplotlib
+    from .plots import pyplot, save
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(10, 4.5), dpi=110)
     labels: list[str] = []
@@ -512,10 +501,7 @@ def plot(data: dict[str, Any], path: Path) -> bool:
                                                  if skipped else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
+    return save(fig, path)
 
 
 def write_outputs(exp: Explanation, out_dir: Path) -> list[Path]:

@@ -65,7 +65,8 @@ def default_out_dir(model_path: Path, recipe: Recipe) -> Path:
 
 # What a run writes at the top of its output directory, for runs whose report.json predates
 # its own "outputs" list.
-RUN_OUTPUTS = frozenset({"report.json", "report.md", "engines", "predictions.npz", "latency_samples.npz"})
+RUN_OUTPUTS = frozenset({"report.json", "report.md", "engines", "predictions.npz", "latency_samples.npz",
+                         "training.png"})
 
 
 def previous_run(path: Path) -> dict[str, Any] | None:
@@ -273,6 +274,10 @@ def run_and_write(plan: JobPlan, artifact: Any, data: DataBundle | None) -> JobR
             )
             if plan.recipe_path is not None:
                 report["recipe_path"] = str(plan.recipe_path)  # compress explain resolves the data from there
+            from .report import plot_training
+
+            if plot_training(report, staging / "training.png"):
+                report["outputs"] = sorted({*report.get("outputs", []), "training.png"})
             explained = _explain_in_run(plan, result, data, report, staging)
             write_report(report, staging, explain=explained)
         except (CompressorError, OSError) as exc:  # name where the file was to go, not the staging place

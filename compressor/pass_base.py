@@ -40,6 +40,7 @@ class PassContext:
     data: DataBundle | None = None
     seed: int = 0
     threads: int | None = None
+    cache_dir: Path | None = None  # the pass cache's root, for stores a pass shares across runs (teacher outputs)
 
 
 class Pass(ABC):

@@ -349,7 +349,8 @@ class Pipeline:
         else:
             work = tmp / f"{index:02d}-{p.name}"
             work.mkdir(parents=True, exist_ok=True)
-            ctx = PassContext(work_dir=work, data=data, seed=self.seed, threads=threads)
+            ctx = PassContext(work_dir=work, data=data, seed=self.seed, threads=threads,
+                              cache_dir=self.cache.root if self.cache else None)
             res = p(artifact, ctx)
             out, metrics, cached = res.artifact, res.metrics, False
             out.lineage = artifact.lineage + [

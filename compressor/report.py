@@ -232,6 +232,19 @@ def render_markdown(report: dict[str, Any]) -> str:
             figures = figures[:157] + "..."
         lines.append(f"| {p['index']} | {p['name']} | {p['form_in']} → {p['form_out']} | {p['seconds']:.1f} | "
                      f"{'yes' if p['cached'] else 'no'} | `{figures}` |")
+    curves = training_curves(report)
+    if curves:
+        lines += ["", "## Training", "", "Validation top-1 on images held out of the training split; seconds "
+                  "since the pass's training started." + (" ![training curves](training.png)" if
+                                                          "training.png" in report.get("outputs", []) else ""), ""]
+        for name, run in curves:
+            lines += [f"**{name}** ({run.get('device', 'cpu')}, {run.get('precision', 'fp32')}, "
+                      f"{run.get('seconds', 0):.0f} s):", "", "| epoch | train loss | train top-1 % | val top-1 % | s |",
+                      "|---|---|---|---|---|"]
+            for h in run["history"]:
+                lines.append(f"| {h.get('epoch')} | {_fmt(h.get('train_loss'), 4)} | {_fmt(h.get('train_top1'))} | "
+                             f"{_fmt(h.get('val_top1'))} | {_fmt(h.get('seconds'), 0)} |")
+            lines.append("")
     for p in report["passes"]:
         lines += _calibration_sweep_lines(p) + _budget_lines(p)
     for e in report.get("engines", []):  # targets that quantize themselves (tflite int8)
@@ -252,6 +265,45 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {c['result']} | {c['metric']} | {c['value']} {c['unit']} | {c['limit']} {c['unit']} | "
                          f"{'pass' if c['passed'] else '**FAIL**'} |")
     return "\n".join(lines) + "\n"
+
+
+def training_curves(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, training record with a history) of every training pass: distill and quantize_qat's
+    ``train``, each prune_structured step's ``finetune``."""
+    out = []
+    for p in report.get("passes", []):
+        m = p.get("metrics") or {}
+        if isinstance(m.get("train"), dict) and m["train"].get("history"):
+            out.append((p["step"], m["train"]))
+        for st in m.get("steps") or []:
+            if isinstance(st, dict) and isinstance(st.get("finetune"), dict) and st["finetune"].get("history"):
+                out.append((f"{p['step']} fine-tune {st.get('step')}", st["finetune"]))
+    return out
+
+
+def plot_training(report: dict[str, Any], path: Path) -> bool:
+    """training.png: training loss and validation top-1 against epoch, one line per training pass."""
+    curves = training_curves(report)
+    if not curves:
+        return False
+    from .plots import pyplot, save
+
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    for name, run in curves:
+        ep = [h.get("epoch") for h in run["history"]]
+        a.plot(ep, [h.get("train_loss") for h in run["history"]], marker=".", label=name)
+        b.plot(ep, [h.get("val_top1") for h in run["history"]], marker=".", label=name)
+    a.set_xlabel("epoch")
+    a.set_ylabel("training loss")
+    b.set_xlabel("epoch")
+    b.set_ylabel("validation top-1 %")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    b.legend(fontsize=7)
+    return save(fig, path)
 
 
 def _calibration_sweep_lines(p: dict[str, Any]) -> list[str]:

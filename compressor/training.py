@@ -73,11 +73,14 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     world_size: int = 1
     skipped_steps: int = 0  # steps whose loss was not finite: no update
+    precision: str = "fp32"  # bf16 autocast or fp32
+    device: str = "cpu"
 
     def to_json(self) -> dict[str, Any]:
         return {"steps": self.steps, "seconds": round(self.seconds, 1), "best_val_top1": self.best_val_top1,
                 "final_val_top1": self.final_val_top1, "world_size": self.world_size,
-                "skipped_steps": self.skipped_steps, "history": self.history}
+                "skipped_steps": self.skipped_steps, "precision": self.precision, "device": self.device,
+                "history": self.history}
 
 
 # ---------------------------------------------------------------------- distributed
@@ -169,19 +172,31 @@ def training_data(artifact: ModelArtifact, data: DataBundle, cfg: TrainConfig) -
     )
 
 
-def augment(images: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+AUGMENT_PAD = 4
+"""random-crop padding of the training augmentation"""
+
+
+def augment(images: torch.Tensor, gen: torch.Generator, pad: int = AUGMENT_PAD) -> torch.Tensor:
     """Random crop with zero padding and random horizontal flip, on a uint8 NHWC batch."""
+    import torch
+
+    n = images.shape[0]
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    flip = torch.rand(n, generator=gen) < 0.5
+    return crop_flip(images, dy, dx, flip, pad)
+
+
+def crop_flip(images: torch.Tensor, dy: Any, dx: Any, flip: Any, pad: int = AUGMENT_PAD) -> torch.Tensor:
+    """The crop at offsets (dy, dx) of the zero-padded image, mirrored where ``flip``: one view per image."""
     import torch
 
     n, h, w, _ = images.shape
     padded = torch.nn.functional.pad(images, (0, 0, pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    flip = torch.rand(n, generator=gen) < 0.5
     out = torch.empty_like(images)
     for i in range(n):
-        crop = padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
-        out[i] = crop.flip(1) if flip[i] else crop
+        crop = padded[i, int(dy[i]) : int(dy[i]) + h, int(dx[i]) : int(dx[i]) + w]
+        out[i] = crop.flip(1) if bool(flip[i]) else crop
     return out
 
 
@@ -231,6 +246,7 @@ def train(
     *,
     loss_fn: LossFn | None = None,
     description: str = "training",
+    augment_fn: Callable[[Any, np.ndarray, int], Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; it ends with the best validation checkpoint loaded."""
     import torch
@@ -280,8 +296,8 @@ def train(
                     break
                 ix = np.sort(mine[i : i + per_rank_batch])
                 images = torch.from_numpy(data.x_train[ix])
-                if cfg.augment:
-                    images = augment(images, gen)
+                if cfg.augment:  # augment_fn(images, indices, epoch): e.g. the stored views a cached teacher saw
+                    images = augment_fn(images, ix, epoch) if augment_fn is not None else augment(images, gen)
                 xb = data.normalise(images).to(dev)
                 yb = torch.from_numpy(data.y_train[ix]).to(dev)
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
@@ -316,7 +332,8 @@ def train(
                     val = evaluate_top1(model, data.x_val, data.y_val, data) if len(data.x_val) else None
                     history.append({"step": step, "epoch": round(step / steps_per_epoch, 2),
                                     "train_loss": round(running_loss / running_seen, 4),
-                                    "train_top1": round(100 * running_correct / running_seen, 2), "val_top1": val})
+                                    "train_top1": round(100 * running_correct / running_seen, 2), "val_top1": val,
+                                    "seconds": round(time.perf_counter() - started, 1)})
                     log.info("%s step %d/%d: %s", description, step, total, history[-1])
                     running_loss, running_correct, running_seen = 0.0, 0, 0
                     if val is not None and (best_top1 is None or val > best_top1):
@@ -330,7 +347,8 @@ def train(
     if skipped:
         log.warning("%s: %d of %d steps skipped for a loss that was not finite", description, skipped, step)
     return TrainResult(steps=step, seconds=time.perf_counter() - started, best_val_top1=best_top1,
-                       final_val_top1=final, history=history, world_size=size, skipped_steps=skipped)
+                       final_val_top1=final, history=history, world_size=size, skipped_steps=skipped,
+                       precision="bf16 autocast" if bf16 else "fp32", device=str(dev))
 
 
 MAX_NONFINITE_STEPS = 10

@@ -1,11 +1,13 @@
 """distill: knowledge distillation from a teacher model file into the current model or into a
 fresh student architecture (e.g. ``torchvision:mobilenet_v2``).
 
-Loss: Hinton et al. (KL divergence of temperature-softened outputs, scaled by T^2, weighted
-against cross-entropy on the labels) plus a feature loss on the penultimate embeddings (the
-classifier's input; FitNets-style, through a learned linear projection when widths differ).
-The teacher runs in inference mode; without augmentation its outputs are computed once and
-cached. The report shows teacher, student-before and student-after top-1.
+Loss: a logit term (Hinton KD, decoupled KD or DIST, ``loss``) weighted by ``alpha`` against
+cross-entropy on the labels (alpha 0: the cross-entropy control), plus a feature loss on the
+penultimate embeddings (the classifier's input; FitNets-style, through a learned linear projection
+when widths differ). The teacher runs in inference mode; its outputs are computed once: on the
+training images without augmentation, or on ``teacher_views`` stored augmented views of each,
+kept in the pass cache and replayed (:mod:`compressor.teacher_cache`). The report shows teacher,
+student-before and student-after top-1.
 """
 
 from __future__ import annotations
@@ -47,8 +49,24 @@ class DistillConfig(PassConfig):
     feature_loss: Literal["none", "penultimate"] = "penultimate"
     """feature-based loss on the embeddings that enter the classifier"""
     feature_weight: float = Field(default=1.0, ge=0)
+    loss: Literal["kd", "dkd", "dist"] = "kd"
+    """the logit loss: kd (Hinton: KL of softened outputs), dkd (decoupled KD, Zhao et al. 2022:
+    target-class and non-target-class terms weighted apart), dist (Huang et al. 2022: Pearson
+    correlation of class probabilities within each image and of each class across the batch)"""
+    dkd_alpha: float = Field(default=1.0, ge=0)
+    """dkd: weight of the target-class term (TCKD)"""
+    dkd_beta: float = Field(default=8.0, ge=0)
+    """dkd: weight of the non-target-class term (NCKD)"""
+    dist_beta: float = Field(default=1.0, ge=0)
+    """dist: weight of the inter-class relation (within each image)"""
+    dist_gamma: float = Field(default=1.0, ge=0)
+    """dist: weight of the intra-class relation (across the batch)"""
     cache_teacher: bool = True
-    """compute the teacher's outputs once when there is no augmentation"""
+    """compute the teacher's outputs once: without augmentation on the training images; with it on
+    teacher_views stored augmented views of each, replayed to the student (shared by later runs)"""
+    teacher_views: int = Field(default=4, ge=1, le=64)
+    """augmented views of each training image whose teacher outputs are stored (image i is shown
+    view (epoch + i) mod teacher_views)"""
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1.0))
 
     @model_validator(mode="after")
@@ -221,8 +239,8 @@ class Distill(Pass):
         top1_teacher = evaluate_top1(teacher, x_test, y_test, tdata)
         top1_before = evaluate_top1(student, x_test, y_test, tdata)
 
-        t_feat = _Features(teacher) if cfg.feature_loss != "none" else None
-        s_feat = _Features(student) if cfg.feature_loss != "none" else None
+        t_feat = _Features(teacher) if (cfg.feature_loss != "none" and cfg.feature_weight > 0) else None
+        s_feat = _Features(student) if t_feat is not None else None
         projector = None
         if t_feat is not None and s_feat is not None:
             with torch.inference_mode():
@@ -232,30 +250,54 @@ class Distill(Pass):
                 student(probe)
                 student.train()
             ds, dt = s_feat.value.shape[1], t_feat.value.shape[1]
-            projector = torch.nn.Linear(ds, dt, bias=False)
+            with torch.random.fork_rng():  # the same projector in every run, whatever ran before
+                torch.manual_seed(cfg.train.seed)
+                projector = torch.nn.Linear(ds, dt, bias=False)
 
-        cached = None
-        if cfg.cache_teacher and not cfg.train.augment:
+        cached, views, augment_fn = None, None, None
+        state = {"epoch": 0}
+        # alpha 0 and no feature loss: the cross-entropy control of a distillation, the teacher never runs
+        uses_teacher = cfg.alpha > 0 or projector is not None
+        if uses_teacher and cfg.cache_teacher and not cfg.train.augment:
             cached = _teacher_outputs(teacher, t_feat, tdata)
+        elif cfg.cache_teacher and cfg.train.augment:
+            from ..teacher_cache import TeacherViews
+
+            root = (ctx.cache_dir if ctx.cache_dir is not None else ctx.work_dir) / "teacher-outputs"
+            shown = TeacherViews(root, teacher_art.content_hash(), tdata, cfg.teacher_views, cfg.train.seed,
+                                 features=t_feat is not None)
+            if uses_teacher:
+                views = shown.build(teacher, t_feat, tdata)
+
+            def augment_fn(images: Any, ix: np.ndarray, epoch: int) -> Any:
+                # the stored views; the control (alpha 0) sees the very same images, with no teacher
+                state["epoch"] = epoch  # the loss of this batch reads the same views' teacher outputs
+                return shown.images(images, ix, epoch)
         temp, alpha = cfg.temperature, cfg.alpha
 
         def loss_fn(net: Any, x: Any, y: Any, idx: Any) -> tuple[Any, Any]:
             import torch.nn.functional as F
 
             logits = net(x)
-            if cached is not None:
-                t_logits = cached[0][idx].to(logits.dtype)
-                t_features = cached[1][idx].to(logits.dtype) if cached[1] is not None else None
+            if not uses_teacher:
+                return F.cross_entropy(logits, y, label_smoothing=cfg.train.label_smoothing), logits
+            if views is not None:
+                t_logits, t_features = views.outputs(idx.numpy(), state["epoch"])
+                t_logits = t_logits.to(logits.device)
+                t_features = t_features.to(logits.device) if t_features is not None else None
+            elif cached is not None:
+                t_logits = cached[0][idx].to(logits.device, torch.float32)
+                t_features = cached[1][idx].to(logits.device, torch.float32) if cached[1] is not None else None
             else:
                 with torch.inference_mode():
                     t_logits = teacher(x).float()
                     t_features = t_feat.value.float() if t_feat is not None else None
                 t_logits = t_logits.clone()
                 t_features = t_features.clone() if t_features is not None else None
-            kd = F.kl_div(F.log_softmax(logits.float() / temp, 1), F.log_softmax(t_logits / temp, 1),
-                          reduction="batchmean", log_target=True) * temp * temp
             ce = F.cross_entropy(logits, y, label_smoothing=cfg.train.label_smoothing)
-            loss = alpha * kd + (1 - alpha) * ce
+            loss = (1 - alpha) * ce
+            if alpha > 0:
+                loss = loss + alpha * logit_loss(cfg, logits.float(), t_logits.float(), y)
             if projector is not None and t_features is not None:
                 s = F.normalize(projector(s_feat.value.float()), dim=1)
                 t = F.normalize(t_features.float(), dim=1)
@@ -263,7 +305,8 @@ class Distill(Pass):
             return loss, logits
 
         # the projector trains with the student (one module, so DDP synchronises it too)
-        result = train(_WithProjector(student, projector), tdata, cfg.train, loss_fn=loss_fn, description="distill")
+        result = train(_WithProjector(student, projector), tdata, cfg.train, loss_fn=loss_fn, description="distill",
+                       augment_fn=augment_fn)
         for hook in (t_feat, s_feat):
             if hook is not None:
                 hook.remove()
@@ -278,7 +321,9 @@ class Distill(Pass):
             "temperature": temp,
             "alpha": alpha,
             "feature_loss": cfg.feature_loss,
-            "teacher_cached": cached is not None,
+            "loss": cfg.loss,
+            "teacher_cached": cached is not None or views is not None,
+            **({"teacher_views": views.describe()} if views is not None else {}),
             "train": result.to_json(),
         }
         log.info("distill: teacher %.2f%%, student %.2f%% -> %.2f%%", top1_teacher, top1_before, top1_after)
@@ -287,6 +332,36 @@ class Distill(Pass):
             meta["student"] = cfg.student
             meta["num_outputs"] = artifact.meta.get("num_outputs")
         return PassResult(artifact.derive(Form.TORCH, model=student.eval(), **meta), metrics)
+
+
+def logit_loss(cfg: DistillConfig, s: Any, t: Any, y: Any) -> Any:
+    """The distillation term on student and teacher logits (float32), scaled by T^2 where it softens."""
+    import torch
+    import torch.nn.functional as F
+
+    temp = cfg.temperature
+    if cfg.loss == "kd":
+        return F.kl_div(F.log_softmax(s / temp, 1), F.log_softmax(t / temp, 1), reduction="batchmean",
+                        log_target=True) * temp * temp
+    if cfg.loss == "dkd":  # Zhao et al., Decoupled Knowledge Distillation (CVPR 2022), as in mdistiller
+        gt = F.one_hot(y, s.shape[1]).bool()
+        ps, pt = F.softmax(s / temp, 1), F.softmax(t / temp, 1)
+        bs = torch.stack([(ps * gt).sum(1), (ps * ~gt).sum(1)], 1).clamp_min(1e-8)
+        bt = torch.stack([(pt * gt).sum(1), (pt * ~gt).sum(1)], 1).clamp_min(1e-8)
+        tckd = F.kl_div(bs.log(), bt, reduction="batchmean") * temp * temp
+        nckd = F.kl_div(F.log_softmax(s / temp - 1000.0 * gt, 1), F.softmax(t / temp - 1000.0 * gt, 1),
+                        reduction="batchmean") * temp * temp
+        return cfg.dkd_alpha * tckd + cfg.dkd_beta * nckd
+    # dist: Huang et al., Knowledge Distillation from A Stronger Teacher (NeurIPS 2022)
+    ps, pt = F.softmax(s / temp, 1), F.softmax(t / temp, 1)
+
+    def pearson(a: Any, b: Any) -> Any:  # along the last dimension
+        a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+        return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + 1e-8)
+
+    inter = (1 - pearson(ps, pt)).mean()
+    intra = (1 - pearson(ps.t(), pt.t())).mean()
+    return temp * temp * (cfg.dist_beta * inter + cfg.dist_gamma * intra)
 
 
 def _with_projector_type() -> Any:

@@ -131,12 +131,26 @@ def _within_budget(model: Any, dataset: Any, budget: Budget, config: QuantizePTQ
 
     from ...targets.openvino import OVRunner
 
+    # Plain PTQ first, measured here: NNCF's accuracy control is only asked when it misses the budget.
+    # (On the CIFAR-10 MobileNetV2 its own validation of the initially quantized model read 10% top-1,
+    # every image one class, where the same model from nncf.quantize reads 68.8%: it then reverted
+    # four layers to meet a budget plain INT8 already met.)
+    fp32_dir = work_dir / "plain"
+    fp32_dir.mkdir(exist_ok=True)
+    fp32_xml, direct_xml = fp32_dir / "float.xml", fp32_dir / "direct.xml"
+    ov.save_model(model, str(fp32_xml), compress_to_fp16=False)
+    direct = nncf.quantize(model, dataset, ignored_scope=nncf.IgnoredScope(names=config.ignored_nodes, validate=True)
+                           if config.ignored_nodes else None, **arguments)
+    ov.save_model(direct, str(direct_xml), compress_to_fp16=False)
+    float_top1, direct_top1 = _top1(fp32_xml, budget), _top1(direct_xml, budget)
+    if budget.holds(float_top1, direct_top1):
+        shutil.rmtree(fp32_dir, ignore_errors=True)
+        return direct, accuracy_budget.metrics_block(
+            budget, method="nncf quantize (plain PTQ met the budget)", float_top1=float_top1,
+            plain_top1=direct_top1, top1=direct_top1, kept=[], tries=[])
     items = [(budget.x[i : i + 1], int(budget.labels[i])) for i in range(len(budget.x))]
     validation = nncf.Dataset(items, lambda item: item[0])
-    plain_dir = work_dir / "plain"
-    plain_dir.mkdir(exist_ok=True)
-    fp32_xml = plain_dir / "float.xml"
-    ov.save_model(model, str(fp32_xml), compress_to_fp16=False)
+    plain_dir = fp32_dir
     restorer = AdvancedAccuracyRestorerParameters(
         max_num_iterations=budget.max_kept_layers, ranking_subset_size=min(len(items), 300),
         intermediate_model_dir=str(plain_dir))
