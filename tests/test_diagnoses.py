@@ -193,7 +193,7 @@ def _benchmark_imports() -> set[str]:
                 names.update(a.name.split(".")[0] for a in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.add(node.module.split(".")[0])
-    return names - set(sys.stdlib_module_names) - {"_common", "compressor"}
+    return names - set(sys.stdlib_module_names) - {"compressor"} - {p.stem for p in BENCH.glob("*.py")}
 
 
 def test_bench_extra_covers_every_import_of_the_benchmarks():

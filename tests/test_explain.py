@@ -108,7 +108,7 @@ def test_explain_names_the_planted_layer_first_on_every_cpu_backend(planted_run,
         assert f"{name}: worst layer {PLANTED_LAYER} " in stdout
     for name in INT8[1:]:  # QDQ ONNX and OpenVINO: a quantizer can be taken out
         top = data["engines"][name]["verdict"]["most_sensitive"][0]
-        assert top["name"] == PLANTED_LAYER and top["gain_db"] > 5, data["engines"][name]["verdict"]
+        assert top["name"] == PLANTED_LAYER and top["gain_db"] > 1, data["engines"][name]["verdict"]
     assert "sensitivity_status" in data["engines"]["tflite-int8"]
     steps = [s["step"] for s in data["stages"]]
     assert steps[0] == "source" and "passes[0].fuse" in steps and steps[-3:] == list(INT8)

@@ -52,6 +52,7 @@ EXPECT: dict[str, dict[str, str | None]] = {
     "int8_jetson": {"onnx": ONNX_IN},
     "int8_mobile_tflite": {"onnx": "target 'tflite' cannot take an onnx model"},
     "mobilenetv2_distill_resnet50": {"onnx": ONNX_IN, "exported": EXPORTED_IN, "torchscript": TS_TRAIN},
+    "mobilenetv2_int8_budget": {"onnx": ONNX_IN},
     "mobilenetv2_prune_finetune": {"onnx": ONNX_IN, "exported": EXPORTED_IN, "torchscript": TS_PRUNE},
     "resnet50_prune_half_macs": {"onnx": ONNX_IN, "exported": EXPORTED_IN, "torchscript": TS_PRUNE},
     # the input model teaches here: its penultimate features need an nn.Module's hooks

@@ -199,9 +199,11 @@ class PruneStructured(Pass):
             else:
                 b = k
         _, trial, chosen, per_layer = best
-        self._mix = None if per_layer is None else (lo, per_layer)
         if per_layer is None:
             return trial, chosen, hi
+        if not per_layer:  # every layer at the lower ratio: a uniform ratio after all
+            return trial, chosen, lo
+        self._mix = (lo, per_layer)
         share = len(per_layer) / max(len(names), 1)
         return trial, chosen, lo + share * (hi - lo)
 
