@@ -97,3 +97,55 @@ def test_macs_reduction_is_met_within_two_points_on_mobilenet_v2(target, tmp_pat
     m = res.metrics
     assert abs(m["macs_reduction"] - target) <= 0.02 and m["macs_target_met"], m
     assert _macs(res.artifact.torch_module(), (1, 3, 32, 32)) == m["macs_after"]
+
+
+def test_finetuning_can_distil_from_the_unpruned_model(model_files, digits, tmp_path):
+    art = load_model(model_files["pickle"], trust=True)
+    p = get_pass("prune_structured")(channel_ratio=0.5, round_to=1, finetune={
+        "teacher": "input", "alpha": 0.7, "epochs": 2, "batch_size": 64, "lr": 3e-3, "val_samples": 200})
+    res = p(art, PassContext(work_dir=tmp_path, data=digits))
+    step = res.metrics["steps"][0]
+    assert res.metrics["finetune_teacher"] == "input"
+    assert step["val_top1_finetuned"] > step["val_top1_pruned"] and step["val_top1_finetuned"] > 50, step
+
+
+MATRIX_OK = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf"]
+
+
+@pytest.fixture(scope="module")
+def torchvision_model(tmp_path_factory):
+    import json
+
+    import torchvision
+
+    def make(arch):
+        torch.manual_seed(0)
+        path = tmp_path_factory.mktemp(arch) / f"{arch}.pt"
+        torch.save(torchvision.models.get_model(arch, num_classes=10).eval(), path)
+        path.with_suffix(".json").write_text(json.dumps({"input_shape": [1, 3, 32, 32]}))
+        return load_model(path, trust=True)
+
+    return make
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+@pytest.mark.parametrize("arch", MATRIX_OK)
+def test_torchvision_architectures_prune_run_and_export(arch, fused, torchvision_model, tmp_path):
+    """Issue 13, 4b: randomly initialised torchvision models at 32x32, pruned with and without fuse:
+    the pruned model runs, has fewer MACs, and exports to ONNX."""
+    art = torchvision_model(arch)
+    if fused:
+        art = get_pass("fuse")()(art, PassContext(work_dir=tmp_path)).artifact
+    res = get_pass("prune_structured")(channel_ratio=0.25)(art, PassContext(work_dir=tmp_path))
+    assert res.metrics["macs_after"] < res.metrics["macs_before"]
+    assert res.artifact.torch_module()(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    onnx = get_pass("export_onnx")()(res.artifact, PassContext(work_dir=tmp_path)).artifact
+    assert onnx.path.is_file()
+
+
+def test_channel_shuffle_is_refused_in_one_line_naming_the_pattern(torchvision_model, tmp_path):
+    from compressor.errors import ConfigError
+
+    art = torchvision_model("shufflenet_v2_x0_5")
+    with pytest.raises(ConfigError, match=r"channel split and shuffle .*layer 'stage2.0'"):
+        get_pass("prune_structured")(channel_ratio=0.25)(art, PassContext(work_dir=tmp_path))

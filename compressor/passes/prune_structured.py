@@ -28,6 +28,14 @@ TARGET_TOLERANCE = 0.02
 """macs_reduction is met within this share of the MACs (0.3 asked: 0.28 to 0.32 removed)"""
 
 
+class FinetuneConfig(TrainConfig):
+    teacher: Literal["input"] | None = None
+    """input: fine-tune by distilling from the unpruned model (Hinton KD at ``temperature``, weight
+    ``alpha`` against the labels' cross-entropy); none: cross-entropy only"""
+    alpha: float = Field(default=0.7, ge=0, le=1)
+    temperature: float = Field(default=4.0, gt=0)
+
+
 class PruneStructuredConfig(PassConfig):
     channel_ratio: float | None = Field(default=None, gt=0, lt=1)
     """fraction of channels to remove in each prunable group (or globally); 0.25 if no target is given"""
@@ -47,7 +55,7 @@ class PruneStructuredConfig(PassConfig):
     """module names never pruned"""
     iterative_steps: int = Field(default=1, ge=1, le=100)
     """prune in this many steps, fine-tuning after each"""
-    finetune: TrainConfig | None = None
+    finetune: FinetuneConfig | None = None
     """fine-tuning after each step (its epochs are split across the steps); none if omitted"""
     taylor_batches: int = Field(default=4, ge=1)
     """batches of training images whose gradients rank channels (taylor)"""
@@ -124,9 +132,16 @@ class PruneStructured(Pass):
 
         trial = copy.deepcopy(model).eval()
         importance = "l2" if self.config.importance == "taylor" else self.config.importance
-        pruner = self._pruner(trial, example, ratio, importance, per_layer)
-        for _ in range(self.config.iterative_steps):
-            pruner.step()
+        try:
+            pruner = self._pruner(trial, example, ratio, importance, per_layer)
+            for _ in range(self.config.iterative_steps):
+                pruner.step()
+            _check_layers(trial, self.step)
+            trial(example)
+        except ConfigError:
+            raise
+        except Exception as exc:  # a pattern Torch-Pruning cannot follow: say which, in one line
+            raise ConfigError(_unsupported(model, self.step, exc)) from exc
         macs, _ = tp.utils.count_ops_and_params(trial, example)
         return trial, float(macs)
 
@@ -245,7 +260,8 @@ class PruneStructured(Pass):
                 assert tdata is not None
                 tcfg = cfg.finetune.model_copy(update={"epochs": cfg.finetune.epochs / cfg.iterative_steps,
                                                        "seed": cfg.finetune.seed + step})
-                result = train(model, tdata, tcfg, description=f"fine-tune after pruning step {step + 1}")
+                result = train(model, tdata, tcfg, description=f"fine-tune after pruning step {step + 1}",
+                               loss_fn=_from_unpruned(artifact, cfg.finetune) if cfg.finetune.teacher else None)
                 record["finetune"] = result.to_json()
                 record["val_top1_finetuned"] = evaluate_top1(model, tdata.x_val, tdata.y_val, tdata)
             steps.append(record)
@@ -262,6 +278,7 @@ class PruneStructured(Pass):
             "macs_reduction_target": cfg.macs_reduction,
             "macs_target_met": None if cfg.macs_reduction is None else
             abs((1 - macs1 / macs0) - cfg.macs_reduction) <= TARGET_TOLERANCE + 1e-9,
+            "finetune_teacher": cfg.finetune.teacher if cfg.finetune is not None else None,
             "mixed_ratios": None if mix is None else {"most_layers": round(base_ratio, 4), "higher": round(
                 max(per_layer.values()), 4), "layers_at_higher": sorted(per_layer)},
             "params_before": int(params0),
@@ -289,6 +306,29 @@ def _taylor_gradients(model: Any, data: Any, batches: int, seed: int) -> None:
     model.eval()
 
 
+def _from_unpruned(artifact: ModelArtifact, cfg: FinetuneConfig) -> Any:
+    """Fine-tuning loss distilling from the unpruned model (run live on each batch, in inference mode)."""
+    import torch
+    import torch.nn.functional as F
+
+    teacher = copy.deepcopy(artifact.torch_module()).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    temp = cfg.temperature
+
+    def loss(net: Any, x: Any, y: Any, idx: Any) -> tuple[Any, Any]:
+        teacher.to(x.device)
+        logits = net(x)
+        with torch.inference_mode():
+            t = teacher(x).float()
+        kd = F.kl_div(F.log_softmax(logits.float() / temp, 1), F.log_softmax(t.clone() / temp, 1),
+                      reduction="batchmean", log_target=True) * temp * temp
+        ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        return cfg.alpha * kd + (1 - cfg.alpha) * ce, logits
+
+    return loss
+
+
 def _prunable_names(model: Any, ignored: list[Any]) -> list[str]:
     """Conv / linear modules that pruning may shrink, in graph order."""
     import torch
@@ -303,10 +343,36 @@ def _modules_by_name(model: Any, ratios: dict[str, float]) -> dict[Any, float]:
     return {modules[name]: r for name, r in ratios.items() if name in modules}
 
 
+# patterns Torch-Pruning's dependency graph does not follow: (module class, what it is)
+UNSUPPORTED = {
+    "InvertedResidual@torchvision.models.shufflenetv2": "channel split and shuffle (ShuffleNetV2 blocks)",
+    "LayerNorm2d@torchvision.models.convnext": "channels-last LayerNorm2d (ConvNeXt): Torch-Pruning resizes "
+                                              "its weight but not its normalized_shape",
+}
+
+
+def _unsupported(model: Any, step: str, exc: Exception) -> str:
+    from ..errors import first_line
+
+    found = [(name, what) for name, m in model.named_modules()
+             if (what := UNSUPPORTED.get(f"{type(m).__name__}@{type(m).__module__}"))]
+    detail = f"{type(exc).__name__}: {first_line(exc, 160)}"
+    if found:
+        name, what = found[0]
+        return (f"{step}: Torch-Pruning cannot prune this model's {what}, e.g. layer {name!r} "
+                f"({len(found)} such layers; {detail}); use prune_unstructured, or another architecture")
+    return f"{step}: Torch-Pruning cannot prune this model ({detail}); list the layers involved in ignored_layers"
+
+
 def _check_layers(model: Any, step: str) -> None:
     import torch
 
     for name, m in model.named_modules():
+        if isinstance(m, torch.nn.LayerNorm) and m.weight is not None and \
+                tuple(m.weight.shape) != tuple(m.normalized_shape):
+            what = UNSUPPORTED.get(f"{type(m).__name__}@{type(m).__module__}", "a LayerNorm")
+            raise ConfigError(f"{step}: Torch-Pruning cannot prune this model's {what}: layer {name!r} kept "
+                              f"normalized_shape {list(m.normalized_shape)} for {m.weight.shape[0]} channels")
         width = m.out_channels if isinstance(m, torch.nn.modules.conv._ConvNd) else (
             m.out_features if isinstance(m, torch.nn.Linear) else None)
         if width is not None and width < 1:
