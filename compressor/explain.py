@@ -44,7 +44,30 @@ DRIFT_MIN_VALUES = 1000  # activations a layer needs on the evaluation images be
 
 
 @dataclass
-class _Acc:
+class RangeUse:
+    """How a layer's reference activations sit in its quantizer's range: the share outside it, and
+    the share of the range their largest magnitude reaches."""
+
+    outside: int = 0
+    count: int = 0
+    peak: float = 0.0
+
+    def add(self, a: np.ndarray, q: Quantizer) -> None:
+        if not a.size:
+            return
+        self.outside += int(((a < q.low) | (a > q.high)).sum())
+        self.count += a.size
+        self.peak = max(self.peak, float(np.abs(a).max()) / (max(abs(q.low), abs(q.high)) or 1.0))
+
+    def result(self) -> dict[str, Any]:
+        return {"outside_share": round(self.outside / self.count, 6) if self.count else None,
+                "range_used": round(self.peak, 4)}
+
+
+@dataclass
+class LayerStats:
+    """One layer's engine output against its reference, accumulated over batches."""
+
     sig: float = 0.0
     noise: float = 0.0
     dot: float = 0.0
@@ -52,9 +75,7 @@ class _Acc:
     max_err: float = 0.0
     ch_sig: np.ndarray | None = None
     ch_noise: np.ndarray | None = None
-    outside: int = 0
-    count: int = 0
-    peak: float = 0.0
+    ranges: RangeUse = field(default_factory=RangeUse)
     shape_error: str | None = None
 
     def add(self, ref: np.ndarray, out: np.ndarray, q: Quantizer | None) -> None:
@@ -73,10 +94,7 @@ class _Acc:
         self.ch_sig = cs if self.ch_sig is None else self.ch_sig + cs
         self.ch_noise = cn if self.ch_noise is None else self.ch_noise + cn
         if q is not None:
-            self.outside += int(((r < q.low) | (r > q.high)).sum())
-            self.count += r.size
-            span = max(abs(q.low), abs(q.high)) or 1.0
-            self.peak = max(self.peak, float(np.abs(r).max()) / span)
+            self.ranges.add(r, q)
 
     def result(self, q: Quantizer | None) -> dict[str, Any]:
         if self.shape_error:
@@ -98,8 +116,7 @@ class _Acc:
         }
         if q is not None:
             out["quantizer"] = {"low": round(q.low, 6), "high": round(q.high, 6)}
-            out["outside_share"] = round(self.outside / self.count, 6) if self.count else None
-            out["range_used"] = round(self.peak, 4)
+            out.update(self.ranges.result())
         return out
 
 
@@ -228,7 +245,7 @@ def explain(source: ModelArtifact, engines: list[EngineHandle], x: np.ndarray, l
             out_engines[e.name] = entry
             continue
         try:
-            accs = {name: _Acc() for name in tap.plan.layers}
+            accs = {name: LayerStats() for name in tap.plan.layers}
             for i in range(0, len(x), bs):  # batch by batch: the reference's tensors are not all held at once
                 got = tap(x[i : i + bs])
                 want = ref(x[i : i + bs])
@@ -280,18 +297,13 @@ def explain(source: ModelArtifact, engines: list[EngineHandle], x: np.ndarray, l
 def _drift(quantizers: dict[str, Quantizer], batches: Any, order: list[str]) -> list[dict[str, Any]]:
     """Per quantized layer: the share of the reference's activations on the evaluation images outside
     the calibrated range, and the share of the range their largest magnitude reaches."""
-    stats = {name: [0, 0, 0.0] for name in order if name in quantizers}  # outside, count, peak
+    stats = {name: RangeUse() for name in order if name in quantizers}
     for b in batches:
         for name, st in stats.items():
             a = b.get(name)
-            if a is None or not a.size:
-                continue
-            q = quantizers[name]
-            st[0] += int(((a < q.low) | (a > q.high)).sum())
-            st[1] += a.size
-            st[2] = max(st[2], float(np.abs(a).max()) / (max(abs(q.low), abs(q.high)) or 1.0))
-    return [{"name": name, "outside_share": round(o / max(c, 1), 6), "range_used": round(peak, 4), "values": c}
-            for name, (o, c, peak) in stats.items() if c]
+            if a is not None:
+                st.add(a, quantizers[name])
+    return [{"name": name, **st.result(), "values": st.count} for name, st in stats.items() if st.count]
 
 
 def _stage_name(art: ModelArtifact, stages: list[tuple[str, str, ModelArtifact]]) -> str:
@@ -323,14 +335,14 @@ def _sensitivity(tap: Tapper, x: np.ndarray, ref_logits: np.ndarray, engine_db: 
     return rows
 
 
-def _low(layer: dict[str, Any]) -> float | None:
+def lowest_sqnr(layer: dict[str, Any]) -> float | None:
     vals = [v for v in (layer.get("sqnr_db"), layer.get("channel_sqnr_db")) if v is not None]
     return min(vals) if vals else None
 
 
 def _verdict(entry: dict[str, Any], cfg: ExplainConfig) -> dict[str, Any]:
     layers = [layer for layer in entry.get("layers", []) if "status" not in layer]
-    first = next((layer for layer in layers if (v := _low(layer)) is not None and v < cfg.threshold_db), None)
+    first = next((layer for layer in layers if (v := lowest_sqnr(layer)) is not None and v < cfg.threshold_db), None)
     verdict: dict[str, Any] = {"threshold_db": cfg.threshold_db}
     if first is not None:
         verdict["first_below"] = {"name": first["name"], "sqnr_db": first.get("sqnr_db"),
@@ -366,10 +378,10 @@ def worst_layer(entry: dict[str, Any]) -> dict[str, Any] | None:
         f = v["first_below"]
         return {"name": f["name"], "why": f"first layer below {v['threshold_db']:g} dB "
                                           f"(SQNR {_fmt(f.get('sqnr_db'))}, channel {_fmt(f.get('channel_sqnr_db'))})"}
-    layers = [layer for layer in entry.get("layers", []) if _low(layer) is not None]
+    layers = [layer for layer in entry.get("layers", []) if lowest_sqnr(layer) is not None]
     if layers and entry.get("precision") not in ("fp32", "fp16"):
-        w = min(layers, key=_low)
-        return {"name": w["name"], "why": f"lowest SQNR ({_fmt(_low(w))} dB)"}
+        w = min(layers, key=lowest_sqnr)
+        return {"name": w["name"], "why": f"lowest SQNR ({_fmt(lowest_sqnr(w))} dB)"}
     return None
 
 
@@ -432,7 +444,7 @@ def render_markdown(data: dict[str, Any], *, heading: str = "##", limit: int = 1
         sens = {s["name"]: s for s in e.get("sensitivity", []) if "gain_db" in s}
         layers = [layer for layer in e["layers"] if "status" not in layer]
         layers.sort(key=lambda layer: (-sens[layer["name"]]["gain_db"] if layer["name"] in sens else 1e9,
-                                       _low(layer) if _low(layer) is not None else 1e9))
+                                       lowest_sqnr(layer) if lowest_sqnr(layer) is not None else 1e9))
         lines += ["| layer | SQNR dB | channel SQNR dB | cosine | max abs err | outside range % | dB won back without its quantizer |",
                   "|---|---|---|---|---|---|---|"]
         for layer in layers[:limit]:

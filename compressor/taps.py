@@ -197,20 +197,36 @@ def _weight_layer_name(name: str) -> str:
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
+_MODULE = re.compile(r"__module\.([^/]+)/")  # OpenVINO's names of ops converted from torch
+
+
+def module_name(node: str, weight: str | None = None) -> str | None:
+    """The torch module a graph node came from, where its names tell: a weight initializer named
+    ``layer1.0.conv1.weight`` (the dynamo exporter; ORT's quantized ``..._quantized``), an OpenVINO
+    name ``__module.layer1.0.conv1/aten::...`` (conversion from torch), or the TorchScript exporter's
+    scope ``/layer1/layer1.0/conv1/Conv`` (whose weights may be anonymous, ``onnx::Conv_28``, batch
+    norm folded in). None when the names say nothing."""
+    if weight:
+        base = weight.removeprefix("self.")
+        for suffix in ("_quantized", "_DequantizeLinear_Output", "_QuantizeLinear_Output"):
+            base = base.removesuffix(suffix)
+        if re.fullmatch(r"[\w.]+\.(weight|bias)", base):
+            return base.rsplit(".", 1)[0]
+    match = _MODULE.match(node)
+    if match:
+        return match.group(1)
+    parts = [p for p in node.split("/") if p]
+    if node.startswith("/") and len(parts) >= 2:
+        path = ""
+        for part in parts[:-1]:
+            path = part if not path or part.startswith(path + ".") else f"{path}.{part}"
+        return path
+    return None
+
+
 def _onnx_layer_name(weight: str, node: str) -> str:
-    """The module name of an ONNX layer: from its weight (``layer1.0.conv1.weight``, the dynamo
-    exporter's and ORT's quantized ``..._quantized``), else from the TorchScript exporter's scoped
-    node name (``/layer1/layer1.0/conv1/Conv``), whose weights may be anonymous (``onnx::Conv_28``,
-    batch norm folded in)."""
-    base = weight
-    for suffix in ("_quantized", "_DequantizeLinear_Output", "_QuantizeLinear_Output"):
-        base = base[: -len(suffix)] if base.endswith(suffix) else base
-    if base.endswith(".weight") or "/" not in node:
-        return _weight_layer_name(weight)
-    path = ""
-    for part in node.strip("/").split("/")[:-1]:
-        path = part if not path or part.startswith(path + ".") else f"{path}.{part}"
-    return path or _weight_layer_name(weight)
+    """:func:`module_name`, else the weight's own name."""
+    return module_name(node, weight) or _weight_layer_name(weight)
 
 
 def _qrange(dtype: Any) -> tuple[int, int]:
@@ -424,7 +440,6 @@ _OV_LAYERS = {"Convolution": "conv", "GroupConvolution": "depthwise", "Convoluti
 _OV_FOLLOW = {"Relu", "Clamp", "HSwish", "Swish", "Sigmoid", "HSigmoid", "Gelu", "Elu", "Mish", "PRelu",
               "BatchNormInference"}
 _OV_CONST_PATH = {"Constant", "Convert", "Multiply", "Subtract", "Reshape", "Transpose", "FakeQuantize", "Unsqueeze"}
-_MODULE = re.compile(r"__module\.([^/]+)/")
 
 
 def _ov_const(output: Any, depth: int = 0) -> Any:

@@ -19,7 +19,6 @@ from compressor import get_pass
 from compressor.data import DataConfig, open_data, preprocess
 from compressor.intake import load_model
 from compressor.pass_base import PassContext
-from compressor.passes._ptq.accuracy_budget import source_module
 
 from .conftest import PREP, SHAPE
 from .test_quantize_ptq import BACKENDS, run_int8
@@ -153,11 +152,16 @@ def test_max_drop_is_validated():
 
 
 def test_source_module_names():
+    """One naming rule for explain's taps and the accuracy budget's kept layers."""
+    from compressor.taps import _onnx_layer_name, module_name as source_module
+
     assert source_module("node_conv2d_3", "layer1.0.conv1.weight") == "layer1.0.conv1"  # dynamo exporter
     assert source_module("node_conv2d_1", "4.weight") == "4"
     assert source_module("/layer1/layer1.0/conv1/Conv", "onnx::Conv_28") == "layer1.0.conv1"  # TorchScript
     assert source_module("__module.features.3/aten::_convolution/Convolution") == "features.3"  # OpenVINO
     assert source_module("Multiply_2976") is None
+    assert source_module("Conv_7", "features.0.0.weight_quantized") == "features.0.0"  # ORT's quantized weight
+    assert _onnx_layer_name("onnx::Conv_28", "Conv_7") == "onnx::Conv_28"  # nothing says more: the weight's name
 
 
 def test_validation_images_are_not_calibration_or_test_images(digits):

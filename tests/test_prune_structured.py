@@ -109,6 +109,23 @@ def test_finetuning_can_distil_from_the_unpruned_model(model_files, digits, tmp_
     assert step["val_top1_finetuned"] > step["val_top1_pruned"] and step["val_top1_finetuned"] > 50, step
 
 
+
+def test_augmented_finetuning_replays_the_unpruned_models_stored_views(model_files, digits, tmp_path):
+    """With augmentation, the unpruned model's outputs on stored views are computed once, serve every
+    pruning step, and a second run with the same model and data computes none."""
+    art = load_model(model_files["pickle"], trust=True)
+    ft = {"teacher": "input", "alpha": 0.7, "epochs": 2, "batch_size": 64, "lr": 3e-3, "val_samples": 200,
+          "augment": True, "teacher_views": 2}
+    runs = []
+    for _ in range(2):
+        p = get_pass("prune_structured")(channel_ratio=0.4, round_to=1, iterative_steps=2, finetune=ft)
+        runs.append(p(art, PassContext(work_dir=tmp_path / f"w{len(runs)}", data=digits, cache_dir=tmp_path / "c")))
+    first, second = (r.metrics["teacher_views"] for r in runs)
+    assert first["computed_views"] == 2 and second["computed_views"] == 0 and first["store"] == second["store"]
+    assert len(list((tmp_path / "c" / "teacher-outputs").iterdir())) == 1
+    for step in runs[0].metrics["steps"]:  # 8x8 digits under pad-4 crops and flips: a low ceiling, but learning
+        assert step["val_top1_finetuned"] > step["val_top1_pruned"] + 5, step
+
 MATRIX_OK = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf"]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -34,6 +35,8 @@ class FinetuneConfig(TrainConfig):
     ``alpha`` against the labels' cross-entropy); none: cross-entropy only"""
     alpha: float = Field(default=0.7, ge=0, le=1)
     temperature: float = Field(default=4.0, gt=0)
+    teacher_views: int = Field(default=4, ge=1, le=64)
+    """with ``augment``: augmented views of each training image whose teacher outputs are stored"""
 
 
 class PruneStructuredConfig(PassConfig):
@@ -246,6 +249,7 @@ class PruneStructured(Pass):
         val_before = evaluate_top1(model, tdata.x_val, tdata.y_val, tdata) if tdata and len(tdata.x_val) else None
         pruner = self._pruner(model, example, base_ratio, cfg.importance, per_layer)
         steps: list[dict[str, Any]] = []
+        teacher: _Unpruned | None = None
         for step in range(cfg.iterative_steps):
             if cfg.importance == "taylor":
                 assert tdata is not None
@@ -260,8 +264,15 @@ class PruneStructured(Pass):
                 assert tdata is not None
                 tcfg = cfg.finetune.model_copy(update={"epochs": cfg.finetune.epochs / cfg.iterative_steps,
                                                        "seed": cfg.finetune.seed + step})
+                loss_fn, augment_fn = None, None
+                if cfg.finetune.teacher:
+                    if teacher is None:
+                        teacher = _Unpruned(artifact, cfg.finetune, tdata, ctx)
+                    # later steps go on to the next stored views instead of replaying the first ones
+                    teacher.offset = step * math.ceil(tcfg.epochs)
+                    loss_fn, augment_fn = teacher.loss, teacher.augment_fn
                 result = train(model, tdata, tcfg, description=f"fine-tune after pruning step {step + 1}",
-                               loss_fn=_from_unpruned(artifact, cfg.finetune) if cfg.finetune.teacher else None)
+                               loss_fn=loss_fn, augment_fn=augment_fn)
                 record["finetune"] = result.to_json()
                 record["val_top1_finetuned"] = evaluate_top1(model, tdata.x_val, tdata.y_val, tdata)
             steps.append(record)
@@ -279,6 +290,7 @@ class PruneStructured(Pass):
             "macs_target_met": None if cfg.macs_reduction is None else
             abs((1 - macs1 / macs0) - cfg.macs_reduction) <= TARGET_TOLERANCE + 1e-9,
             "finetune_teacher": cfg.finetune.teacher if cfg.finetune is not None else None,
+            **({"teacher_views": teacher.views.describe()} if teacher is not None and teacher.views else {}),
             "mixed_ratios": None if mix is None else {"most_layers": round(base_ratio, 4), "higher": round(
                 max(per_layer.values()), 4), "layers_at_higher": sorted(per_layer)},
             "params_before": int(params0),
@@ -306,27 +318,51 @@ def _taylor_gradients(model: Any, data: Any, batches: int, seed: int) -> None:
     model.eval()
 
 
-def _from_unpruned(artifact: ModelArtifact, cfg: FinetuneConfig) -> Any:
-    """Fine-tuning loss distilling from the unpruned model (run live on each batch, in inference mode)."""
-    import torch
-    import torch.nn.functional as F
+class _Unpruned:
+    """Fine-tuning loss distilling from the unpruned model (Hinton KD at ``temperature``, weight
+    ``alpha`` against the labels' cross-entropy). With ``augment`` on, its outputs on stored augmented
+    views of the training images are computed once (teacher_cache.TeacherViews, in the pass cache,
+    shared by later runs and by every pruning step) and the student sees exactly those views;
+    without augmentation the teacher runs on each batch."""
 
-    teacher = copy.deepcopy(artifact.torch_module()).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    temp = cfg.temperature
+    def __init__(self, artifact: ModelArtifact, cfg: FinetuneConfig, data: Any, ctx: PassContext) -> None:
+        import torch
 
-    def loss(net: Any, x: Any, y: Any, idx: Any) -> tuple[Any, Any]:
-        teacher.to(x.device)
+        self.cfg, self.offset, self.epoch = cfg, 0, 0
+        self.teacher = copy.deepcopy(artifact.torch_module()).eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.views = None
+        if cfg.augment:
+            from ..teacher_cache import TeacherViews
+
+            root = (ctx.cache_dir if ctx.cache_dir is not None else ctx.work_dir) / "teacher-outputs"
+            self.views = TeacherViews(root, artifact.content_hash(), data, cfg.teacher_views, cfg.seed,
+                                      features=False).build(self.teacher, None, data)
+            self.teacher = None  # every batch's teacher outputs are stored
+        self._torch = torch
+
+    def augment_fn(self, images: Any, ix: Any, epoch: int) -> Any:
+        assert self.views is not None
+        self.epoch = epoch + self.offset
+        return self.views.images(images, ix, self.epoch)
+
+    def loss(self, net: Any, x: Any, y: Any, idx: Any) -> tuple[Any, Any]:
+        import torch.nn.functional as F
+
+        torch, temp, cfg = self._torch, self.cfg.temperature, self.cfg
         logits = net(x)
-        with torch.inference_mode():
-            t = teacher(x).float()
-        kd = F.kl_div(F.log_softmax(logits.float() / temp, 1), F.log_softmax(t.clone() / temp, 1),
+        if self.views is not None:
+            t = self.views.outputs(idx.numpy(), self.epoch)[0].to(logits.device)
+        else:
+            self.teacher.to(x.device)
+            with torch.inference_mode():
+                t = self.teacher(x).float()
+            t = t.clone()
+        kd = F.kl_div(F.log_softmax(logits.float() / temp, 1), F.log_softmax(t / temp, 1),
                       reduction="batchmean", log_target=True) * temp * temp
         ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         return cfg.alpha * kd + (1 - cfg.alpha) * ce, logits
-
-    return loss
 
 
 def _prunable_names(model: Any, ignored: list[Any]) -> list[str]:

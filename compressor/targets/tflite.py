@@ -271,15 +271,15 @@ class TFLiteTarget(Target):
             tap = TFLiteTapper(saved(content, "plain"), ref.layers, threads=budget.threads)
             xs = budget.x[:64]
             want, got = ref(xs), tap(xs)
-            from ..explain import _Acc, _low
+            from ..explain import LayerStats, lowest_sqnr
 
             prev = 60.0
             for name in ref.plan.layers:
                 if name not in got:
                     continue
-                acc = _Acc()
+                acc = LayerStats()
                 acc.add(want[name], got[name], None)
-                low = _low(acc.result(None))
+                low = lowest_sqnr(acc.result(None))
                 low = 99.0 if low is None else low
                 ranking.append({"layer": name, "sqnr_db": round(low, 2), "loss_db": round(max(0.0, prev - low), 2)})
                 prev = min(prev, low)

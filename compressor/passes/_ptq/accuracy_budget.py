@@ -25,13 +25,14 @@ When no setting meets the budget, the best one found is returned with ``met: fal
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ...taps import module_name
 
 log = logging.getLogger(__name__)
 
@@ -60,24 +61,6 @@ class Budget:
 
     def holds(self, float_top1: float, top1: float) -> bool:
         return float_top1 - top1 <= self.max_drop + 1e-9
-
-
-def source_module(node_name: str, weight: str | None = None) -> str | None:
-    """The torch module a node came from, where its names tell: a weight initializer named
-    ``layer1.0.conv1.weight`` (dynamo exporter), an OpenVINO name ``__module.layer1.0.conv1/aten::...``
-    (conversion from torch), or a TorchScript exporter scope ``/layer1/layer1.0/conv1/Conv``."""
-    if weight and re.fullmatch(r"[\w.]+\.(weight|bias)", weight):
-        return weight.rsplit(".", 1)[0]
-    match = re.match(r"__module\.([^/]+)/", node_name)
-    if match:
-        return match.group(1)
-    parts = [p for p in node_name.split("/") if p]
-    if node_name.startswith("/") and len(parts) >= 2:
-        path = parts[0]
-        for part in parts[1:-1]:
-            path = part if part.startswith(path + ".") else f"{path}.{part}"
-        return path
-    return None
 
 
 def metrics_block(budget: Budget, *, method: str, float_top1: float, plain_top1: float, top1: float,
@@ -438,7 +421,7 @@ def search_onnx(float_path: Path, plain_path: Path, budget: Budget, requantize: 
         kept.append({
             "node": node,
             "op_type": paths.op_type(node),
-            "source_module": source_module(node, paths.weight(node)),
+            "source_module": module_name(node, paths.weight(node)),
             # a node the search chose, or the one whose float input path needed this layer too
             "kept_for": node if node in layers else next(
                 (layer for layer in layers if node in paths.group(layer, True) + owners_seen.get(layer, [])), None),

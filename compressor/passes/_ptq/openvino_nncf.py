@@ -15,6 +15,7 @@ import numpy as np
 from ...artifact import Form, ModelArtifact
 from ...openvino_convert import to_openvino_model
 from ...pass_base import PassResult
+from ...taps import module_name
 from .._nncf import nncf_quantize_arguments
 from . import accuracy_budget
 from .accuracy_budget import Budget
@@ -197,7 +198,7 @@ def _within_budget(model: Any, dataset: Any, budget: Budget, config: QuantizePTQ
             OVRunner(final_xml, threads=budget.threads),
             {k: OVRunner(v, threads=budget.threads) for k, v in variants.items()}, budget.x[:1])
         extra["latency_ms"] = {"budgeted": final_ms, "runtime": "openvino CPU", "threads": budget.threads}
-    kept = [{"node": name, "op_type": plain_layers[name], "source_module": accuracy_budget.source_module(name),
+    kept = [{"node": name, "op_type": plain_layers[name], "source_module": module_name(name),
              "latency_cost_ms": latencies.get(name)} for name in reverted]
     shutil.rmtree(plain_dir, ignore_errors=True)
     metrics = accuracy_budget.metrics_block(
