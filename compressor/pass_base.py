@@ -41,6 +41,7 @@ class PassContext:
     seed: int = 0
     threads: int | None = None
     cache_dir: Path | None = None  # the pass cache's root, for stores a pass shares across runs (teacher outputs)
+    source: ModelArtifact | None = None  # the pipeline's input model (a teacher a later pass may distil from again)
 
 
 class Pass(ABC):
@@ -91,6 +92,11 @@ class Pass(ABC):
                 "reorder the passes or add a conversion before it"
             )
         return self.output_form(form)
+
+    def uses_source(self) -> bool:
+        """Whether this pass, with this config, reads the run's input model besides its own input
+        (ctx.source, e.g. as a teacher): the source's hash then keys the pass cache."""
+        return False
 
     def fingerprint(self) -> str | None:
         """Hash of any file the pass reads beside its input (e.g. a teacher), for the cache key."""

@@ -142,8 +142,9 @@ class PassCache:
         env = os.environ.get("COMPRESSOR_CACHE_DIR")
         return Path(env) if env else Path.home() / ".cache" / "compressor" / "passes"
 
-    def key(self, p: Pass, artifact: ModelArtifact, data: DataBundle | None) -> str:
-        payload = {
+    def key(self, p: Pass, artifact: ModelArtifact, data: DataBundle | None,
+            source: ModelArtifact | None = None) -> str:
+        payload: dict[str, Any] = {
             "input": artifact.content_hash(),
             "pass": p.name,
             "config": p.config.model_dump(mode="json"),
@@ -153,6 +154,8 @@ class PassCache:
         files = p.fingerprint()
         if files is not None:
             payload["files"] = files
+        if p.uses_source() and source is not None:
+            payload["source"] = source.content_hash()
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
     def get(self, key: str) -> tuple[ModelArtifact, dict[str, Any]] | None:
@@ -341,7 +344,7 @@ class Pipeline:
     ) -> ModelArtifact:
         self.hooks.on_pass_start(index, p, artifact)
         started = time.perf_counter()
-        key = self.cache.key(p, artifact, data) if self.cache else None
+        key = self.cache.key(p, artifact, data, result.source) if self.cache else None
         hit = self.cache.get(key) if (self.cache and key) else None
         if hit is not None:
             out, metrics = hit
@@ -350,7 +353,7 @@ class Pipeline:
             work = tmp / f"{index:02d}-{p.name}"
             work.mkdir(parents=True, exist_ok=True)
             ctx = PassContext(work_dir=work, data=data, seed=self.seed, threads=threads,
-                              cache_dir=self.cache.root if self.cache else None)
+                              cache_dir=self.cache.root if self.cache else None, source=result.source)
             res = p(artifact, ctx)
             out, metrics, cached = res.artifact, res.metrics, False
             out.lineage = artifact.lineage + [

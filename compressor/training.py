@@ -75,11 +75,13 @@ class TrainResult:
     skipped_steps: int = 0  # steps whose loss was not finite: no update
     precision: str = "fp32"  # bf16 autocast or fp32
     device: str = "cpu"
+    kept_initial: bool = False  # no checkpoint beat the starting model on validation: it was restored
 
     def to_json(self) -> dict[str, Any]:
         return {"steps": self.steps, "seconds": round(self.seconds, 1), "best_val_top1": self.best_val_top1,
                 "final_val_top1": self.final_val_top1, "world_size": self.world_size,
                 "skipped_steps": self.skipped_steps, "precision": self.precision, "device": self.device,
+                "kept_initial": self.kept_initial,
                 "history": self.history}
 
 
@@ -247,8 +249,11 @@ def train(
     loss_fn: LossFn | None = None,
     description: str = "training",
     augment_fn: Callable[[Any, np.ndarray, int], Any] | None = None,
+    initial_val: float | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place; it ends with the best validation checkpoint loaded."""
+    """Train ``model`` in place; it ends with the best validation checkpoint loaded. ``initial_val``:
+    the model's validation top-1 before training, which makes the starting point a checkpoint too
+    (training that never beats it leaves the model as it was)."""
     import torch
 
     rank, size = world()
@@ -276,6 +281,8 @@ def train(
     gen = torch.Generator().manual_seed(cfg.seed + 1000 * rank)
 
     best_top1, best_state, history = None, None, []
+    if initial_val is not None and len(data.x_val):
+        best_top1, best_state = initial_val, copy.deepcopy(model.state_dict())
     started = time.perf_counter()
     step, epoch = 0, 0
     progress = _progress(rank == 0)
@@ -348,7 +355,9 @@ def train(
         log.warning("%s: %d of %d steps skipped for a loss that was not finite", description, skipped, step)
     return TrainResult(steps=step, seconds=time.perf_counter() - started, best_val_top1=best_top1,
                        final_val_top1=final, history=history, world_size=size, skipped_steps=skipped,
-                       precision="bf16 autocast" if bf16 else "fp32", device=str(dev))
+                       precision="bf16 autocast" if bf16 else "fp32", device=str(dev),
+                       kept_initial=initial_val is not None and best_top1 == initial_val and final is not None
+                       and final < initial_val)
 
 
 MAX_NONFINITE_STEPS = 10

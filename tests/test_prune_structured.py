@@ -126,7 +126,28 @@ def test_augmented_finetuning_replays_the_unpruned_models_stored_views(model_fil
     for step in runs[0].metrics["steps"]:  # 8x8 digits under pad-4 crops and flips: a low ceiling, but learning
         assert step["val_top1_finetuned"] > step["val_top1_pruned"] + 5, step
 
-MATRIX_OK = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf"]
+
+def test_finetuning_can_distil_from_the_runs_source_model(model_files, digits, tmp_path):
+    """teacher: source distils from the run's input model (in the chain, the ResNet-50 that taught the
+    student), which keys the pass cache; without one in the context it is refused in one line."""
+    from compressor.errors import ConfigError
+    from compressor.pipeline import PassCache
+
+    art = load_model(model_files["pickle"], trust=True)
+    ft = {"teacher": "source", "epochs": 1, "batch_size": 64, "lr": 3e-3, "val_samples": 200, "augment": False}
+    p = get_pass("prune_structured")(channel_ratio=0.5, round_to=1, finetune=ft)
+    res = p(art, PassContext(work_dir=tmp_path, data=digits, source=art))
+    assert res.metrics["finetune_teacher"] == "source"
+    step = res.metrics["steps"][0]
+    assert step["val_top1_finetuned"] > step["val_top1_pruned"], step
+    cache = PassCache(tmp_path / "c")
+    other = get_pass("fuse")()(art, PassContext(work_dir=tmp_path / "f")).artifact
+    assert cache.key(p, res.artifact, digits, art) != cache.key(p, res.artifact, digits, other)
+    with pytest.raises(ConfigError, match="finetune.teacher: source needs the run's input model"):
+        p(art, PassContext(work_dir=tmp_path / "x", data=digits))
+
+MATRIX_OK = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf",
+             "densenet121"]
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +187,12 @@ def test_channel_shuffle_is_refused_in_one_line_naming_the_pattern(torchvision_m
     art = torchvision_model("shufflenet_v2_x0_5")
     with pytest.raises(ConfigError, match=r"channel split and shuffle .*layer 'stage2.0'"):
         get_pass("prune_structured")(channel_ratio=0.25)(art, PassContext(work_dir=tmp_path))
+
+
+def test_convnext_layernorm2d_is_refused_in_one_line_naming_the_layer(torchvision_model, tmp_path):
+    from compressor.errors import ConfigError
+
+    art = torchvision_model("convnext_tiny")
+    with pytest.raises(ConfigError, match=r"LayerNorm2d \(ConvNeXt\).*layer '") as exc:
+        get_pass("prune_structured")(channel_ratio=0.25)(art, PassContext(work_dir=tmp_path))
+    assert "\n" not in str(exc.value)

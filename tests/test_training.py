@@ -52,3 +52,15 @@ def test_a_loss_that_stays_nan_stops_training():
 
     with pytest.raises(RuntimeError, match=f"training diverged: the loss was not finite for {MAX_NONFINITE_STEPS}"):
         train(_model(), _data(), CFG.model_copy(update={"max_steps": 50}), loss_fn=always_nan)
+
+
+def test_a_starting_point_that_training_does_not_beat_is_kept():
+    """QAT passes its PTQ start's validation top-1: training that only makes it worse leaves it."""
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train(model, _data(), CFG, initial_val=101.0)  # no checkpoint can beat 101 %
+    assert result.kept_initial and result.to_json()["kept_initial"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    trained = _model()
+    assert not train(trained, _data(), CFG, initial_val=-1.0).kept_initial
+    assert any(not torch.equal(before[k], v) for k, v in trained.state_dict().items())

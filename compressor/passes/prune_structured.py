@@ -30,9 +30,10 @@ TARGET_TOLERANCE = 0.02
 
 
 class FinetuneConfig(TrainConfig):
-    teacher: Literal["input"] | None = None
-    """input: fine-tune by distilling from the unpruned model (Hinton KD at ``temperature``, weight
-    ``alpha`` against the labels' cross-entropy); none: cross-entropy only"""
+    teacher: Literal["input", "source"] | None = None
+    """fine-tune by distilling (Hinton KD at ``temperature``, weight ``alpha`` against the labels'
+    cross-entropy) from: input, the unpruned model; source, the run's input model (in a chain that
+    began by distilling a student from it, the recipe's teacher); none: cross-entropy only"""
     alpha: float = Field(default=0.7, ge=0, le=1)
     temperature: float = Field(default=4.0, gt=0)
     teacher_views: int = Field(default=4, ge=1, le=64)
@@ -200,7 +201,7 @@ class PruneStructured(Pass):
 
     def _mixed_ratios(self, model: Any, example: Any, lo: float, hi: float, want: float, base: float, trial: Any,
                       chosen: float) -> tuple[Any, float, float]:
-        """Layers in graph order: the first k at ratio ``hi`` (the uniform one that overshoots), the rest
+        """Layers in graph order: the last k at ratio ``hi`` (the uniform one that overshoots), the rest
         at ``lo`` (the largest that undershoots); k bisected so the MACs land nearest the target.
         Returns (pruned copy, MACs, the mean ratio) and keeps the per-layer ratios for the run."""
         names = _prunable_names(model, self._ignored(model))
@@ -208,7 +209,7 @@ class PruneStructured(Pass):
         a, b = 0, len(names)
         while a < b:
             k = (a + b) // 2
-            per_layer = {n: hi for n in names[:k]}
+            per_layer = {n: hi for n in names[len(names) - k:]}  # late layers first: the stem is most sensitive
             cand, macs = self._dry_run(model, example, lo, per_layer)
             if abs(macs - want) < best[0]:
                 best = (abs(macs - want), cand, macs, per_layer)
@@ -232,6 +233,19 @@ class PruneStructured(Pass):
     def preview(self, artifact: ModelArtifact) -> ModelArtifact | None:
         _, trial = self.plan(artifact)
         return artifact.derive(Form.TORCH, model=trial)
+
+    def uses_source(self) -> bool:
+        return self.config.finetune is not None and self.config.finetune.teacher == "source"
+
+    def _teacher(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
+        assert self.config.finetune is not None
+        if self.config.finetune.teacher == "input":
+            return artifact
+        source = ctx.source
+        if source is None or source.form is not Form.TORCH:
+            raise ConfigError(f"{self.step}.finetune.teacher: source needs the run's input model as a torch model "
+                              f"(got {'none' if source is None else source.form.value}); use teacher: input")
+        return source
 
     # ------------------------------------------------------------------ the pass
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> PassResult:
@@ -267,7 +281,7 @@ class PruneStructured(Pass):
                 loss_fn, augment_fn = None, None
                 if cfg.finetune.teacher:
                     if teacher is None:
-                        teacher = _Unpruned(artifact, cfg.finetune, tdata, ctx)
+                        teacher = _Unpruned(self._teacher(artifact, ctx), cfg.finetune, tdata, ctx)
                     # later steps go on to the next stored views instead of replaying the first ones
                     teacher.offset = step * math.ceil(tcfg.epochs)
                     loss_fn, augment_fn = teacher.loss, teacher.augment_fn
@@ -319,7 +333,7 @@ def _taylor_gradients(model: Any, data: Any, batches: int, seed: int) -> None:
 
 
 class _Unpruned:
-    """Fine-tuning loss distilling from the unpruned model (Hinton KD at ``temperature``, weight
+    """Fine-tuning loss distilling from the unpruned model or the run's source (Hinton KD at ``temperature``, weight
     ``alpha`` against the labels' cross-entropy). With ``augment`` on, its outputs on stored augmented
     views of the training images are computed once (teacher_cache.TeacherViews, in the pass cache,
     shared by later runs and by every pruning step) and the student sees exactly those views;

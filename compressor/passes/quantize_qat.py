@@ -101,7 +101,8 @@ class QuantizeQAT(Pass):
         quantizers = list_quantizers(qmodel)
         ptq_top1 = _val_top1(qmodel, tdata)
 
-        result = train(qmodel, tdata, cfg.train, description="quantize_qat")
+        # the PTQ start is a checkpoint too: QAT that does not beat it on validation keeps it
+        result = train(qmodel, tdata, cfg.train, description="quantize_qat", initial_val=ptq_top1)
         qmodel.eval()
         qat_top1 = _val_top1(qmodel, tdata)
 
