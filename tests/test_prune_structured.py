@@ -189,10 +189,18 @@ def test_channel_shuffle_is_refused_in_one_line_naming_the_pattern(torchvision_m
         get_pass("prune_structured")(channel_ratio=0.25)(art, PassContext(work_dir=tmp_path))
 
 
-def test_convnext_layernorm2d_is_refused_in_one_line_naming_the_layer(torchvision_model, tmp_path):
-    from compressor.errors import ConfigError
-
+def test_convnext_prunes_and_runs(torchvision_model, tmp_path):
+    """ConvNeXt-Tiny (channels-last LayerNorm2d): Torch-Pruning resizes its norms consistently; the
+    pruned model runs with fewer MACs. (Its ONNX export is the xfail below.)"""
     art = torchvision_model("convnext_tiny")
-    with pytest.raises(ConfigError, match=r"LayerNorm2d \(ConvNeXt\).*layer '") as exc:
-        get_pass("prune_structured")(channel_ratio=0.25)(art, PassContext(work_dir=tmp_path))
-    assert "\n" not in str(exc.value)
+    res = get_pass("prune_structured")(channel_ratio=0.25)(art, PassContext(work_dir=tmp_path))
+    assert res.metrics["macs_after"] < res.metrics["macs_before"]
+    assert res.artifact.torch_module()(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.xfail(strict=True, reason="torch.export (dynamo) of the pruned ConvNeXt-Tiny fails building its "
+                   "shape guards; export_onnx reports it in one line; not solved yet")
+def test_pruned_convnext_exports_to_onnx(torchvision_model, tmp_path):
+    art = torchvision_model("convnext_tiny")
+    res = get_pass("prune_structured")(channel_ratio=0.25)(art, PassContext(work_dir=tmp_path))
+    assert get_pass("export_onnx")()(res.artifact, PassContext(work_dir=tmp_path)).artifact.path.is_file()
