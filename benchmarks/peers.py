@@ -12,8 +12,10 @@ Asked, per model: no peer is both more accurate and faster (batch-1 p50) than ou
 our best lies on the Pareto front of top-1 against batch-1 latency.
 
 Usage: python benchmarks/peers.py [resnet50|mobilenetv2 ...] [--eval-limit N] [--reuse-builds]
-Writes benchmarks/results/peers_<model>/{report.json,report.md,pareto_<model>.png}; engines and
-peer files go to benchmarks/work/.
+       [--recipes NAME,...|none] [--extra-run LABEL=DIR ...] [--out-name NAME]
+Writes benchmarks/results/peers_<model>/{report.json,report.md,pareto_<model>.png} (--out-name: under
+benchmarks/results/NAME); engines and peer files go to benchmarks/work/. --extra-run adds the engines of
+a finished run directory (report.json and engines/, e.g. a `compress tune` output) as rows ours:LABEL/ENGINE.
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from _common import HERE, SHARED, require_modules, run_compress
+from _common import HERE, REPO, SHARED, require_modules, run_compress
 
 MODELS = {"resnet50": "resnet50_cifar10.pt", "mobilenetv2": "mobilenet_v2_cifar10.pt"}
 RECIPES = ("cpu_targets_side_by_side", "int8_cpu_openvino")
+# the Pareto plot, the PT2E peer, the TFLite rows and the TensorRT QDQ rows of the recipes
+NEEDS = ("matplotlib", "torchao", "litert_torch", "ai_edge_litert", "modelopt")
 THREADS = 2
 TOLERANCE = 1.0  # points of top-1 below the FP32 source that "our best" may give up
 CAL = {"split": "train", "samples": 512, "seed": 0}
@@ -53,8 +57,8 @@ PEERS: dict[str, str] = {
     "openvino-fp32": (
         "ov.convert_model(model, example_input=x), ov.save_model with its defaults (weights stored as FP16, "
         "compress_to_fp16=True; the CPU plugin computes in FP32); CPU plugin with the project's OVRunner, as our "
-        "OpenVINO rows: latency hint, 1 stream, 2 threads, inference precision f32 (OpenVINO's CPU default where "
-        "the CPU has no bf16/AMX, as here)"),
+        "OpenVINO rows: latency hint, 1 stream, 2 threads; inference precision left at OpenVINO's own default for "
+        "the CPU at hand (bf16 where the CPU has AMX / AVX512-BF16, f32 elsewhere: the row's runtime line says which)"),
     "nncf-openvino-int8": (
         "nncf.quantize(ov.convert_model(model), nncf.Dataset(calibration images, batch 1)) with nothing else "
         "(default preset, subset_size=300, fast bias correction, target device ANY), ov.save_model defaults; "
@@ -210,7 +214,7 @@ class PeerBuilder:
         xml = self.work / "openvino-fp32" / "model.xml"
         xml.parent.mkdir(exist_ok=True)
         ov.save_model(ov.convert_model(self.module(), example_input=self.example), str(xml))
-        return ResultRow(name, "openvino", "fp32", OVRunner(xml, threads=THREADS),
+        return ResultRow(name, "openvino", "fp32", OVRunner(xml, threads=THREADS, precision_hint=None),
                        file_size([xml, xml.with_suffix(".bin")]), engine=str(xml))
 
     def nncf_int8(self, name: str) -> Any:
@@ -227,7 +231,7 @@ class PeerBuilder:
         xml = self.work / "nncf-int8" / "model.xml"
         xml.parent.mkdir(exist_ok=True)
         ov.save_model(quantized, str(xml))
-        return ResultRow(name, "openvino", "int8", OVRunner(xml, threads=THREADS),
+        return ResultRow(name, "openvino", "int8", OVRunner(xml, threads=THREADS, precision_hint=None),
                        file_size([xml, xml.with_suffix(".bin")]), engine=str(xml))
 
     def ort_int8(self, name: str) -> Any:
@@ -370,17 +374,14 @@ def graph_constant_bytes(gm: Any) -> int:
 
 
 def our_subjects(key: str, model: Path, args: argparse.Namespace) -> tuple[list[tuple[Any, Row]], dict, dict]:
-    """Run the CLI with each shipped recipe, then load every engine it built (TensorRT, not built on a
-    CPU-only machine, through its ONNX Runtime proxy)."""
-    from compressor.evaluate import ResultRow
-    from compressor.registry import get_target
-    from compressor.target_base import Engine
-
+    """Run the CLI with each shipped recipe of ``args.recipes``, then load every engine it built, and
+    every engine of each finished run of ``args.extra_run`` (TensorRT, not built on a CPU-only
+    machine, through its ONNX Runtime proxy)."""
     out: list[tuple[Any, Row]] = []
     failed: dict[str, str] = {}
     cli: dict[str, Any] = {}
     limit = args.cli_eval_limit or args.eval_limit
-    for recipe in RECIPES:
+    for recipe in args.recipes:
         name = f"peers_{key}_{recipe}"
         report_path = HERE / "work" / name / "report.json"
         t0 = time.perf_counter()
@@ -391,37 +392,66 @@ def our_subjects(key: str, model: Path, args: argparse.Namespace) -> tuple[list[
         else:
             extra = ["--eval-limit", str(limit)] if limit else []
             report = run_compress(name, model, recipe, *extra)
-        cli[recipe] = {"command": report.get("command"), "seconds": round(time.perf_counter() - t0, 1),
-                       "report": str(report_path), "failures": report.get("failures", report.get("not_built")),
-                       "timings_s": report.get("timings_s"),
-                       "eval_images": ((report.get("data") or {}).get("evaluation") or {}).get("images")}
-        cli_top1 = {r["name"]: r["top1"] for r in report.get("results", [])}
-        for e in report["engines"]:
-            row_name = f"ours:{recipe}/{e['name']}"
-            files = [Path(f) for f in e["files"]]
-            try:
-                meta = json.loads((files[0].parent / "engine.json").read_text())
-                target = get_target(e["target"])(meta.get("config") or {}, step=e.get("step") or e["info"].get("field"))
-                engine = Engine(e["target"], e["name"], files, e["precision"], e["info"], built=e.get("built", True))
-                proxy = not engine.built
-                if proxy:
-                    runtime_name, runner = target.load_proxy(engine, threads=THREADS)
-                    row_name += f"-proxy-{runtime_name}"
-                    cli_name = f"{e['name']}-proxy-{runtime_name}"
-                else:
-                    runner = target.load(engine, threads=THREADS)
-                    cli_name = e["name"]
-            except Exception as exc:
-                failed[row_name] = first_line(exc)
-                say(f"{row_name}: cannot load: {failed[row_name]}")
-                continue
-            desc = f"shipped recipe {recipe}, engine {e['name']} ({e['target']}, {e['precision']})"
-            if proxy:
-                desc += f"; not built here ({e['info'].get('not_built', 'no device')}), its graph run on the proxy"
-            subject = ResultRow(row_name, e["target"], e["precision"], runner, engine.size_bytes, engine=str(engine.path),
-                              runtime={"recipe": recipe, **({"proxy": True} if proxy else {})})
-            out.append((subject, Row(row_name, "ours", desc, proxy=proxy, cli_top1=cli_top1.get(cli_name))))
+        cli[recipe] = run_record(report, report.get("command"), t0, report_path)
+        rows, bad = load_engines(report, recipe, f"shipped recipe {recipe}", {"recipe": recipe})
+        out += rows
+        failed.update(bad)
+    for label, run_dir in args.extra_run:
+        report_path = run_dir / "report.json"
+        t0 = time.perf_counter()
+        report = json.loads(report_path.read_text())
+        say(f"ours {label}: the engines of the finished run {run_dir}")
+        cli[f"run {label}"] = run_record(report, f"(finished run {run_dir})", t0, report_path)
+        rows, bad = load_engines(report, label, f"finished run {label} ({run_dir})", {"run": label})
+        out += rows
+        failed.update(bad)
     return out, failed, cli
+
+
+def run_record(report: dict, command: str | None, t0: float, report_path: Path) -> dict[str, Any]:
+    return {"command": command, "seconds": round(time.perf_counter() - t0, 1),
+            "report": str(report_path), "failures": report.get("failures", report.get("not_built")),
+            "timings_s": report.get("timings_s"),
+            "eval_images": ((report.get("data") or {}).get("evaluation") or {}).get("images")}
+
+
+def load_engines(report: dict, label: str, origin: str, runtime: dict[str, Any]
+                 ) -> tuple[list[tuple[Any, Row]], dict[str, str]]:
+    """Every engine of one finished run's report as an "ours" row ``ours:LABEL/ENGINE`` (an engine not
+    built here through its proxy runtime), and the rows that cannot be loaded, with their reason."""
+    from compressor.evaluate import ResultRow
+    from compressor.registry import get_target
+    from compressor.target_base import Engine
+
+    out: list[tuple[Any, Row]] = []
+    failed: dict[str, str] = {}
+    cli_top1 = {r["name"]: r["top1"] for r in report.get("results", [])}
+    for e in report["engines"]:
+        row_name = f"ours:{label}/{e['name']}"
+        files = [Path(f) for f in e["files"]]
+        try:
+            meta = json.loads((files[0].parent / "engine.json").read_text())
+            target = get_target(e["target"])(meta.get("config") or {}, step=e.get("step") or e["info"].get("field"))
+            engine = Engine(e["target"], e["name"], files, e["precision"], e["info"], built=e.get("built", True))
+            proxy = not engine.built
+            if proxy:
+                runtime_name, runner = target.load_proxy(engine, threads=THREADS)
+                row_name += f"-proxy-{runtime_name}"
+                cli_name = f"{e['name']}-proxy-{runtime_name}"
+            else:
+                runner = target.load(engine, threads=THREADS)
+                cli_name = e["name"]
+        except Exception as exc:
+            failed[row_name] = first_line(exc)
+            say(f"{row_name}: cannot load: {failed[row_name]}")
+            continue
+        desc = f"{origin}, engine {e['name']} ({e['target']}, {e['precision']})"
+        if proxy:
+            desc += f"; not built here ({e['info'].get('not_built', 'no device')}), its graph run on the proxy"
+        subject = ResultRow(row_name, e["target"], e["precision"], runner, engine.size_bytes, engine=str(engine.path),
+                            runtime={**runtime, **({"proxy": True} if proxy else {})})
+        out.append((subject, Row(row_name, "ours", desc, proxy=proxy, cli_top1=cli_top1.get(cli_name))))
+    return out, failed
 
 
 # ---------------------------------------------------------------------------------------- analysis
@@ -514,7 +544,8 @@ def write_markdown(path: Path, rep: dict) -> None:
         "interleaved over every row. Created " + rep["created"] + ".",
         "",
         f"**No peer dominates our best: {'yes' if a['no_peer_dominates_our_best'] else 'NO'}.** "
-        f"Our best: `{a['best_ours']}`"
+        + (f"Our best: `{a['best_ours']}`" if a["best_ours"] else
+           f"Our best: none (no row of ours within {TOLERANCE:g} point of the source)")
         + (f" (top-1 {rep['by_name'][a['best_ours']]['top1']:.2f}%, p50 "
            f"{rep['by_name'][a['best_ours']]['latency_ms']['p50']:.3f} ms), "
            f"{'on' if a['best_ours_on_front'] else 'NOT on'} the Pareto front." if a["best_ours"] else ".")
@@ -555,9 +586,14 @@ def write_markdown(path: Path, rep: dict) -> None:
         lines.append("")
     lines += ["## What each peer does", ""]
     lines += [f"- `peer:{n}`: {d}" for n, d in PEERS.items()]
+    extra = rep.get("extra_runs") or {}
+    origin = " and ".join(([] if rep.get("recipes") == [] else ["built by `compress` with the shipped recipes"])
+                          + (["of the finished runs " + ", ".join(f"{k} (`{v}`)" for k, v in extra.items())]
+                             if extra else []))
     lines += ["", "## Our rows", "",
-              "Engines built by `compress` with the shipped recipes (commands below) and loaded again here with "
-              "the project's runners; `cli top-1` is what the CLI's own report measured for the same engine.", "",
+              f"Engines {origin} (commands below) and loaded again here with the project's runners; `cli top-1` "
+              "is what the CLI's own report measured for the same engine." if origin else
+              "No rows of ours: no recipe (--recipes none) and no finished run (--extra-run).", "",
               "| row | cli top-1 % | here top-1 % |", "|---|---:|---:|"]
     for r in rep["rows"]:
         if r["kind"] == "ours":
@@ -581,7 +617,8 @@ def plot(path: Path, rep: dict) -> None:
 
     fig, ax = plt.subplots(figsize=(13, 6.5))
     a = rep["analysis"]
-    styles = {"ours": dict(marker="o", color="tab:blue", label="ours (shipped recipes)"),
+    ours_label = "ours (shipped recipes)" if not rep.get("extra_runs") else "ours"
+    styles = {"ours": dict(marker="o", color="tab:blue", label=ours_label),
               "peer": dict(marker="^", color="tab:orange", label="peers (library defaults)")}
     for kind, st in styles.items():
         pts = [r for r in rep["rows"] if r["kind"] == kind and not r["proxy"]]
@@ -686,7 +723,8 @@ def run_model(key: str, args: argparse.Namespace) -> dict:
     x = preprocess(images, artifact.preprocessing)
     calib = preprocess(data.calibration_images(size, artifact.preprocessing.color), artifact.preprocessing)
 
-    work = HERE / "work" / f"peers_{key}"
+    out_name = args.out_name.format(model=key)
+    work = HERE / "work" / out_name
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     t0 = time.perf_counter()
@@ -737,6 +775,8 @@ def run_model(key: str, args: argparse.Namespace) -> dict:
         "rows": rows,
         "failed": failed,
         "cli_runs": cli,
+        "recipes": list(args.recipes),
+        "extra_runs": {label: str(d) for label, d in args.extra_run},
     }
     rep["by_name"] = {r["name"]: r for r in rows}
     rep["analysis"] = analyse(rows)
@@ -747,7 +787,7 @@ def run_model(key: str, args: argparse.Namespace) -> dict:
     rep["timings_s"] = {"ours": round(t_ours, 1), "peers": round(t_peers, 1), "measure": round(t_measure, 1),
                         "total": round(time.perf_counter() - started, 1)}
 
-    dest = HERE / "results" / f"peers_{key}"
+    dest = HERE / "results" / out_name
     dest.mkdir(parents=True, exist_ok=True)
     plot(dest / f"pareto_{key}.png", rep)
     by_name = rep.pop("by_name")
@@ -767,8 +807,7 @@ def run_model(key: str, args: argparse.Namespace) -> dict:
 
 
 def main() -> int:
-    # the Pareto plot, the PT2E peer, the TFLite rows and the TensorRT QDQ rows of the recipes
-    require_modules("matplotlib", "torchao", "litert_torch", "ai_edge_litert", "modelopt")
+    require_modules(*NEEDS)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="*", metavar="MODEL", help=f"models ({', '.join(MODELS)}; default: both)")
     p.add_argument("--eval-limit", type=int, default=None,
@@ -778,10 +817,37 @@ def main() -> int:
                         "own measurement is only a cross-check, every reported figure is measured here")
     p.add_argument("--reuse-builds", action="store_true",
                    help="reuse benchmarks/work/peers_<model>_<recipe> from an earlier run instead of running the CLI")
+    p.add_argument("--recipes", default=",".join(RECIPES), metavar="NAMES",
+                   help=f"comma-separated shipped recipes for our rows, or 'none' (default: {','.join(RECIPES)})")
+    p.add_argument("--extra-run", action="append", default=[], metavar="LABEL=DIR",
+                   help="a finished run directory (report.json, engines/) whose engines are added as rows "
+                        "ours:LABEL/ENGINE; repeatable; one model only")
+    p.add_argument("--out-name", default="peers_{model}", metavar="NAME",
+                   help="write to benchmarks/results/NAME ('{model}' is replaced by the model; default: %(default)s)")
     args = p.parse_args()
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         p.error(f"unknown model {unknown[0]!r} (choose from {', '.join(MODELS)})")
+    shipped = sorted(f.stem for f in (REPO / "recipes").glob("*.yaml"))
+    names = [] if args.recipes.strip() == "none" else args.recipes.split(",")
+    args.recipes = tuple(r.strip() for r in names if r.strip())
+    if any(r not in shipped for r in args.recipes):
+        p.error(f"unknown recipe {next(r for r in args.recipes if r not in shipped)!r} (shipped: {', '.join(shipped)})")
+    runs = []
+    for spec in args.extra_run:
+        label, _, folder = spec.partition("=")
+        run_dir = Path(folder)
+        if not label or not folder or "/" in label or label in args.recipes or label in dict(runs):
+            p.error(f"--extra-run {spec!r}: want LABEL=DIR with a new label without '/' (not a recipe's name)")
+        if not (run_dir / "report.json").is_file() or not (run_dir / "engines").is_dir():
+            p.error(f"--extra-run {spec!r}: {run_dir} is not a finished run (report.json and engines/)")
+        runs.append((label, run_dir))
+    args.extra_run = runs
+    several = len(args.models or MODELS) > 1
+    if several and runs:
+        p.error("--extra-run: the engines of a run are for one model; name that one model")
+    if several and "{model}" not in args.out_name:
+        p.error("--out-name: with several models, NAME needs '{model}'")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     verdicts = {}
     for key in args.models or list(MODELS):

@@ -19,6 +19,7 @@ from typing import Any
 
 import click
 
+from .devices import NAMES as DEVICE_NAMES
 from .errors import CompressorError
 
 
@@ -69,11 +70,13 @@ def _setup_logging(verbose: int) -> None:
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="pass cache [~/.cache/compressor/passes]")
 @click.option("--require-targets", is_flag=True,
               help="fail (exit 2) when a target cannot build on this machine, instead of reporting it 'not built here'")
+@click.option("--device", type=click.Choice(DEVICE_NAMES),
+              help="the device the engines are for (overrides the recipe's device:) [host: this machine]")
 @click.option("--quiet", "-q", is_flag=True, help="no progress display")
 @click.option("--verbose", "-v", count=True, help="log more (-vv for debug)")
 def run(model: Path | None, recipe: str, out: Path | None, overwrite: bool, arch: str | None, num_classes: int | None,
         trust_model: bool, data_root: str | None, threads: int | None, eval_limit: int | None, no_cache: bool,
-        cache_dir: Path | None, require_targets: bool, quiet: bool, verbose: int) -> int:
+        cache_dir: Path | None, require_targets: bool, device: str | None, quiet: bool, verbose: int) -> int:
     """Compress MODEL with RECIPE: passes, engines, measurements, report."""
     from .hooks import ProgressHook
     from .job import JobOptions, run_job
@@ -92,7 +95,7 @@ def run(model: Path | None, recipe: str, out: Path | None, overwrite: bool, arch
     options = JobOptions(out_dir=out, arch=arch, num_classes=num_classes, trust_model=trust_model,
                          data_root=data_root, threads=threads, eval_limit=eval_limit, cache_dir=cache_dir,
                          use_cache=not no_cache, require_targets=require_targets, overwrite=overwrite,
-                         hooks=hooks)
+                         hooks=hooks, device=device)
     job = run_job(model, rec, rec_path, options)
     if not job.report:  # a non-first process of a torchrun job: the first one reports
         return job.exit_code
@@ -220,6 +223,62 @@ def explain(run_dir: Path, model: Path | None, trust_model: bool, data_root: str
             click.echo(line)
     click.echo(f"wrote {', '.join(str(p) for p in written)} ({exp.data['seconds']:.0f} s)")
     return 0
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", "data_root", required=True, help="image folder with train/ and test/ (validation and "
+              "calibration images come from train/, the final figures from test/)")
+@click.option("--max-drop", type=click.FloatRange(0, 100), required=True,
+              help="top-1 points a candidate may lose against the source on validation images")
+@click.option("--device", type=click.Choice(DEVICE_NAMES), default="host", show_default=True,
+              help="the device the engines are for; it decides the search space")
+@click.option("--budget-min", type=click.FloatRange(min=0, min_open=True),
+              help="start no new candidate after this many minutes")
+@click.option("--targets", "only", help="comma-separated targets to consider [all the device runs]")
+@click.option("--validation-images", type=click.IntRange(50, 20_000),
+              help="held-out training images the budget is judged on [from --max-drop: 0.5 -> 1000]")
+@click.option("--out", "-o", type=click.Path(path_type=Path), help="output directory [compress-out/MODEL-tune]")
+@click.option("--overwrite", is_flag=True, help="replace a previous tune in the output directory")
+@click.option("--trust-model", is_flag=True, help="allow loading a pickled nn.Module (runs code from the file)")
+@click.option("--threads", type=click.IntRange(1, 1024), help="threads for every runtime [all cores]")
+@click.option("--eval-limit", type=click.IntRange(1), help="final figures on a class-balanced subset of the test split")
+@click.option("--no-cache", is_flag=True, help="recompute every quantization (default: resume from the pass cache)")
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="pass cache [~/.cache/compressor/passes]")
+@click.option("--quick", is_flag=True, help="short timing (0.2 s a row) for a first look; noisier figures")
+@click.option("--quiet", "-q", is_flag=True, help="no progress display")
+@click.option("--verbose", "-v", count=True)
+def tune(model: Path, data_root: str, max_drop: float, device: str, budget_min: float | None, only: str | None,
+         validation_images: int | None, out: Path | None, overwrite: bool, trust_model: bool, threads: int | None,
+         eval_limit: int | None, no_cache: bool, cache_dir: Path | None, quick: bool, quiet: bool, verbose: int) -> int:
+    """The fastest engine for MODEL that keeps top-1 within --max-drop: built, screened, timed, proven."""
+    from .hooks import ProgressHook
+    from .job import JobOptions
+    from .tune import QUICK, run_tune
+
+    _setup_logging(verbose)
+    chosen = tuple(t.strip() for t in only.split(",")) if only else None
+    known = ("openvino", "onnxruntime", "tflite", "tensorrt")
+    unknown = [t for t in chosen or () if t not in known]
+    if unknown:
+        raise click.BadParameter(f"unknown target {unknown[0]!r} (known: {', '.join(known)})",
+                                 param_hint="--targets")
+    options = JobOptions(out_dir=out or Path("compress-out") / f"{model.stem}-tune", trust_model=trust_model,
+                         data_root=data_root, threads=threads, eval_limit=eval_limit, cache_dir=cache_dir,
+                         use_cache=not no_cache, overwrite=overwrite, device=device,
+                         hooks=[] if quiet else [ProgressHook()])
+    command = "compress tune " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["tune"] else "compress tune"
+    summary, out_dir, code = run_tune(model, options, max_drop=max_drop, device_name=device, budget_min=budget_min,
+                                      validation_images=validation_images, only=chosen, command=command,
+                                      evaluation=QUICK if quick else None)
+    ch = summary["chosen"]
+    if ch:
+        click.echo(f"chosen: {ch['engine']}: test top-1 {ch['test_top1']:.2f}% ({ch['test_drop']:+.2f} points), "
+                   f"p50 {ch['p50_ms']:.3f} ms, {ch['speedup']:.2f}x the source")
+    else:
+        click.echo(f"no candidate kept top-1 within {max_drop} points on the validation images")
+    click.echo(f"wrote {out_dir}/tune.md, tune.json, tuned.yaml and the run's report.md")
+    return code
 
 
 @cli.command(name="build-engine")

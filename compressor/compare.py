@@ -407,6 +407,9 @@ def compare_runs(cur: Run, base: Run, th: Thresholds) -> dict[str, Any]:
     if env_notes:
         notes.append("measured in a different environment, latency differences may come from it: "
                      + "; ".join(env_notes))
+    loaded = [f"the {which} timed under load ({'; '.join(r.report['timing_load']['reasons'])})"
+              for which, r in (("run", cur), ("baseline", base)) if (r.report.get("timing_load") or {}).get("under_load")]
+    notes += loaded
     checks: list[dict[str, Any]] = []
     cur_rows, base_rows = cur.rows, base.rows
     for name in [*cur_rows, *(n for n in base_rows if n not in cur_rows)]:
@@ -435,6 +438,7 @@ def compare_runs(cur: Run, base: Run, th: Thresholds) -> dict[str, Any]:
         "checks": checks,
         "notes": notes,
         "same_environment": not env_notes,
+        "under_load": bool(loaded),
     }
 
 
@@ -481,17 +485,22 @@ class Gate:
 def gating_checks(cmp: dict[str, Any], fail_on: str = "all") -> Gate:
     """Which regressions of ``cmp`` (from :func:`compare_runs`) fail a job: under ``"all"`` every
     one; under ``"accuracy"`` top-1 and agreement only; under ``"auto"`` every one where the run
-    was measured in the baseline's environment (CPU, ISA flags, threads, library versions), else
-    accuracy only, since latency and size may then come from the other machine or library."""
+    was measured in the baseline's environment (CPU, ISA flags, threads, library versions) and
+    neither run timed under load (load.py), else accuracy only, since latency and size may then
+    come from the other machine, library or the load."""
     if fail_on not in FAIL_ON:
         raise ValueError(f"fail_on must be one of {FAIL_ON}, not {fail_on!r}")
-    gate_all = fail_on == "all" or (fail_on == "auto" and cmp["same_environment"])
+    quiet = not cmp.get("under_load", False)
+    gate_all = fail_on == "all" or (fail_on == "auto" and cmp["same_environment"] and quiet)
     regressions = [c for c in cmp["checks"] if c["regression"]]
     failing = [c for c in regressions if gate_all or c["metric"] in ACCURACY_METRICS]
     reported = len(regressions) - len(failing)
     reason = ""
     if reported:
-        why = " (the environment differs from the baseline's)" if fail_on == "auto" else ""
+        why = ""
+        if fail_on == "auto":
+            why = " (the environment differs from the baseline's)" if not cmp["same_environment"] else \
+                " (timed under load)"
         reason = f"outside --fail-on {fail_on}{why}"
     return Gate(fail_on=fail_on, failing=failing, reported=reported, reason=reason)
 

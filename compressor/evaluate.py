@@ -13,6 +13,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from .artifact import eval_mode
+from .load import LoadMonitor
 from .target_base import Runner
 
 log = logging.getLogger(__name__)
@@ -250,9 +251,11 @@ def measure_all(
     threads: int,
     progress: Callable[[str], None] | None = None,
     on_error: Callable[[ResultRow, Exception], None] | None = None,
+    load: LoadMonitor | None = None,
 ) -> list[Measurement]:
     """Accuracy of every row (agreement against the first one's predictions), then batch-1
-    latency interleaved across all of them, then throughput. Closes every runner.
+    latency interleaved across all of them, then throughput. Closes every runner. ``load``
+    records how busy the machine was just before and during the latency rounds (load.py).
 
     A row whose runner fails on the accuracy pass is dropped and handed to ``on_error`` (the
     others are still measured); without ``on_error`` the error propagates."""
@@ -278,7 +281,12 @@ def measure_all(
                 output_sqnr_db=sqnr_db(results[0].logits, logits) if results else None,
                 logits=None if results else logits,  # only the first (source) row's are kept, as the reference
             ))
-        for m, samples in zip(results, latency([s.runner for s in kept], x, cfg, say)):
+        if load is not None:
+            load.before()
+        timed = latency([s.runner for s in kept], x, cfg, say)
+        if load is not None:
+            load.during()
+        for m, samples in zip(results, timed):
             m.latency_ms, m.latency_samples_ms = latency_stats(samples), samples
         for m, s in zip(results, kept):
             say(f"{s.name}: throughput at batch {cfg.throughput_batch}")

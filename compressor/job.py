@@ -16,6 +16,8 @@ from typing import Any
 
 from .artifact import Form
 from .data import DataBundle, DataConfig, add_search_root, open_data
+from .devices import describe as describe_device
+from .devices import resolve as resolve_device
 from .errors import CompressorError, ConfigError, TargetUnavailable
 from .hooks import Hook, LoggingHook, TimingHook
 from .intake import load_model
@@ -42,6 +44,7 @@ class JobOptions:
     cache_dir: Path | None = None
     use_cache: bool = True
     require_targets: bool = False
+    device: str | None = None  # --device: overrides the recipe's device
     overwrite: bool = False  # replace a previous run's output directory
     hooks: list[Hook] = field(default_factory=list)
     extra_files: list[Path] = field(default_factory=list)  # copied into the output beside the report
@@ -116,7 +119,9 @@ def preflight_out_dir(out_dir: Path, *, overwrite: bool, protected: list[tuple[s
             if report is None:
                 raise OutputError(f"{where} holds files that are not a compressor run ({_names(entries)}): "
                                   "not writing there; give a new or empty directory")
-            known = set(report.get("outputs") or RUN_OUTPUTS) | set(EXPLAIN_FILES)
+            from .tune import TUNE_FILES
+
+            known = set(report.get("outputs") or RUN_OUTPUTS) | set(EXPLAIN_FILES) | set(TUNE_FILES)
             foreign = [e for e in entries if e not in known]
             if foreign:
                 raise OutputError(f"{where} holds a previous run and other files ({_names(foreign)}): not "
@@ -200,7 +205,8 @@ def plan_job(model_path: Path, recipe: Recipe, recipe_path: Path | None, options
         cache = PassCache(cache_root) if rank == 0 else ReadOnlyCache(cache_root)
     hooks = [LoggingHook(), timing, *options.hooks] if rank == 0 else [LoggingHook()]
     pipeline = Pipeline(recipe.build_passes(), targets, baselines=recipe.build_targets("baselines"),
-                        branches=recipe.build_branches(), hooks=hooks, cache=cache, seed=recipe.seed)
+                        branches=recipe.build_branches(), hooks=hooks, cache=cache, seed=recipe.seed,
+                        device=resolve_device(options.device or recipe.device))
     pipeline.check(guess_form(model_path))  # fail fast, before loading anything heavy
     pipeline.check_data(recipe.data is not None or options.data_root is not None)
     if options.require_targets:
@@ -271,6 +277,7 @@ def run_and_write(plan: JobPlan, artifact: Any, data: DataBundle | None) -> JobR
                 outputs=sorted([*(p.name for p in staging.iterdir()), "report.json", "report.md"]),
                 built_in=staging,
                 published_as=out_dir,
+                device=describe_device(plan.options.device or plan.recipe.device),
             )
             if plan.recipe_path is not None:
                 report["recipe_path"] = str(plan.recipe_path)  # compress explain resolves the data from there
@@ -357,7 +364,8 @@ def explain_run_dir(run_dir: Path, options: JobOptions, cfg: Any, *, model: Path
     cache_root = options.cache_dir or PassCache.default_root()
     pipeline = Pipeline(recipe.build_passes(), recipe.build_targets(), baselines=recipe.build_targets("baselines"),
                         branches=recipe.build_branches(), cache=PassCache(cache_root) if options.use_cache else None,
-                        seed=recipe.seed)
+                        seed=recipe.seed, device=resolve_device((report.get("device") or {}).get("requested")
+                                                                or recipe.device))
     pipeline.check(guess_form(model_path))
     evaluation = recipe.evaluation.model_copy()
     plan = JobPlan(model_path=model_path, recipe=recipe, recipe_path=recipe_path, options=options, pipeline=pipeline,

@@ -16,6 +16,7 @@ from .errors import CompressorError, PassError, PipelineOrderError, first_line
 
 if TYPE_CHECKING:
     from .data import DataBundle
+    from .devices import Device
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,12 @@ class PassContext:
     threads: int | None = None
     cache_dir: Path | None = None  # the pass cache's root, for stores a pass shares across runs (teacher outputs)
     source: ModelArtifact | None = None  # the pipeline's input model (a teacher a later pass may distil from again)
+    device: Device | None = None  # the device the engines are for (devices.py); None: this machine's profile
+
+    def target_device(self) -> Device:
+        from .devices import host_device
+
+        return self.device if self.device is not None else host_device()
 
 
 class Pass(ABC):
@@ -65,6 +72,9 @@ class Pass(ABC):
     """distributions whose versions key the pass cache (:meth:`used_libraries` per config)"""
     quantizes: ClassVar[bool] = False
     """whether the output is a quantized (INT8) model: a chain quantizes once (see check_chain)"""
+    uses_device: ClassVar[bool] = False
+    """whether the output depends on the device the engines are for (ctx.device): the device then
+    keys the pass cache"""
 
     def __init__(self, config: BaseModel | dict | None = None, /, *, step: str | None = None, **kwargs: Any) -> None:
         self.step = step or self.name

@@ -10,14 +10,16 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .artifact import Form, ModelArtifact, state_dict_bytes
 from .data import DataBundle, preprocess
+from .devices import Device, host_device
 from .errors import CompressorError, DataError, PassError, PipelineOrderError, TargetError, TargetUnavailable, first_line
 from .environment import default_threads, library_versions
 from .evaluate import EvaluationConfig, ResultRow, TorchRunner, measure_all
 from .hooks import Hook, HookList
+from .load import LoadMonitor
 from .staging import OutputError, describe_os_error, run_scratch, staged_dir
 from .config import require_data
 from .pass_base import Pass, PassContext
@@ -143,7 +145,7 @@ class PassCache:
         return Path(env) if env else Path.home() / ".cache" / "compressor" / "passes"
 
     def key(self, p: Pass, artifact: ModelArtifact, data: DataBundle | None,
-            source: ModelArtifact | None = None) -> str:
+            source: ModelArtifact | None = None, device: Device | None = None) -> str:
         payload: dict[str, Any] = {
             "input": artifact.content_hash(),
             "pass": p.name,
@@ -156,6 +158,8 @@ class PassCache:
             payload["files"] = files
         if p.uses_source() and source is not None:
             payload["source"] = source.content_hash()
+        if p.uses_device:  # e.g. reduce_range: auto follows the device
+            payload["device"] = (device or host_device()).name
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
     def get(self, key: str) -> tuple[ModelArtifact, dict[str, Any]] | None:
@@ -208,7 +212,15 @@ class Pipeline:
         hooks: Sequence[Hook] = (),
         cache: PassCache | None = None,
         seed: int = 0,
+        device: Device | None = None,
     ) -> None:
+        self.device = device if device is not None else host_device()
+        """the device the engines are for: it decides device-dependent settings (devices.py)"""
+        self.screen: Callable[[list[ResultRow], RunResult], list[ResultRow]] | None = None
+        """called with every row before measuring; returns the rows to measure (compress tune drops
+        candidates that miss the accuracy budget on validation images before any timing)"""
+        self.deadline: float | None = None
+        """time.monotonic() after which no further branch starts (compress tune --budget-min)"""
         self.passes = list(passes)
         self.targets = list(targets)
         self.baselines = list(baselines)  # targets that take the source model, as fair references
@@ -303,15 +315,20 @@ class Pipeline:
         artifact = model
         for index, p in enumerate(self.passes):
             artifact = self._run_pass(index, p, artifact, data, Path(tmp.name), threads, result)
-        branch_outputs = []
+        branch_outputs: list[ModelArtifact | None] = []
         for b in self.branches:
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                result.skipped_branches.append(b.name)
+                branch_outputs.append(None)
+                continue
             out = artifact
             for p in b.passes:
                 out = self._run_pass(len(result.records), p, out, data, Path(tmp.name), threads, result)
             branch_outputs.append(out)
         if out_dir is not None:
             chains = [(model, self.baselines, "source-"), (artifact, self.targets, ""),
-                      *((out, b.targets, f"{b.name}-") for b, out in zip(self.branches, branch_outputs))]
+                      *((out, b.targets, f"{b.name}-") for b, out in zip(self.branches, branch_outputs)
+                        if out is not None)]
             names = assign_engine_names(chains)
             for art, targets, _ in chains:
                 converted: dict[str, ModelArtifact | TargetFailure] = {}  # one conversion per chain and kind
@@ -344,7 +361,7 @@ class Pipeline:
     ) -> ModelArtifact:
         self.hooks.on_pass_start(index, p, artifact)
         started = time.perf_counter()
-        key = self.cache.key(p, artifact, data, result.source) if self.cache else None
+        key = self.cache.key(p, artifact, data, result.source, self.device) if self.cache else None
         hit = self.cache.get(key) if (self.cache and key) else None
         if hit is not None:
             out, metrics = hit
@@ -353,7 +370,8 @@ class Pipeline:
             work = tmp / f"{index:02d}-{p.name}"
             work.mkdir(parents=True, exist_ok=True)
             ctx = PassContext(work_dir=work, data=data, seed=self.seed, threads=threads,
-                              cache_dir=self.cache.root if self.cache else None, source=result.source)
+                              cache_dir=self.cache.root if self.cache else None, source=result.source,
+                              device=self.device)
             res = p(artifact, ctx)
             out, metrics, cached = res.artifact, res.metrics, False
             out.lineage = artifact.lineage + [
@@ -393,6 +411,7 @@ class Pipeline:
     def _build_target(self, t: Target, artifact: ModelArtifact, out_dir: Path, result: RunResult,
                       data: DataBundle | None, name: str) -> None:
         self.hooks.on_target_start(t)
+        t.device = self.device
         try:
             engine = t.build(artifact, out_dir / "engines", data=data, name=name)
         except TargetError as exc:
@@ -454,10 +473,21 @@ class Pipeline:
         def failed(row: ResultRow, exc: Exception) -> None:
             self._runtime_failure(result, targets.get(row.name), row.name, exc)
 
+        if self.screen is not None:
+            kept = self.screen(rows, result)
+            ids = {id(k) for k in kept}
+            for s in rows:
+                if id(s) not in ids:
+                    s.runner.close()
+            rows = kept
         for s in rows:
             self.hooks.on_measure_start(s.name)
+        monitor = LoadMonitor()
         measured = measure_all(rows, x=x, labels=labels, cfg=cfg, threads=threads,
-                               progress=self.hooks.on_message, on_error=failed)
+                               progress=self.hooks.on_message, on_error=failed, load=monitor)
+        result.timing_load = monitor.summary()
+        if result.timing_load["under_load"]:
+            log.warning("timing ran under load: %s", "; ".join(result.timing_load["reasons"]))
         for m in measured:
             result.measurements.append(m)
             self.hooks.on_measure_end(m)

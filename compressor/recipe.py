@@ -73,6 +73,10 @@ class Recipe(BaseModel):
     name: str = "recipe"
     description: str = ""
     seed: int = 0
+    device: str = "host"
+    """the device the engines are for (devices.py: x86-avx2, x86-avx512-vnni, x86-avx512-bf16, x86-amx,
+    arm64, jetson-orin); host: this machine's profile. It decides reduce_range / overflow_fix and
+    whether bf16 precisions exist, never the machine that runs the recipe"""
     model: ModelSection = Field(default_factory=ModelSection)
     preprocessing: Preprocessing | None = None
     data: DataConfig | None = None
@@ -84,6 +88,15 @@ class Recipe(BaseModel):
     """side chains from the main chain's output, each with its own passes and targets"""
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     acceptance: AcceptanceConfig = Field(default_factory=AcceptanceConfig)
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, name: str) -> str:
+        from .devices import NAMES
+
+        if name not in NAMES:
+            raise ValueError(f"unknown device {name!r}; known: {', '.join(NAMES)}")
+        return name
 
     @field_validator("passes", "targets", "baselines")
     @classmethod

@@ -51,6 +51,8 @@ class RunResult:
     failures: list[TargetFailure] = field(default_factory=list)
     measurements: list[Measurement] = field(default_factory=list)
     threads: int = 1
+    timing_load: dict[str, Any] | None = None  # load.LoadMonitor.summary() of the timing rounds
+    skipped_branches: list[str] = field(default_factory=list)  # not started: Pipeline.deadline passed
     _tmp: Any = field(default=None, repr=False)
 
     @property

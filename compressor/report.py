@@ -45,6 +45,8 @@ def acceptance_checks(results: list[dict[str, Any]], limits: AcceptanceConfig) -
         if limits.min_speedup is not None and source is not None:
             s = r["speedup"]
             add("speedup", s, limits.min_speedup, s >= limits.min_speedup, "x")
+            if r.get("speedup_reliable") is False:
+                checks[-1]["timed_under_load"] = True
         if limits.min_compression is not None and source is not None:
             c = r["compression"]
             add("compression", c, limits.min_compression, c >= limits.min_compression, "x")
@@ -79,6 +81,7 @@ def build_report(
     outputs: list[str] | None = None,
     built_in: Path | None = None,
     published_as: Path | None = None,
+    device: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report of a finished run. ``samples`` (what compress compare reads), ``outputs`` (the
     names a run writes at the top of its directory) and the engine paths go in as the directory
@@ -105,6 +108,14 @@ def build_report(
             r["top1_delta"] = r["top1"] - source["top1"]
             r["speedup"] = source["latency_ms"]["p50"] / r["latency_ms"]["p50"]
             r["compression"] = source["size_bytes"] / r["size_bytes"] if r["size_bytes"] else None
+    load = result.timing_load
+    if load and load.get("under_load") and source is not None:
+        for r in results:  # eager PyTorch suffers more from a busy machine than the runtimes do
+            if r is not source and r["target"] != source["target"]:
+                r["speedup_reliable"] = False
+    if device is not None and not device["host_is_device"]:
+        for r in results:  # timed here, for another device: not the device's latency
+            r["measured_on"] = device["host"]
     checks = acceptance_checks(results, limits) if (limits is not None and results) else []
     checks += budget_checks([r.to_json() for r in result.records]
                             + [{"step": e.builder.step if e.builder else e.name, "metrics": e.info}
@@ -146,6 +157,9 @@ def build_report(
         "units": {"top1": "percent", "top5": "percent", "agreement": "percent", "latency_ms": "milliseconds",
                   "throughput_ips": "images/second", "size_bytes": "bytes"},
         "environment": environment(result.threads),
+        "device": device,
+        "timing_load": load,
+        "skipped_branches": result.skipped_branches,
         "data": data_info,
         "passes": [r.to_json() for r in result.records],
         "engines": engines,
@@ -157,6 +171,14 @@ def build_report(
         "samples": samples or {},
         "outputs": outputs or [],
     }
+
+
+def device_line(dev: dict[str, Any]) -> str:
+    """``x86-avx2 (asked: x86-avx2): 7-bit weights (reduce_range), NNCF overflow_fix first_layer, no bf16; built on x86-amx``"""
+    asked = "" if dev["requested"] == dev["name"] else f" (asked: {dev['requested']})"
+    return (f"{dev['name']}{asked}: {'7-bit weights (reduce_range)' if dev['reduce_range'] else '8-bit weights'}, "
+            f"NNCF overflow_fix {dev['overflow_fix']}, {'native bf16' if dev['native_bf16'] else 'no bf16'}; "
+            f"{'this machine' if dev['host_is_device'] else 'built on a ' + dev['host'] + ' machine'}")
 
 
 def _fmt(v: Any, digits: int = 2) -> str:
@@ -174,7 +196,8 @@ def result_rows(report: dict[str, Any]) -> list[list[str]]:
         rows.append([
             r["name"], r["target"], r["precision"], _fmt(r["top1"]), _fmt(r["top5"]), _fmt(r["agreement"]),
             _fmt(r.get("top1_delta"), 2), _fmt(lat["p50"], 3), _fmt(lat["p90"], 3), _fmt(lat["p99"], 3),
-            f"{_fmt(r.get('speedup'))}x", _fmt(r["throughput_ips"], 0), f"{r['size_bytes'] / 1e6:.2f}",
+            f"{_fmt(r.get('speedup'))}x" + (" (load)" if r.get("speedup_reliable") is False else ""),
+            _fmt(r["throughput_ips"], 0), f"{r['size_bytes'] / 1e6:.2f}",
             f"{_fmt(r.get('compression'))}x", _fmt(r.get("output_sqnr_db"), 1),
         ])
     return rows
@@ -207,6 +230,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                          f"split `{cal['split']}` has only {used}: calibrated on {used}")
     lines.append(f"- machine: {env['cpu']}, ISA {', '.join(env['isa_flags']) or '-'}; "
                  f"{env['threads']} threads for every runtime")
+    dev = report.get("device")
+    if dev:
+        lines.append(f"- device the engines are for: {device_line(dev)}")
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v != "absent")
     lines.append(f"- versions: {versions}")
     lines.append(f"- created: {report['created']}")
@@ -223,6 +249,16 @@ def render_markdown(report: dict[str, Any]) -> str:
                      "agreement is top-1 agreement with the source model; `smaller` is source file size over "
                      "engine size; SQNR is the row's logits against the source's on the same images "
                      "(10 log10 of signal over error energy; - where identical or for the source).")
+        tl = report.get("timing_load")
+        if tl and tl.get("under_load"):
+            lines.append("")
+            lines.append("**Timing ran under load** (" + "; ".join(tl["reasons"]) + "): the speedups marked `(load)` "
+                         "compare rows that a busy machine slows unequally (PyTorch eager most); time again on a "
+                         "quiet machine before trusting them.")
+        if dev and not dev.get("host_is_device", True):
+            lines.append("")
+            lines.append(f"**Latency was measured on this machine ({dev['host']}), not on the device the engines are "
+                         f"for ({dev['name']}): the latency columns are the host's, not the device's.**")
     else:
         lines.append("No measurements (the recipe has no data section).")
     for f in report.get("failures", report.get("not_built", [])):

@@ -498,7 +498,7 @@ class OpenVINOTapper(Tapper):
                           op.get_friendly_name())
             name = m.group(1) if m else _onnx_layer_name(weight.get_friendly_name(), scoped)
             name = alias.get(name, name)
-            if name in self.tap_ops or (not m and re.fullmatch(r"[A-Za-z]+_\d+", name)):
+            if name in self.tap_ops or (not m and re.fullmatch(r"[A-Za-z]+_c?\d+", name)):
                 self.plan.unmapped.append(op.get_friendly_name())
                 continue
             fq = next((ti.get_node() for ti in end.output(0).get_target_inputs()

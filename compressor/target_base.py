@@ -9,7 +9,7 @@ import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel
@@ -19,6 +19,9 @@ from .errors import CompressorError, PipelineOrderError, TargetError, TargetUnav
 from .config import StepConfig, make_config, require_data
 from .intake import load_model
 from .staging import OutputError, check_writable, staged_dir
+
+if TYPE_CHECKING:
+    from .devices import Device
 
 
 @dataclass
@@ -91,6 +94,19 @@ class Target(ABC):
     def __init__(self, config: BaseModel | dict | None = None, /, *, step: str | None = None, **kwargs: Any) -> None:
         self.step = step or self.name
         self.config = make_config(self.Config, config, kwargs, self.step)
+        self.device: Device | None = None
+        """the device the engine is for (the pipeline sets it; None: this machine's profile)"""
+
+    def target_device(self) -> Device:
+        from .devices import host_device
+
+        return self.device if self.device is not None else host_device()
+
+    def device_refusal(self, device: Device, host: Device) -> str | None:
+        """Why this config makes no engine for ``device`` (or cannot be measured honestly on
+        ``host``), e.g. a bf16 precision where the CPU has no bf16; None: it can. The engine is
+        then reported as not built, with that reason."""
+        return None
 
     @classmethod
     @abstractmethod
@@ -124,6 +140,11 @@ class Target(ABC):
         :meth:`engine_name`."""
         self.check_input(artifact.form, self.step)
         require_data(self.step, "target", self.name, self.requires_data(), data is not None)
+        from .devices import host_device
+
+        refusal = self.device_refusal(self.target_device(), host_device())
+        if refusal:
+            raise TargetUnavailable(f"{self.step}: {refusal}")
         avail = self.availability()
         not_built = None if avail.ok else f"target {self.name!r} is not available here: {avail.reason}"
         if not_built and not self.has_proxy:

@@ -6,9 +6,12 @@ a pass; NNCF is imported only when the arguments are made."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..pass_base import PassConfig
+
+if TYPE_CHECKING:
+    from ..devices import Device
 
 
 class NNCFQuantizationConfig(PassConfig):
@@ -18,8 +21,16 @@ class NNCFQuantizationConfig(PassConfig):
     """NNCF: symmetric (performance) or asymmetric (mixed) activation quantizers; weights are symmetric"""
     bias_correction: bool = True
     """NNCF fast bias correction after calibration"""
-    overflow_fix: Literal["first_layer", "enable", "disable"] = "first_layer"
-    """NNCF: 7-bit weights against u8*s8 overflow on CPUs without VNNI (first layer only, all layers, none)"""
+    overflow_fix: Literal["auto", "first_layer", "enable", "disable"] = "auto"
+    """NNCF: 7-bit weights against u8*s8 overflow on CPUs without VNNI (first layer only, all layers,
+    none); auto: the device decides (no VNNI/AMX: first_layer, NNCF's default; VNNI, AMX, ARM: disable)"""
+
+
+def resolve_overflow_fix(config: Any, device: Device) -> Any:
+    """``config`` with overflow_fix "auto" replaced by the device's setting (devices.Device.overflow_fix)."""
+    if config.overflow_fix != "auto":
+        return config
+    return config.model_copy(update={"overflow_fix": device.overflow_fix})
 
 
 def nncf_quantize_arguments(config: NNCFQuantizationConfig, samples: int, **advanced: Any) -> dict[str, Any]:
@@ -29,6 +40,7 @@ def nncf_quantize_arguments(config: NNCFQuantizationConfig, samples: int, **adva
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
+    assert config.overflow_fix != "auto", "the pass resolves overflow_fix for the device first"
     overflow = {"first_layer": OverflowFix.FIRST_LAYER, "enable": OverflowFix.ENABLE,
                 "disable": OverflowFix.DISABLE}[config.overflow_fix]
     preset = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}

@@ -24,7 +24,7 @@ This module keeps the config, the registration and the dispatch.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -35,9 +35,12 @@ from ..environment import default_threads
 from ..errors import PipelineOrderError
 from ..pass_base import Pass, PassContext, PassResult
 from ..registry import register_pass
-from ._nncf import NNCFQuantizationConfig
+from ._nncf import NNCFQuantizationConfig, resolve_overflow_fix
 from ._ptq import modelopt_qdq, onnxruntime_static, openvino_nncf
 from ._ptq.accuracy_budget import Budget
+
+if TYPE_CHECKING:
+    from ..devices import Device
 
 Calibration = Literal["minmax", "mean_minmax", "percentile", "histogram", "entropy"]
 CALIBRATION_METHODS = {
@@ -69,8 +72,8 @@ class QuantizePTQConfig(NNCFQuantizationConfig):
     """onnxruntime: activation integer type (uint8 suits x86 VNNI)"""
     reduce_range: bool | Literal["auto"] = "auto"
     """onnxruntime: 7-bit weights, which x86 CPUs without VNNI need (their u8*s8 pair sums saturate
-    16 bits: on AVX2 ResNet/MobileNet lose ~2 points without it); auto: on when the CPU running the
-    pass has no VNNI/AMX. Set it explicitly when quantizing for another CPU."""
+    16 bits: on AVX2 ResNet/MobileNet lose ~2 points without it); auto: on when the device the
+    engines are for (recipe ``device:``, default this machine) has no VNNI/AMX"""
     ignored_nodes: list[str] = Field(default_factory=list)
     """node names to keep in floating point"""
     max_drop: float | None = Field(default=None, ge=0)
@@ -97,6 +100,15 @@ class QuantizePTQConfig(NNCFQuantizationConfig):
         return self
 
 
+def for_device(config: QuantizePTQConfig, device: Device) -> QuantizePTQConfig:
+    """``config`` with its "auto" settings decided by the device the engines are for, never by the
+    machine running the pass: reduce_range (ONNX Runtime) and overflow_fix (NNCF)."""
+    config = resolve_overflow_fix(config, device)
+    if config.reduce_range == "auto":
+        config = config.model_copy(update={"reduce_range": device.reduce_range})
+    return config
+
+
 @register_pass
 class QuantizePTQ(Pass):
     name = "quantize_ptq"
@@ -105,6 +117,7 @@ class QuantizePTQ(Pass):
     consumes = frozenset({Form.TORCH, Form.EXPORTED, Form.ONNX, Form.OPENVINO})
     needs_data = True
     quantizes = True
+    uses_device = True  # reduce_range / overflow_fix "auto" follow the device
     libraries = ("torch", "nncf", "openvino", "onnx", "onnxruntime")
 
     def used_libraries(self) -> tuple[str, ...]:
@@ -139,7 +152,8 @@ class QuantizePTQ(Pass):
         images = ctx.data.calibration_images(size, artifact.preprocessing.color, count or self.config.samples)  # type: ignore[arg-type]
         return preprocess(images, artifact.preprocessing)
 
-    def _sweep(self, artifact: ModelArtifact, ctx: PassContext, built: PassResult, used: int) -> dict[str, Any] | None:
+    def _sweep(self, artifact: ModelArtifact, ctx: PassContext, built: PassResult, used: int,
+               cfg: QuantizePTQConfig) -> dict[str, Any] | None:
         """With ``data.calibration.samples`` a list (and no ``samples`` of the pass's own): plain PTQ
         calibrated on each size, its top-1 on validation images of the training split that none of
         the sizes calibrates on (never the test split); the built model is the largest size's."""
@@ -164,7 +178,7 @@ class QuantizePTQ(Pass):
                 runner.close()
             return round(100.0 * float((logits.argmax(1) == labels).mean()), 2)
 
-        plain = self.config.model_copy(update={"max_drop": None})
+        plain = cfg.model_copy(update={"max_drop": None})
         rows = []
         for n in sizes:
             x = self._calibration(artifact, ctx, n)
@@ -192,10 +206,12 @@ class QuantizePTQ(Pass):
                       layer_latency=cfg.kept_layer_latency)
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> PassResult:
+        device = ctx.target_device()
         x = self._calibration(artifact, ctx)
-        res = BACKENDS[self.config.backend](artifact, x, self.config, ctx.work_dir, self.step,
-                                            budget=self._budget(artifact, ctx))
-        sweep = self._sweep(artifact, ctx, res, len(x))
+        cfg = for_device(self.config, device)
+        res = BACKENDS[cfg.backend](artifact, x, cfg, ctx.work_dir, self.step, budget=self._budget(artifact, ctx))
+        sweep = self._sweep(artifact, ctx, res, len(x), cfg)
         if sweep is not None:
             res.metrics["calibration_sweep"] = sweep
+        res.metrics["device"] = device.name
         return res

@@ -34,7 +34,7 @@ from ..errors import ConfigError
 from ..pass_base import Pass, PassContext, PassResult
 from ..registry import register_pass
 from ..training import TrainConfig, evaluate_top1, train, training_data
-from ._nncf import NNCFQuantizationConfig, nncf_quantize_arguments
+from ._nncf import NNCFQuantizationConfig, nncf_quantize_arguments, resolve_overflow_fix
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class QuantizeQAT(Pass):
     produces = Form.TORCH
     needs_data = True
     quantizes = True
+    uses_device = True  # overflow_fix "auto" follows the device
     libraries = ("torch", "nncf")
 
     def preflight(self, artifact: ModelArtifact | None, data: Any) -> None:
@@ -97,7 +98,7 @@ class QuantizeQAT(Pass):
         fp32 = copy.deepcopy(artifact.model).eval()  # the input artifact stays untouched
         fp32_top1 = _val_top1(fp32, tdata)
         wrapped = qat_model_class()(fp32, freeze_bn=cfg.freeze_bn, disable_dropout=cfg.disable_dropout)
-        qmodel = self._ptq_init(wrapped, x_cal)
+        qmodel = self._ptq_init(wrapped, x_cal, ctx)
         quantizers = list_quantizers(qmodel)
         ptq_top1 = _val_top1(qmodel, tdata)
 
@@ -109,6 +110,7 @@ class QuantizeQAT(Pass):
         metrics = {
             "backend": "nncf/torch",
             "preset": cfg.preset,
+            "device": ctx.target_device().name,
             "samples": len(x_cal),
             "quantizers": len(quantizers),
             "per_channel_quantizers": sum(q.per_channel for q in quantizers),
@@ -135,13 +137,14 @@ class QuantizeQAT(Pass):
         if not torch.isfinite(probe).all():
             raise RuntimeError("the fine-tuned model produces NaN/inf logits (learning rate too high?)")
 
-    def _ptq_init(self, model: Any, x: np.ndarray) -> Any:
+    def _ptq_init(self, model: Any, x: np.ndarray, ctx: PassContext) -> Any:
         import nncf
         import torch
 
         _ensure_kernels()
         batches = [torch.from_numpy(x[i : i + 1]) for i in range(len(x))]
-        return nncf.quantize(model.eval(), nncf.Dataset(batches), **nncf_quantize_arguments(self.config, len(batches)))
+        cfg = resolve_overflow_fix(self.config, ctx.target_device())
+        return nncf.quantize(model.eval(), nncf.Dataset(batches), **nncf_quantize_arguments(cfg, len(batches)))
 
 
 def _check_module(model: Any) -> None:

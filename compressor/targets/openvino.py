@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..artifact import Form, ModelArtifact
-from ..openvino_convert import to_openvino_model
+from ..openvino_convert import canonical_names, to_openvino_model
 from ..registry import register_target
 from ..target_base import Availability, Engine, Runner, Target, TargetConfig
 
@@ -51,6 +51,30 @@ class OpenVINOTarget(Target):
             return Availability(False, f"no OpenVINO CPU device (devices: {devices})")
         return Availability(True, "OpenVINO CPU plugin")
 
+    def engine_precision(self, artifact: ModelArtifact) -> str:
+        """bf16 for a float model compiled with precision_hint bf16 (an INT8 model stays int8: its
+        layers left in float then run in bf16, and the engine's name says so)."""
+        if self.config.precision_hint in ("bf16", "f16") and artifact.precision in ("fp32", "fp16"):
+            return self.config.precision_hint
+        return artifact.precision
+
+    def engine_name(self, artifact: ModelArtifact) -> str:
+        name = f"{self.name}-{self.engine_precision(artifact)}"
+        if artifact.precision == "int8" and self.config.precision_hint != "f32":
+            name += f"-{self.config.precision_hint}"
+        return name
+
+    def device_refusal(self, device: Any, host: Any) -> str | None:
+        if self.config.precision_hint != "bf16":
+            return None
+        if not device.native_bf16:
+            return (f"precision_hint bf16 needs a CPU with native bf16 (AVX512-BF16 or AMX); device {device.name} "
+                    "has none, so OpenVINO would run f32 there: not built")
+        if not host.native_bf16:
+            return (f"precision_hint bf16: this machine ({host.name}) has no native bf16, so OpenVINO would run "
+                    f"f32 here and the row would not be bf16's; build it on a {device.name} machine")
+        return None
+
     def _build(self, artifact: ModelArtifact, tmp_dir: Path, data: Any = None) -> tuple[list[Path], dict[str, Any]]:
         import openvino as ov
 
@@ -60,7 +84,8 @@ class OpenVINOTarget(Target):
             shutil.copy2(artifact.path, xml)
             shutil.copy2(artifact.path.with_suffix(".bin"), xml.with_suffix(".bin"))
         else:
-            ov.save_model(to_openvino_model(artifact), str(xml), compress_to_fp16=self.config.compress_to_fp16)
+            ov.save_model(canonical_names(to_openvino_model(artifact)), str(xml),
+                          compress_to_fp16=self.config.compress_to_fp16)
         core = ov.Core()
         info = {
             "runtime_build": {
@@ -84,7 +109,8 @@ class OpenVINOTarget(Target):
 class OVRunner(Runner):
     """Compiles one static-shape model per batch size, with a latency hint and fixed threads."""
 
-    def __init__(self, xml: Path, *, threads: int, device: str = "CPU", precision_hint: str = "f32") -> None:
+    def __init__(self, xml: Path, *, threads: int, device: str = "CPU", precision_hint: str | None = "f32") -> None:
+        """``precision_hint`` None: OpenVINO's own default for the CPU (bf16 where it has AMX/AVX512-BF16)."""
         import openvino as ov
 
         self.name = "openvino"
@@ -105,12 +131,9 @@ class OVRunner(Runner):
         shape = list(model.inputs[0].get_partial_shape())
         shape[0] = ov.Dimension(batch)
         model.reshape({model.inputs[0]: ov.PartialShape(shape)})
-        config = {
-            "INFERENCE_NUM_THREADS": self.threads,
-            "NUM_STREAMS": 1,
-            "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": self.precision_hint,
-        }
+        config: dict[str, Any] = {"INFERENCE_NUM_THREADS": self.threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+        if self.precision_hint is not None:
+            config["INFERENCE_PRECISION_HINT"] = self.precision_hint
         compiled = self.core.compile_model(model, self.device, config)
         self._compiled[batch] = compiled
         self._requests[batch] = compiled.create_infer_request()

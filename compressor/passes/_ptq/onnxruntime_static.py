@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ...artifact import Form, ModelArtifact
-from ...environment import has_int8_dot_product, widest_int8_isa
 from ...pass_base import PassResult
 from . import accuracy_budget
 from .accuracy_budget import Budget
@@ -30,7 +29,8 @@ def quantize(artifact: ModelArtifact, x: np.ndarray, config: QuantizePTQConfig, 
     assert artifact.path is not None
     pre = work_dir / "preprocessed.onnx"
     quant_pre_process(str(artifact.path), str(pre), skip_symbolic_shape=False)
-    reduce_range = config.reduce_range if config.reduce_range != "auto" else not has_int8_dot_product()
+    assert config.reduce_range != "auto", "quantize_ptq resolves reduce_range for the device before this"
+    reduce_range = bool(config.reduce_range)
     path = work_dir / "model.onnx"
     extra: dict[str, Any] = {}
     if budget is None:
@@ -47,7 +47,7 @@ def quantize(artifact: ModelArtifact, x: np.ndarray, config: QuantizePTQConfig, 
     dq = sum(n.op_type == "DequantizeLinear" for n in proto.graph.node)
 
     metrics = {"backend": "onnxruntime", "calibration": config.calibration, "samples": len(x),
-               "activation_type": config.activation_type, "reduce_range": reduce_range, "cpu_isa": widest_int8_isa(),
+               "activation_type": config.activation_type, "reduce_range": reduce_range,
                "quantize_nodes": q, "dequantize_nodes": dq, **extra}
     return PassResult(artifact.derive(Form.ONNX, path=path, precision="int8"), metrics)
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ...artifact import Form, ModelArtifact
-from ...openvino_convert import to_openvino_model
+from ...openvino_convert import canonical_names, to_openvino_model
 from ...pass_base import PassResult
 from ...taps import module_name
 from .._nncf import nncf_quantize_arguments
@@ -54,7 +54,7 @@ def quantize(artifact: ModelArtifact, x: np.ndarray, config: QuantizePTQConfig, 
     else:
         quantized, extra["accuracy_budget"] = _within_budget(model, dataset, budget, config, arguments, work_dir)
     path = work_dir / "model.xml"
-    ov.save_model(quantized, str(path), compress_to_fp16=False)
+    ov.save_model(canonical_names(quantized), str(path), compress_to_fp16=False)
     fq = sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ops())
     metrics = {"backend": "nncf/openvino", "calibration": config.calibration, "samples": len(x),
                "fake_quantize_nodes": fq, **extra}

@@ -1,0 +1,355 @@
+"""``compress tune``: the fastest engine that keeps a given accuracy, found and proven on this machine.
+
+1. A search space from what runs here and what the device allows (devices.py): targets x
+   precisions (fp32, bf16 where the device has it, int8) x quantization settings (calibration
+   method, preset, per-channel, the accuracy-budget mode of quantize_ptq).
+2. One run of the pass manager builds every candidate as a branch of one recipe (the pass cache
+   keeps each quantization, so an interrupted tune resumes where it stopped); ``--budget-min``
+   stops starting new candidates once the time is spent.
+3. Before any timing, each engine's top-1 on validation images held out of the training split
+   (never the test split, never calibration images) is compared with the source's; candidates
+   that lose more than ``--max-drop`` points there are dropped.
+4. The survivors and the source are measured in one interleaved session on the test split (the
+   run's report.md); tune.md gives the Pareto front of top-1 against batch-1 p50, the chosen
+   engine (the fastest survivor), its test top-1, and why each other candidate lost; tuned.yaml
+   rebuilds the chosen engine exactly (same device, same settings) for CI to gate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from .data import preprocess
+from .devices import Device
+from .evaluate import ResultRow, accuracy
+from .registry import get_target
+from .staging import atomic_write
+
+log = logging.getLogger(__name__)
+
+TUNE_FILES = ("tune.json", "tune.md", "pareto.png", "tuned.yaml")
+VALIDATION_BATCH = 100
+QUICK = {"warmup": 3, "latency_runs": 30, "latency_min_seconds": 0.2, "latency_rounds": 3, "throughput_batch": 16,
+         "throughput_seconds": 0.2}
+"""--quick: short timing for a first look (noisier figures)"""
+
+
+@dataclass
+class Candidate:
+    name: str  # the branch name (engine names start with it)
+    target: str
+    precision: str
+    what: str
+    passes: list[Any] = field(default_factory=list)
+    target_step: Any = None
+
+
+def search_space(device: Device, input_form: str, max_drop: float,
+                 only: tuple[str, ...] | None = None) -> tuple[list[Candidate], list[dict[str, str]]]:
+    """The candidates for ``device`` and an input of ``input_form`` (torch or onnx), cheapest
+    first, and what was left out and why."""
+    out: list[Candidate] = []
+    left_out: list[dict[str, str]] = []
+    wanted = [t for t in ("openvino", "onnxruntime", "tflite", "tensorrt") if only is None or t in only]
+    for t in wanted:
+        if t not in device.targets:
+            left_out.append({"what": t, "why": f"device {device.name} does not run {t} engines"})
+            continue
+        avail = get_target(t).availability()
+        if not avail.ok:
+            left_out.append({"what": t, "why": f"{t} cannot build here: {avail.reason}"})
+            continue
+        if t == "tflite" and input_form == "onnx":
+            left_out.append({"what": t, "why": "tflite takes a torch model, and the input is ONNX"})
+            continue
+        if t == "openvino":
+            ov = {"openvino": {"precision_hint": "f32"}}
+            out.append(Candidate("ov_fp32", t, "fp32", "OpenVINO FP32", [], ov))
+            if device.native_bf16:
+                out.append(Candidate("ov_bf16", t, "bf16", "OpenVINO, inference precision bf16", [],
+                                     {"openvino": {"precision_hint": "bf16"}}))
+            else:
+                left_out.append({"what": "OpenVINO bf16", "why": f"device {device.name} has no native bf16 "
+                                 "(AVX512-BF16 / AMX): OpenVINO would run f32"})
+            for preset, method in (("performance", "minmax"), ("performance", "mean_minmax"), ("mixed", "minmax")):
+                out.append(Candidate(f"ov_int8_{preset[:4]}_{method}", t, "int8",
+                                     f"NNCF INT8 ({preset} preset, {method} ranges)",
+                                     [{"quantize_ptq": {"backend": "openvino", "preset": preset, "calibration": method}}],
+                                     ov))
+            out.append(Candidate("ov_int8_budget", t, "int8",
+                                 f"NNCF INT8 with accuracy control (max_drop {max_drop} on validation images)",
+                                 [{"quantize_ptq": {"backend": "openvino", "max_drop": max_drop}}], ov))
+            if device.native_bf16:
+                out.append(Candidate("ov_int8_bf16", t, "int8", "NNCF INT8, float layers in bf16",
+                                     [{"quantize_ptq": {"backend": "openvino"}}],
+                                     {"openvino": {"precision_hint": "bf16"}}))
+        elif t == "onnxruntime":
+            export = [] if input_form == "onnx" else ["export_onnx"]
+            # the pass manager converts to ONNX for the target itself
+            out.append(Candidate("ort_fp32", t, "fp32", "ONNX Runtime FP32", [], "onnxruntime"))
+            for method, per_channel in (("minmax", True), ("minmax", False), ("entropy", True), ("percentile", True)):
+                out.append(Candidate(
+                    f"ort_int8_{method}_{'pc' if per_channel else 'pt'}", t, "int8",
+                    f"ONNX Runtime static INT8 ({method}, per-{'channel' if per_channel else 'tensor'} weights)",
+                    [*export, {"quantize_ptq": {"backend": "onnxruntime", "calibration": method,
+                                                "per_channel": per_channel}}], "onnxruntime"))
+            out.append(Candidate("ort_int8_budget", t, "int8",
+                                 f"ONNX Runtime static INT8, sensitive layers kept in float (max_drop {max_drop})",
+                                 [*export, {"quantize_ptq": {"backend": "onnxruntime", "max_drop": max_drop}}],
+                                 "onnxruntime"))
+        elif t == "tflite":
+            out.append(Candidate("tfl_fp32", t, "fp32", "LiteRT/TFLite FP32 (XNNPACK)", [],
+                                 {"tflite": {"quantization": "none"}}))
+            out.append(Candidate("tfl_int8", t, "int8", "LiteRT/TFLite INT8 (PT2E, XNNPACK)", [],
+                                 {"tflite": {"quantization": "int8"}}))
+        elif t == "tensorrt":
+            left_out.append({"what": t, "why": "TensorRT engines are built and timed on the device; tune times "
+                             "what runs here"})
+    return out, left_out
+
+
+def tune_recipe(candidates: list[Candidate], device: Device, main_passes: list[Any], data: dict[str, Any],
+                evaluation: dict[str, Any]) -> dict[str, Any]:
+    """One recipe: the first candidate without passes of its own in the main chain (branches start
+    from the main chain's output), every other one a branch."""
+    first = next(c for c in candidates if not c.passes)
+    rest = [c for c in candidates if c is not first]
+    return {
+        "name": "tune", "description": "compress tune: every candidate engine", "device": device.name,
+        "data": data, "passes": [*main_passes, *first.passes], "targets": [first.target_step],
+        "branches": [{"name": c.name, "passes": c.passes, "targets": [c.target_step]} for c in rest],
+        "evaluation": evaluation,
+    }
+
+
+def tuned_recipe(c: Candidate, device: Device, main_passes: list[Any], data: dict[str, Any], max_drop: float,
+                 model: str) -> dict[str, Any]:
+    return {
+        "name": f"tuned_{c.name}", "description": f"compress tune's choice for {model} on {device.name}: {c.what}",
+        "device": device.name, "data": data, "passes": [*main_passes, *c.passes], "targets": [c.target_step],
+        "acceptance": {"max_top1_drop": max_drop},
+    }
+
+
+class Screen:
+    """Pipeline.screen: every engine's top-1 on validation images against the source's; rows that
+    lose more than ``max_drop`` points are dropped before any timing."""
+
+    def __init__(self, max_drop: float, images: int, data_ref: list[Any]) -> None:
+        self.max_drop, self.images, self.data_ref = max_drop, images, data_ref
+        self.rows: list[dict[str, Any]] = []
+        self.source_top1: float | None = None
+
+    def __call__(self, rows: list[ResultRow], result: Any) -> list[ResultRow]:
+        data, source = self.data_ref[0], result.source
+        size = tuple(source.input_spec.sample_shape[1:])
+        images, labels = data.validation_set(size, source.preprocessing.color, self.images)
+        x = preprocess(images, source.preprocessing)
+        kept = []
+        for row in rows:
+            started = time.perf_counter()
+            top1 = accuracy(row.runner, x, labels, VALIDATION_BATCH, None)[0]
+            if row.name == "source":
+                self.source_top1 = top1
+                kept.append(row)
+                continue
+            assert self.source_top1 is not None
+            drop = self.source_top1 - top1
+            ok = drop <= self.max_drop + 1e-9
+            self.rows.append({"name": row.name, "validation_top1": round(top1, 2), "drop": round(drop, 2),
+                              "kept": ok, "seconds": round(time.perf_counter() - started, 2)})
+            log.info("tune: %s validation top-1 %.2f%% (drop %.2f): %s", row.name, top1, drop,
+                     "kept" if ok else "dropped")
+            if ok:
+                kept.append(row)
+        return kept
+
+
+def pareto(points: list[tuple[str, float, float]]) -> list[str]:
+    """Names of the (name, top1, p50) points no other point beats on both (higher top-1, lower p50)."""
+    front = []
+    for name, top1, p50 in points:
+        if not any((t >= top1 and p < p50) or (t > top1 and p <= p50) for n, t, p in points if n != name):
+            front.append(name)
+    return front
+
+
+def summarise(report: dict[str, Any], candidates: list[Candidate], left_out: list[dict[str, str]], screen: Screen,
+              device: Device, max_drop: float, seconds: float) -> dict[str, Any]:
+    by_engine = {}
+    for e in report["engines"]:
+        main = next(c for c in candidates if not c.passes)
+        c = next((c for c in candidates if c is not main and e["name"].startswith(c.name + "-")), main)
+        by_engine[e["name"]] = c
+    results = {r["name"]: r for r in report["results"]}
+    source = results["source"]
+    measured = [r for n, r in results.items() if n != "source" and n in by_engine]
+    chosen = min(measured, key=lambda r: r["latency_ms"]["p50"]) if measured else None
+    front = pareto([(r["name"], r["top1"], r["latency_ms"]["p50"]) for r in [source, *measured]])
+    screened = {s["name"]: s for s in screen.rows}
+    rows = []
+    for c in candidates:
+        engine = next((n for n, cc in by_engine.items() if cc is c), None)
+        row: dict[str, Any] = {"candidate": c.name, "what": c.what, "target": c.target, "precision": c.precision,
+                               "engine": engine}
+        r = results.get(engine) if engine else None
+        s = screened.get(engine) if engine else None
+        if s:
+            row.update(validation_top1=s["validation_top1"], validation_drop=s["drop"])
+        if r is not None:
+            row.update(test_top1=r["top1"], p50_ms=r["latency_ms"]["p50"], speedup=r.get("speedup"),
+                       pareto=r["name"] in front, speedup_reliable=r.get("speedup_reliable", True))
+        if chosen is not None and r is chosen:
+            row["verdict"] = "chosen: the fastest within the budget"
+        elif r is not None:
+            row["verdict"] = (f"slower: p50 {r['latency_ms']['p50']:.3f} ms against the chosen "
+                              f"{chosen['latency_ms']['p50']:.3f} ms")  # type: ignore[index]
+        elif s is not None and not s["kept"]:
+            row["verdict"] = f"over budget: validation top-1 {s['drop']:.2f} points below the source (> {max_drop})"
+        elif c.name in report.get("skipped_branches", []):
+            row["verdict"] = "not tried: --budget-min spent"
+        else:
+            why = next((f["reason"] for f in report.get("failures", [])
+                        if f.get("step", "").startswith(f"branches[") and c.name in f.get("step", "")
+                        or engine and engine in f.get("reason", "")), None)
+            row["verdict"] = f"not built or not run: {why}" if why else "not built or not run (see report.md)"
+        rows.append(row)
+    load = report.get("timing_load") or {}
+    return {
+        "device": report.get("device"), "max_drop": max_drop, "seconds": round(seconds, 1),
+        "validation": {"images": screen.images, "source_top1": screen.source_top1,
+                       "from": "training split, not calibration images"},
+        "source": {"top1": source["top1"], "p50_ms": source["latency_ms"]["p50"]},
+        "chosen": None if chosen is None else {
+            "engine": chosen["name"], "test_top1": chosen["top1"], "test_drop": round(source["top1"] - chosen["top1"], 2),
+            "p50_ms": chosen["latency_ms"]["p50"], "speedup": chosen.get("speedup"),
+            "candidate": by_engine[chosen["name"]].name},
+        "pareto": front, "candidates": rows, "left_out": left_out,
+        "timing_under_load": bool(load.get("under_load")), "load_reasons": load.get("reasons", []),
+    }
+
+
+def render(summary: dict[str, Any], command: str) -> str:
+    ch = summary["chosen"]
+    dev = summary["device"] or {}
+    lines = ["# compress tune", "",
+             f"- device: {dev.get('name')} (built and timed on {dev.get('host')}); budget: top-1 within "
+             f"{summary['max_drop']} points of the source on {summary['validation']['images']} validation images "
+             f"(source {summary['validation']['source_top1']}%), then measured on the test split",
+             f"- command: `{command}`", f"- seconds: {summary['seconds']}", ""]
+    if summary["timing_under_load"]:
+        lines += ["**Timing ran under load**: " + "; ".join(summary["load_reasons"]) + ". The choice may not hold "
+                  "on a quiet machine.", ""]
+    if ch:
+        lines += [f"**Chosen: `{ch['engine']}`**: test top-1 {ch['test_top1']:.2f}% ({ch['test_drop']:+.2f} points "
+                  f"below the source's {summary['source']['top1']:.2f}%), batch-1 p50 {ch['p50_ms']:.3f} ms, "
+                  f"{ch['speedup']:.2f}x the source; rebuilt exactly by `tuned.yaml`.", ""]
+    else:
+        lines += ["**No candidate kept the budget.**", ""]
+    lines += ["| candidate | what | validation top-1 % | drop | test top-1 % | p50 ms | speedup | Pareto | verdict |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(summary["candidates"], key=lambda r: (r.get("p50_ms") is None, r.get("p50_ms") or 0)):
+        f = (lambda k, d=2: "-" if r.get(k) is None else f"{r[k]:.{d}f}")
+        lines.append(f"| {r['candidate']} | {r['what']} | {f('validation_top1')} | {f('validation_drop')} | "
+                     f"{f('test_top1')} | {f('p50_ms', 3)} | {f('speedup')}x | {'yes' if r.get('pareto') else ''} | "
+                     f"{r['verdict']} |")
+    if summary["left_out"]:
+        lines += ["", "Left out of the search space:", ""]
+        lines += [f"- {x['what']}: {x['why']}" for x in summary["left_out"]]
+    lines += ["", "Every row's figures are in report.md (same directory): one interleaved timing session."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[str, Any], path: Path) -> bool:
+    from .plots import pyplot, save
+
+    plt = pyplot()
+    rows = [r for r in summary["candidates"] if r.get("p50_ms") is not None]
+    if plt is None or not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r in rows:
+        ax.scatter(r["p50_ms"], r["test_top1"], color="tab:red" if r.get("pareto") else "tab:gray", zorder=3)
+        ax.annotate(r["candidate"], (r["p50_ms"], r["test_top1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["p50_ms"])
+    ax.plot([r["p50_ms"] for r in front], [r["test_top1"] for r in front], color="tab:red", lw=1)
+    src = summary["source"]
+    ax.axhline(src["top1"] - summary["max_drop"], ls="--", color="tab:blue", lw=0.8, label="source - max_drop")
+    ax.set_xscale("log")
+    ax.set_xlabel("batch-1 p50 ms (log)")
+    ax.set_ylabel("test top-1 %")
+    ax.set_title("compress tune: top-1 against latency (red: Pareto front)")
+    ax.legend(fontsize=7)
+    return save(fig, path)
+
+
+def write_outputs(out_dir: Path, summary: dict[str, Any], tuned: dict[str, Any] | None, command: str) -> list[str]:
+    atomic_write(out_dir / "tune.json", json.dumps(summary, indent=1, default=str) + "\n")
+    atomic_write(out_dir / "tune.md", render(summary, command))
+    written = ["tune.json", "tune.md"]
+    if tuned is not None:
+        atomic_write(out_dir / "tuned.yaml", "# rebuilds compress tune's chosen engine: compress MODEL --recipe "
+                     "tuned.yaml\n" + yaml.safe_dump(tuned, sort_keys=False))
+        written.append("tuned.yaml")
+    if plot(summary, out_dir / "pareto.png"):
+        written.append("pareto.png")
+    return written
+
+
+def chosen_candidate(summary: dict[str, Any], candidates: list[Candidate]) -> Candidate | None:
+    if not summary["chosen"]:
+        return None
+    return next(c for c in candidates if c.name == summary["chosen"]["candidate"])
+
+
+def validation_images_default(max_drop: float) -> int:
+    """Enough held-out images that one image is well under the budget (0.5 points: 1000 images, 0.1 each)."""
+    return int(np.clip(round(50 / max(max_drop, 0.05)), 500, 2000))
+
+
+def run_tune(model_path: Path, options: Any, *, max_drop: float, device_name: str | None, budget_min: float | None,
+             validation_images: int | None, only: tuple[str, ...] | None, command: str,
+             calibration_samples: int = 512, evaluation: dict[str, Any] | None = None
+             ) -> tuple[dict[str, Any], Path, int]:
+    """Build, screen and time every candidate; write the run (report.md, engines/) and tune.md,
+    tune.json, pareto.png, tuned.yaml beside it. Returns (summary, output directory, exit code)."""
+    from .artifact import Form
+    from .devices import resolve
+    from .errors import ConfigError
+    from .job import guess_form, load_inputs, plan_job, run_and_write
+    from .recipe import parse_recipe
+    from .staging import run_tempdir
+
+    started = time.monotonic()
+    device = resolve(device_name)
+    form = "onnx" if guess_form(model_path) is Form.ONNX else "torch"
+    candidates, left_out = search_space(device, form, max_drop, only)
+    if not candidates:
+        raise ConfigError("compress tune: nothing to try here: " + "; ".join(x["why"] for x in left_out))
+    main = [] if form == "onnx" else ["fuse"]
+    data = {"source": "folder", "calibration": {"split": "train", "samples": calibration_samples, "seed": 0},
+            "evaluation": {"split": "test"}}
+    recipe = parse_recipe(tune_recipe(candidates, device, main, data, evaluation or {}), source="compress tune")
+    plan = plan_job(model_path, recipe, None, options)
+    opened: list[Any] = []
+    screen = Screen(max_drop, validation_images or validation_images_default(max_drop), opened)
+    plan.pipeline.screen = screen
+    if budget_min is not None:
+        plan.pipeline.deadline = started + 60 * budget_min
+    artifact, bundle = load_inputs(plan)
+    opened.append(bundle)
+    with run_tempdir():
+        job = run_and_write(plan, artifact, bundle)
+    summary = summarise(job.report, candidates, left_out, screen, device, max_drop, time.monotonic() - started)
+    chosen = chosen_candidate(summary, candidates)
+    tuned = None if chosen is None else tuned_recipe(chosen, device, main, data, max_drop, Path(model_path).name)
+    write_outputs(job.out_dir, summary, tuned, command)
+    return summary, job.out_dir, 0 if chosen is not None else 1

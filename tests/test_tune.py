@@ -1,0 +1,105 @@
+"""Issue 14, part 3: compress tune builds a search space, screens candidates on validation images
+held out of the training split, times the survivors in one session, and writes the choice and a
+recipe that rebuilds it exactly."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from compressor.devices import resolve
+from compressor.tune import pareto, search_space
+
+from .conftest import cli, one_error_line
+
+
+@pytest.fixture(scope="module")
+def digits_folder(tmp_path_factory):
+    """The bundled digits as an ImageFolder tree (train/ and test/, classes 0-9)."""
+    from PIL import Image
+
+    from compressor.data import DataConfig, open_data
+
+    bundle = open_data(DataConfig(source="digits"))
+    root = tmp_path_factory.mktemp("digits")
+    for split, src in (("train", bundle.calibration_source), ("test", bundle.evaluation_source)):
+        images = src.load_images(np.arange(len(src)), (16, 16), "RGB")
+        for i, (img, label) in enumerate(zip(images, src.labels)):
+            d = root / split / str(int(label))
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(d / f"{i:04d}.png")
+    return root
+
+
+def test_the_search_space_follows_the_device():
+    amx, _ = search_space(resolve("x86-amx"), "torch", 0.5, ("openvino",))
+    avx2, left = search_space(resolve("x86-avx2"), "torch", 0.5, ("openvino",))
+    assert {"ov_bf16", "ov_int8_bf16"} <= {c.name for c in amx}
+    assert not {"ov_bf16", "ov_int8_bf16"} & {c.name for c in avx2}
+    assert any("no native bf16" in x["why"] for x in left)
+    arm, left = search_space(resolve("arm64"), "torch", 0.5, ("openvino", "tflite"))
+    assert all(c.target == "tflite" for c in arm) and any("does not run openvino" in x["why"] for x in left)
+    onnx, left = search_space(resolve("x86-avx2"), "onnx", 0.5, ("onnxruntime", "tflite"))
+    assert all("export_onnx" not in c.passes for c in onnx) and any("input is ONNX" in x["why"] for x in left)
+
+
+def test_pareto_front():
+    pts = [("a", 90.0, 1.0), ("b", 89.0, 0.5), ("c", 88.0, 0.7), ("d", 90.0, 2.0)]
+    assert pareto(pts) == ["a", "b"]
+
+
+def test_tune_chooses_the_fastest_survivor_and_tuned_yaml_rebuilds_it(model_files, digits_folder, tmp_path, capsys):
+    out = tmp_path / "tune"
+    code, stdout, err = cli(capsys, "tune", model_files["pickle"], "--data", digits_folder, "--max-drop", "1.0",
+                            "--targets", "onnxruntime", "--device", "x86-avx2", "--trust-model", "--out", out,
+                            "--validation-images", "300", "--quick", "-q")
+    assert code == 0, err[-3000:]
+    summary = json.loads((out / "tune.json").read_text())
+    rows = summary["candidates"]
+    assert {r["candidate"] for r in rows} >= {"ort_fp32", "ort_int8_minmax_pc", "ort_int8_budget"}
+    for r in rows:  # what was timed kept the budget on validation images; what was dropped did not
+        if r.get("p50_ms") is not None:
+            assert r["validation_drop"] <= 1.0
+        elif r.get("validation_drop") is not None:
+            assert r["validation_drop"] > 1.0 and r["verdict"].startswith("over budget")
+    timed = [r for r in rows if r.get("p50_ms") is not None]
+    chosen = summary["chosen"]
+    assert chosen["p50_ms"] == min(r["p50_ms"] for r in timed)
+    assert summary["device"]["name"] == "x86-avx2"
+    assert {"tune.md", "tuned.yaml", "report.md"} <= {p.name for p in out.iterdir()}
+    assert "Chosen: `" in (out / "tune.md").read_text() and chosen["engine"] in stdout
+    tuned = yaml.safe_load((out / "tuned.yaml").read_text())
+    assert tuned["device"] == "x86-avx2" and len(tuned["targets"]) == 1
+    # CI rebuilds the chosen engine from tuned.yaml: the same bytes
+    code, _, err = cli(capsys, model_files["pickle"], "--recipe", out / "tuned.yaml", "--trust-model", "--data",
+                       digits_folder, "--out", tmp_path / "again", "-q")
+    assert code in (0, 1), err[-3000:]
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    engine = again["engines"][0]["name"]
+    first = sorted((out / "engines" / chosen["engine"]).glob("model.*"))
+    second = sorted((tmp_path / "again" / "engines" / engine).glob("model.*"))
+    assert first and [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
+    # a second tune into the same directory needs --overwrite, and then resumes from the pass cache
+    line = one_error_line(*cli(capsys, "tune", model_files["pickle"], "--data", digits_folder, "--max-drop", "1.0",
+                               "--targets", "onnxruntime", "--trust-model", "--out", out, "--quick", "-q"))
+    assert "--overwrite" in line
+
+
+def test_budget_min_stops_starting_candidates(model_files, digits_folder, tmp_path, capsys):
+    out = tmp_path / "tune"
+    code, _, err = cli(capsys, "tune", model_files["pickle"], "--data", digits_folder, "--max-drop", "5",
+                       "--targets", "onnxruntime", "--trust-model", "--out", out, "--budget-min", "0.0001",
+                       "--validation-images", "100", "--quick", "-q")
+    assert code == 0, err[-3000:]
+    rows = json.loads((out / "tune.json").read_text())["candidates"]
+    assert rows[0].get("p50_ms") is not None  # the first candidate always runs
+    assert all(r["verdict"] == "not tried: --budget-min spent" for r in rows[1:])
+
+
+def test_unknown_target_is_one_line(model_files, digits_folder, tmp_path, capsys):
+    code, out, err = cli(capsys, "tune", model_files["pickle"], "--data", digits_folder, "--max-drop", "1",
+                         "--targets", "coreml", "--out", tmp_path / "o")
+    assert "coreml" in one_error_line(code, out, err) and not (tmp_path / "o").exists()
