@@ -98,7 +98,9 @@ def test_every_result_has_a_row(run):
     for row, r in zip(rows, report["results"]):
         assert len(row) == header.count("|") - 1
         assert row[1:4] == [r["target"], r["precision"], f"{r['top1']:.2f}"]
-        assert row[7] == f"{r['latency_ms']['p50']:.3f}" and row[10] == f"{r['speedup']:.2f}x"
+        # a run timed under load (the machine's other processes) marks its speedups: test_load.py
+        load = " (load)" if r.get("speedup_reliable") is False else ""
+        assert row[7] == f"{r['latency_ms']['p50']:.3f}" and row[10] == f"{r['speedup']:.2f}x{load}"
 
 
 def test_acceptance_failures_come_first_and_fail_the_run(run):
