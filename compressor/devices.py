@@ -15,7 +15,7 @@ import platform
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .environment import cpu_flags
+from .environment import cpu_flags, has_amx_int8, has_int8_dot_product, has_native_bf16
 
 
 @dataclass(frozen=True)
@@ -78,10 +78,10 @@ def host_device(flags: frozenset[str] | None = None, machine: str | None = None)
     machine = (platform.machine() if machine is None else machine).lower()
     if machine in ("aarch64", "arm64"):
         return DEVICES["arm64"]
-    if {"amx_int8", "amx_tile"} & flags:
+    if has_amx_int8(flags):
         return DEVICES["x86-amx"]
-    if {"avx512_vnni", "avx_vnni", "avx_vnni_int8"} & flags:
-        return DEVICES["x86-avx512-bf16" if "avx512_bf16" in flags else "x86-avx512-vnni"]
+    if has_int8_dot_product(flags):
+        return DEVICES["x86-avx512-bf16" if has_native_bf16(flags) else "x86-avx512-vnni"]
     return DEVICES["x86-avx2"]
 
 

@@ -34,18 +34,19 @@ def cpu_flags() -> frozenset[str]:
     return _cpuinfo()[1]
 
 
-def has_int8_dot_product() -> bool:
-    """An 8-bit dot-product instruction that cannot saturate (AVX-512 VNNI, AVX-VNNI or AMX)."""
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8", "avx_vnni_int8"} & cpu_flags())
+def has_int8_dot_product(flags: frozenset[str] | None = None) -> bool:
+    """An 8-bit dot-product instruction that cannot saturate (AVX-512 VNNI, AVX-VNNI or AMX).
+    ``flags``: /proc/cpuinfo flags to judge instead of this machine's (a device profile's)."""
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8", "avx_vnni_int8"} & (cpu_flags() if flags is None else flags))
 
 
-def has_amx_int8() -> bool:
-    return bool({"amx_int8", "amx_tile"} & cpu_flags())
+def has_amx_int8(flags: frozenset[str] | None = None) -> bool:
+    return bool({"amx_int8", "amx_tile"} & (cpu_flags() if flags is None else flags))
 
 
-def has_native_bf16() -> bool:
+def has_native_bf16(flags: frozenset[str] | None = None) -> bool:
     """bf16 arithmetic in hardware (AVX512-BF16 or AMX-BF16)."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    return bool({"avx512_bf16", "amx_bf16"} & (cpu_flags() if flags is None else flags))
 
 
 def widest_int8_isa() -> str:

@@ -185,8 +185,8 @@ def pareto(points: list[tuple[str, float, float]]) -> list[str]:
 def summarise(report: dict[str, Any], candidates: list[Candidate], left_out: list[dict[str, str]], screen: Screen,
               device: Device, max_drop: float, seconds: float) -> dict[str, Any]:
     by_engine = {}
+    main = next(c for c in candidates if not c.passes)
     for e in report["engines"]:
-        main = next(c for c in candidates if not c.passes)
         c = next((c for c in candidates if c is not main and e["name"].startswith(c.name + "-")), main)
         by_engine[e["name"]] = c
     results = {r["name"]: r for r in report["results"]}

@@ -146,6 +146,28 @@ def test_finetuning_can_distil_from_the_runs_source_model(model_files, digits, t
     with pytest.raises(ConfigError, match="finetune.teacher: source needs the run's input model"):
         p(art, PassContext(work_dir=tmp_path / "x", data=digits))
 
+
+def test_finetuning_distils_with_the_logit_loss_distill_uses(model_files, digits, tmp_path, monkeypatch):
+    """The fine-tune's distillation term is distill.logit_loss (so dkd and dist work there too):
+    each loss trains to a different model, and every batch's term came through that function."""
+    from compressor.passes import distill, prune_structured
+
+    calls = []
+    real = distill.logit_loss
+    monkeypatch.setattr(prune_structured, "logit_loss", lambda cfg, s, t, y: calls.append(cfg.loss) or real(cfg, s, t, y))
+    art = load_model(model_files["pickle"], trust=True)
+    weights = {}
+    for loss in ("kd", "dkd", "dist"):
+        ft = {"teacher": "input", "loss": loss, "epochs": 1, "batch_size": 64, "lr": 3e-3, "val_samples": 200,
+              "augment": False}
+        res = get_pass("prune_structured")(channel_ratio=0.5, round_to=1, finetune=ft)(
+            art, PassContext(work_dir=tmp_path / loss, data=digits))
+        assert res.metrics["finetune_loss"] == loss
+        weights[loss] = torch.cat([p.detach().flatten() for p in res.artifact.torch_module().parameters()])
+    assert set(calls) == {"kd", "dkd", "dist"}
+    assert not torch.equal(weights["kd"], weights["dkd"]) and not torch.equal(weights["kd"], weights["dist"])
+
+
 MATRIX_OK = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf",
              "densenet121"]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..artifact import Form, ModelArtifact
 from ..errors import CompressorError, ConfigError
@@ -30,25 +30,14 @@ from ..training import TrainConfig, TrainData, evaluate_top1, train, training_da
 log = logging.getLogger(__name__)
 
 
-class DistillConfig(PassConfig):
-    teacher: str | None = None
-    """teacher model file (any form the intake reads; a model.json beside it is used);
-    omitted: the current model teaches a new ``student``"""
-    teacher_trusted: bool = False
-    """allow the teacher to be a pickled nn.Module (loading runs code from the file)"""
-    teacher_arch: str | None = None
-    """architecture of a state-dict teacher, e.g. torchvision:resnet50"""
-    student: str | None = None
-    """the student: torchvision:NAME (fresh weights) or a model file (its trained weights);
-    omitted: distill into the current model"""
-    student_trusted: bool = False
-    """allow a student model file that is a pickled nn.Module"""
+class LogitLoss(BaseModel):
+    """The logit-distillation term's settings, shared by distill and by prune_structured's
+    fine-tuning (one loss function, logit_loss, for both)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
     temperature: float = Field(default=4.0, gt=0)
-    alpha: float = Field(default=0.7, ge=0, le=1)
-    """weight of the distillation term; 1 - alpha weighs cross-entropy on the labels"""
-    feature_loss: Literal["none", "penultimate"] = "penultimate"
-    """feature-based loss on the embeddings that enter the classifier"""
-    feature_weight: float = Field(default=1.0, ge=0)
+    """softening temperature of student and teacher logits (the term is scaled by its square)"""
     loss: Literal["kd", "dkd", "dist"] = "kd"
     """the logit loss: kd (Hinton: KL of softened outputs), dkd (decoupled KD, Zhao et al. 2022:
     target-class and non-target-class terms weighted apart), dist (Huang et al. 2022: Pearson
@@ -61,6 +50,26 @@ class DistillConfig(PassConfig):
     """dist: weight of the inter-class relation (within each image)"""
     dist_gamma: float = Field(default=1.0, ge=0)
     """dist: weight of the intra-class relation (across the batch)"""
+
+
+class DistillConfig(PassConfig, LogitLoss):
+    teacher: str | None = None
+    """teacher model file (any form the intake reads; a model.json beside it is used);
+    omitted: the current model teaches a new ``student``"""
+    teacher_trusted: bool = False
+    """allow the teacher to be a pickled nn.Module (loading runs code from the file)"""
+    teacher_arch: str | None = None
+    """architecture of a state-dict teacher, e.g. torchvision:resnet50"""
+    student: str | None = None
+    """the student: torchvision:NAME (fresh weights) or a model file (its trained weights);
+    omitted: distill into the current model"""
+    student_trusted: bool = False
+    """allow a student model file that is a pickled nn.Module"""
+    alpha: float = Field(default=0.7, ge=0, le=1)
+    """weight of the distillation term; 1 - alpha weighs cross-entropy on the labels"""
+    feature_loss: Literal["none", "penultimate"] = "penultimate"
+    """feature-based loss on the embeddings that enter the classifier"""
+    feature_weight: float = Field(default=1.0, ge=0)
     cache_teacher: bool = True
     """compute the teacher's outputs once: without augmentation on the training images; with it on
     teacher_views stored augmented views of each, replayed to the student (shared by later runs)"""
@@ -334,7 +343,7 @@ class Distill(Pass):
         return PassResult(artifact.derive(Form.TORCH, model=student.eval(), **meta), metrics)
 
 
-def logit_loss(cfg: DistillConfig, s: Any, t: Any, y: Any) -> Any:
+def logit_loss(cfg: LogitLoss, s: Any, t: Any, y: Any) -> Any:
     """The distillation term on student and teacher logits (float32), scaled by T^2 where it softens."""
     import torch
     import torch.nn.functional as F

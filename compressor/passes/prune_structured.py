@@ -22,6 +22,7 @@ from ..errors import ConfigError
 from ..pass_base import Pass, PassConfig, PassContext, PassResult
 from ..registry import register_pass
 from ..training import TrainConfig, evaluate_top1, train, training_data
+from .distill import LogitLoss, logit_loss
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +30,13 @@ TARGET_TOLERANCE = 0.02
 """macs_reduction is met within this share of the MACs (0.3 asked: 0.28 to 0.32 removed)"""
 
 
-class FinetuneConfig(TrainConfig):
+class FinetuneConfig(TrainConfig, LogitLoss):
     teacher: Literal["input", "source"] | None = None
-    """fine-tune by distilling (Hinton KD at ``temperature``, weight ``alpha`` against the labels'
-    cross-entropy) from: input, the unpruned model; source, the run's input model (in a chain that
-    began by distilling a student from it, the recipe's teacher); none: cross-entropy only"""
+    """fine-tune by distilling (``loss`` at ``temperature``, as distill does, weight ``alpha``
+    against the labels' cross-entropy) from: input, the unpruned model; source, the run's input
+    model (in a chain that began by distilling a student from it, the recipe's teacher); none:
+    cross-entropy only"""
     alpha: float = Field(default=0.7, ge=0, le=1)
-    temperature: float = Field(default=4.0, gt=0)
     teacher_views: int = Field(default=4, ge=1, le=64)
     """with ``augment``: augmented views of each training image whose teacher outputs are stored"""
 
@@ -304,6 +305,7 @@ class PruneStructured(Pass):
             "macs_target_met": None if cfg.macs_reduction is None else
             abs((1 - macs1 / macs0) - cfg.macs_reduction) <= TARGET_TOLERANCE + 1e-9,
             "finetune_teacher": cfg.finetune.teacher if cfg.finetune is not None else None,
+            "finetune_loss": cfg.finetune.loss if cfg.finetune is not None and cfg.finetune.teacher else None,
             **({"teacher_views": teacher.views.describe()} if teacher is not None and teacher.views else {}),
             "mixed_ratios": None if mix is None else {"most_layers": round(base_ratio, 4), "higher": round(
                 max(per_layer.values()), 4), "layers_at_higher": sorted(per_layer)},
@@ -333,7 +335,7 @@ def _taylor_gradients(model: Any, data: Any, batches: int, seed: int) -> None:
 
 
 class _Unpruned:
-    """Fine-tuning loss distilling from the unpruned model or the run's source (Hinton KD at ``temperature``, weight
+    """Fine-tuning loss distilling from the unpruned model or the run's source (distill.logit_loss, weight
     ``alpha`` against the labels' cross-entropy). With ``augment`` on, its outputs on stored augmented
     views of the training images are computed once (teacher_cache.TeacherViews, in the pass cache,
     shared by later runs and by every pruning step) and the student sees exactly those views;
@@ -364,7 +366,7 @@ class _Unpruned:
     def loss(self, net: Any, x: Any, y: Any, idx: Any) -> tuple[Any, Any]:
         import torch.nn.functional as F
 
-        torch, temp, cfg = self._torch, self.cfg.temperature, self.cfg
+        torch, cfg = self._torch, self.cfg
         logits = net(x)
         if self.views is not None:
             t = self.views.outputs(idx.numpy(), self.epoch)[0].to(logits.device)
@@ -373,8 +375,7 @@ class _Unpruned:
             with torch.inference_mode():
                 t = self.teacher(x).float()
             t = t.clone()
-        kd = F.kl_div(F.log_softmax(logits.float() / temp, 1), F.log_softmax(t / temp, 1),
-                      reduction="batchmean", log_target=True) * temp * temp
+        kd = logit_loss(cfg, logits.float(), t.float(), y)
         ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         return cfg.alpha * kd + (1 - cfg.alpha) * ce, logits
 
