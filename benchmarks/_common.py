@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,36 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SHARED = Path(os.environ.get("SHARED", REPO.parent / "shared"))
 COMPRESS = Path(os.environ.get("COMPRESS", REPO / ".venv" / "bin" / "compress"))
+
+
+def _spellings(path: Path) -> list[str]:
+    """``path`` as written and as resolved (a symlinked checkout), longest first."""
+    forms = {str(path), str(path.resolve())}
+    return sorted((f.rstrip("/") for f in forms if f.rstrip("/")), key=len, reverse=True)
+
+
+def scrub(text: str, *, repo: Path | None = None, shared: Path | None = None) -> str:
+    """``text`` with this machine's paths as seen from the repository root, where the benchmarks run:
+    the shared folder as its path relative to the repository (``../shared``), then the repository's own
+    paths relative to it (``REPO/x`` -> ``x``, a bare ``REPO`` -> ``.``), so the venv's compress reads
+    ``.venv/bin/compress``. The shared folder goes first: it may sit outside the repository. ``repo`` and
+    ``shared``: the checkout the text was written in, when not this one (old reports). Idempotent."""
+    repo = REPO if repo is None else Path(repo)
+    shared = SHARED if shared is None else Path(shared)
+    start, end = r"(?<![\w.-])", r"(?![\w.-])"  # /work/main is neither in /x/work/main nor in /work/main2
+    rel = os.path.relpath(shared.resolve(), repo.resolve())
+    for form in _spellings(shared):
+        text = re.sub(start + re.escape(form) + end, lambda _: rel, text)
+    for form in _spellings(repo):
+        text = re.sub(start + re.escape(form) + "/", "", text)
+        text = re.sub(start + re.escape(form) + end, ".", text)
+    return text
+
+
+def write_text(path: Path, text: str) -> None:
+    """``path.write_text(scrub(text))``: what the benchmarks write for people to read."""
+    Path(path).write_text(scrub(text))
+
 
 # what `pip install -e .` leaves out and some benchmarks import: pip install -e '.[bench]'
 BENCH_EXTRA = "pip install -e '.[bench]'"
@@ -66,13 +97,13 @@ def publish(name: str, report: dict, figures: list[dict]) -> Path:
     dest = HERE / "results" / name
     dest.mkdir(parents=True, exist_ok=True)
     report["figures"] = figures
-    (dest / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    write_text(dest / "report.json", json.dumps(report, indent=1, default=str) + "\n")
     lines = [render_markdown(report), "## Figures asked for", "", f"Command: `{report['command']}`", "",
              "| figure | value | asked | verdict |", "|---|---|---|---|"]
     for f in figures:
         verdict = "pass" if f["passed"] else "**FAIL**"
         lines.append(f"| {f['figure']} | {f['value']} | {f['asked']} | {verdict} |")
-    (dest / "report.md").write_text("\n".join(lines) + "\n")
+    write_text(dest / "report.md", "\n".join(lines) + "\n")
     print(f"wrote {dest}/report.md")
     for f in figures:
         print(f"  {f['figure']}: {f['value']} (asked {f['asked']}) -> {'pass' if f['passed'] else 'FAIL'}")

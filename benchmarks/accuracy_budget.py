@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import HERE, SHARED, run_compress  # noqa: E402
-from explain_real import MODELS, cpu, relative  # noqa: E402
+from _common import HERE, SHARED, run_compress, scrub, write_text  # noqa: E402
+from explain_real import MODELS, cpu  # noqa: E402
 
 # backend, plain engine, budgeted engine, where the budgeted engine's accuracy_budget block is
 PAIRS = [("openvino", "nncf-openvino-int8", "nncf_budget-openvino-int8", "branches[1]"),
@@ -60,10 +60,10 @@ def main() -> int:
     seconds = {k: round(v, 1) for k, v in report["timings_s"].items() if k.startswith(("pass:", "build:"))}
     figures = {"model": args.model, "cpu": cpu(), "threads": 2, "source_top1": source["top1"],
                "test_images": report["data"]["evaluation"]["images"], "rows": out_rows, "seconds": seconds,
-               "command": relative(report["command"])}
+               "command": scrub(report["command"])}
     out = HERE / "results" / name
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(figures, indent=1))
+    write_text(out / "report.json", json.dumps(figures, indent=1))
     md = [f"# INT8 under an accuracy budget: {args.model}", "",
           f"CPU: {figures['cpu']}, 2 threads. Source top-1 {source['top1']:.2f}% on {figures['test_images']} test "
           "images. Validation drops are on training-split images calibration did not use; test drops on the "
@@ -78,7 +78,7 @@ def main() -> int:
                   f"{r['test_drop']:.2f} | {kept} | {r['p50_plain_ms']:.3f} → {r['p50_budgeted_ms']:.3f} | {r['tries']} |")
     md += ["", "Seconds per step: " + ", ".join(f"`{k}` {v}" for k, v in seconds.items()), "",
            f"Command: `{figures['command']}`"]
-    (out / "report.md").write_text("\n".join(md) + "\n")
+    write_text(out / "report.md", "\n".join(md) + "\n")
     print(f"wrote {out.relative_to(HERE.parent)}/report.md")
     return 0
 

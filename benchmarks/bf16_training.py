@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import HERE, REPO, SHARED
+from _common import HERE, REPO, SHARED, write_text
 
 from compressor.data import CalibrationConfig, DataConfig, open_data
 from compressor.environment import environment, has_native_bf16
@@ -120,7 +120,7 @@ def main() -> None:
               "data": rel(data_root), "config": base.model_dump(exclude={"bf16"}), "results": rows,
               "conclusion": conclusion}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    write_text(args.out / "report.json", json.dumps(report, indent=1, default=str) + "\n")
     cpu = (f"CPU: {env['cpu']}, {env['cores_available']} cores, {args.threads} threads; ISA: "
            f"{' '.join(env['isa_flags']) or 'none'}; native bf16: {'yes' if has_native_bf16() else 'no'}; "
            f"torch {env['versions']['torch']}; {n_train} training images, batch 128, 1 epoch, {n_val} validation images")
@@ -134,7 +134,7 @@ def main() -> None:
     lines += ["", conclusion, "", f"Command: `{command}`",
               "", ("s/step: the loop's own time (one validation pass included) over its steps; last loss: the "
                   "mean training loss since the last validation.")]
-    (args.out / "report.md").write_text("\n".join(lines) + "\n")
+    write_text(args.out / "report.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

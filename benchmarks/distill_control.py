@@ -25,8 +25,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import HERE, SHARED, run_compress  # noqa: E402
-from explain_real import cpu, relative  # noqa: E402
+from _common import HERE, SHARED, run_compress, scrub, write_text  # noqa: E402
+from explain_real import cpu  # noqa: E402
 
 NAME = "distill_control"
 
@@ -76,7 +76,7 @@ def main() -> int:
                      "teacher_top1": m["teacher_top1"], "train_seconds": m["train"]["seconds"],
                      "epochs": args.epochs, "teacher_views": views, "best_val_top1": m["train"]["best_val_top1"],
                      "history": m["train"]["history"], "precision": m["train"].get("precision"),
-                     "pass_seconds": report["passes"][0]["seconds"], "command": relative(report["command"])})
+                     "pass_seconds": report["passes"][0]["seconds"], "command": scrub(report["command"])})
         write(out, rows, args)
     return 0
 
@@ -89,7 +89,7 @@ def write(out: Path, rows: list[dict], args: argparse.Namespace) -> None:
             r["epoch_cost_vs_control"] = round(r["train_seconds"] / control["train_seconds"], 3)
     figures = {"cpu": cpu(), "threads": 2, "epochs": args.epochs, "views": args.views, "scratch": args.scratch,
                "rows": rows}
-    (out / "report.json").write_text(json.dumps(figures, indent=1))
+    write_text(out / "report.json", json.dumps(figures, indent=1))
     student = (f"a fresh torchvision MobileNetV2 (seeded; {rows[0]['student_before']:.2f}% before), trained from "
                f"scratch for {args.epochs:g} epochs" if args.scratch else
                f"the reference MobileNetV2 ({rows[0]['student_before']:.2f}% test top-1), trained on for "
@@ -114,7 +114,7 @@ def write(out: Path, rows: list[dict], args: argparse.Namespace) -> None:
     for r in rows:
         md.append(f"| {r['variant']} | " + " | ".join(f"{h['val_top1']:.2f}" for h in r["history"]) + " |")
     md += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in rows]
-    (out / "report.md").write_text("\n".join(md) + "\n")
+    write_text(out / "report.md", "\n".join(md) + "\n")
     print(f"wrote {out.relative_to(HERE.parent)}/report.md", flush=True)
 
 

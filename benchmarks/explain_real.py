@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import COMPRESS, HERE, SHARED, run_compress  # noqa: E402
+from _common import COMPRESS, HERE, SHARED, run_compress, scrub, write_text  # noqa: E402
 
 MODELS = {"resnet50": "resnet50_cifar10.pt", "mobilenetv2": "mobilenet_v2_cifar10.pt"}
 
@@ -32,12 +31,6 @@ def cpu() -> str:
     flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16") if f in flags]
     return f"{name} ({', '.join(isa)})"
-
-
-def relative(command: str) -> str:
-    """The command as run from the repository root: no absolute paths of this machine."""
-    root = HERE.parent
-    return command.replace(str(SHARED), os.path.relpath(SHARED, root)).replace(str(root) + "/", "")
 
 
 def main() -> int:
@@ -76,8 +69,8 @@ def main() -> int:
                      "sensitivity_measured": len(e.get("sensitivity", []))})
     figures = {"model": args.model, "cpu": cpu(), "threads": 2, "images": exp["images"], "run_seconds": round(run_s, 1),
                "explain_seconds": round(explain_s, 1), "explain_internal_seconds": exp["seconds"], "engines": rows,
-               "command": relative(" ".join(cmd)), "run_command": relative(report["command"])}
-    (out / "report.json").write_text(json.dumps(figures, indent=1))
+               "command": scrub(" ".join(cmd)), "run_command": scrub(report["command"])}
+    write_text(out / "report.json", json.dumps(figures, indent=1))
     md = [f"# compress explain on {args.model}", "", f"CPU: {figures['cpu']}, 2 threads. `compress explain` took "
           f"**{explain_s:.0f} s** for {len(rows)} engines on {exp['images']['count']} held-out images "
           f"(the run before it: {run_s:.0f} s, evaluated on {args.eval_limit} test images).", "",
@@ -91,7 +84,7 @@ def main() -> int:
     if (work / "explain.png").is_file():
         shutil.copy2(work / "explain.png", out / "explain.png")
         md.insert(3, "![SQNR per layer, one line per engine](explain.png)\n")
-    (out / "report.md").write_text("\n".join(md) + "\n")
+    write_text(out / "report.md", "\n".join(md) + "\n")
     print(f"wrote {out.relative_to(HERE.parent)}/report.md")
     return 0
 

@@ -34,7 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from _common import SHARED, require_modules  # noqa: E402
+from _common import SHARED, require_modules, write_text  # noqa: E402
 
 # (name, in channels, out channels, kernel, stride, input height = width, how many in ResNet-50)
 LAYERS = [
@@ -206,7 +206,7 @@ def main() -> None:
     else:
         report.update(ort_rows(args))
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_text(dest / "report.json", json.dumps(report, indent=1) + "\n")
     write_markdown(report, args, dest)
 
 
@@ -256,7 +256,7 @@ def write_markdown(report: dict, args: argparse.Namespace, dest: Path) -> None:
         for r in report["tflite_rows"]:
             lines.append(f"| {r['layer']} | {r['in_mobilenetv2'] or '-'} | {r['fp32_p50_ms']:.4f} | "
                          f"{r['int8_p50_ms']:.4f} | {r['speedup']:.2f}x |")
-    (dest / "report.md").write_text("\n".join(lines) + "\n")
+    write_text(dest / "report.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

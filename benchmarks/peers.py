@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from _common import HERE, REPO, SHARED, require_modules, run_compress
+from _common import HERE, REPO, SHARED, require_modules, run_compress, write_text
 
 MODELS = {"resnet50": "resnet50_cifar10.pt", "mobilenetv2": "mobilenet_v2_cifar10.pt"}
 RECIPES = ("cpu_targets_side_by_side", "int8_cpu_openvino")
@@ -606,7 +606,7 @@ def write_markdown(path: Path, rep: dict) -> None:
               f"{rep['timings_s']['ours']} s, measurement {rep['timings_s']['measure']} s, total "
               f"{rep['timings_s']['total']} s.", "",
               "Versions: " + ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items()), ""]
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines))
 
 
 def plot(path: Path, rep: dict) -> None:
@@ -791,7 +791,7 @@ def run_model(key: str, args: argparse.Namespace) -> dict:
     dest.mkdir(parents=True, exist_ok=True)
     plot(dest / f"pareto_{key}.png", rep)
     by_name = rep.pop("by_name")
-    (dest / "report.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
+    write_text(dest / "report.json", json.dumps(rep, indent=1, default=str) + "\n")
     rep["by_name"] = by_name
     write_markdown(dest / "report.md", rep)
     a = rep["analysis"]

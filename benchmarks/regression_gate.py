@@ -37,7 +37,7 @@ from pathlib import Path
 
 import yaml
 
-from _common import COMPRESS, HERE, REPO, SHARED
+from _common import COMPRESS, HERE, REPO, SHARED, write_text
 
 RECIPE = REPO / "recipes" / "ci_mobilenetv2_int8.yaml"
 BASELINE = HERE / "baselines" / "ci_mobilenetv2_int8"
@@ -162,7 +162,7 @@ def main() -> None:
     }
     dest = HERE / "results" / name
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_text(dest / "report.json", json.dumps(report, indent=1) + "\n")
 
     def fmt(v, d=3):
         return "-" if v is None else f"{v:.{d}f}"
@@ -195,7 +195,7 @@ def main() -> None:
                      f"{r['top1_p']:.2g} | {fmt(r['latency_ratio'])} | {ci} | {fmt(r['relative_ratio'])} | {rci} | "
                      f"{fmt(r['source_p50_ms'])} | "
                      f"{fmt(r['machine_ratio'])} |")
-    (dest / "report.md").write_text("\n".join(lines) + "\n")
+    write_text(dest / "report.md", "\n".join(lines) + "\n")
     print("\n".join(lines[:12 + len(summary) + len(dmg)]))
     print(f"wrote {dest}/report.md")
 

@@ -15,5 +15,6 @@ dest="$here/results/resnet50_int8_openvino"
     --data "$shared/datasets/cifar10" --threads 2 --no-cache --out "$work" --overwrite "$@" || status=$?
 mkdir -p "$dest"
 cp "$work/report.json" "$work/report.md" "$dest/"
+"${PYTHON:-$repo/.venv/bin/python}" "$here/scrub_paths.py" "$dest" >/dev/null  # no absolute paths in the report
 echo "report: $dest/report.md"
 exit "${status:-0}"

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import COMPRESS, HERE, REPO, SHARED, require_modules
+from _common import COMPRESS, HERE, REPO, SHARED, require_modules, scrub, write_text
 from peers import MODELS, NEEDS, dominates
 
 MAX_DROP = 0.5
@@ -31,11 +31,6 @@ BUDGET_MIN = 40  # no new candidate after 40 minutes: the last ones and the timi
 ASKED_S = 45 * 60
 ISA = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 SOURCE_ROW = "peer:pytorch-eager-fp32"  # the FP32 source in the peers session
-
-
-def scrub(text: str) -> str:
-    """Paths relative to the repository (the shared folder as $SHARED): no absolute path in the files."""
-    return text.replace(str(SHARED), "$SHARED").replace(str(REPO) + "/", "").replace(str(REPO), ".")
 
 
 def shown(cmd: list[str]) -> str:
@@ -168,7 +163,7 @@ def run_model(key: str, args: argparse.Namespace) -> bool:
                  "device": tune.get("device"), "left_out": tune.get("left_out"), "candidates": tune["candidates"]},
         "peers_report": str(peers_report), "peers_session": session, "figures": figures,
     }
-    (dest / "report.json").write_text(scrub(json.dumps(report, indent=1, default=str)) + "\n")
+    write_text(dest / "report.json", json.dumps(report, indent=1, default=str) + "\n")
     verdict = {True: "pass", False: "**FAIL**", None: "-"}
     head, _, tune_md = (REPO / work / "tune.md").read_text().partition("\n")  # its "# compress tune" title
     lines = [f"# compress tune on {key}: the chosen engine against the peers (issue 14)", "",
@@ -182,7 +177,7 @@ def run_model(key: str, args: argparse.Namespace) -> bool:
     lines += ["", f"## {head.lstrip('# ')}: every candidate (`{work}/tune.md`)", tune_md.replace("\n# ", "\n### "),
               "## Commands", ""]
     lines += [f"- `{c['command']}` ({c['seconds']} s, exit code {c['exit_code']})" for c in report["commands"]]
-    (dest / "report.md").write_text(scrub("\n".join(lines)) + "\n")
+    write_text(dest / "report.md", "\n".join(lines) + "\n")
     print(f"wrote {dest.relative_to(REPO)}/report.md")
     for f in figures:
         print(f"  {f['figure']}: {f['value']} (asked {f['asked']}) -> {verdict[f['passed']].strip('*')}")
