@@ -149,6 +149,12 @@ def run_model(key: str, args: argparse.Namespace) -> bool:
                 f"{p50:.3f} ms against {fastest['name']} {fastest['latency_ms']['p50']:.3f} ms "
                 f"(top-1 {fastest['top1']:.2f}%): {fastest['latency_ms']['p50'] / p50:.2f}x",
                 f"<= the fastest peer with top-1 >= {floor:.2f}%", p50 <= fastest["latency_ms"]["p50"])]
+    sweep = tune.get("threads") or {}
+    mine_sweep = next((r for r in sweep.get("rows", []) if chosen and r["engine"] == chosen["engine"]), None)
+    if mine_sweep:
+        figures.append(fig("chosen engine's batch-1 p50 at each thread count (tune's threads sweep)",
+                           ", ".join(f"{n} thread(s) {v:.3f} ms" for n, v in mine_sweep["p50_ms"].items())
+                           + f"; runs at {chosen.get('threads')}", "threads searched", None))
     cpu_name, isa = cpu()
     figures += openvino_figures(tune, rows, isa)
 

@@ -338,6 +338,25 @@ class ReadOnlyCache(PassCache):
         return artifact
 
 
+def engines_of_run(run_dir: Path, report: dict[str, Any]) -> list[Any]:
+    """The engines a finished run directory holds, each with the target that loads it."""
+    from .registry import get_target
+    from .target_base import Engine
+
+    engines = []
+    for entry in report.get("engines", []):
+        d = run_dir / "engines" / entry["name"]
+        try:
+            meta = json.loads((d / "engine.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{d}/engine.json cannot be read ({type(exc).__name__}); is {run_dir} complete?") from None
+        target = get_target(meta["target"])(meta.get("config") or {}, step=entry.get("step") or meta["target"])
+        files = [d / Path(f).name for f in entry.get("files", [])]
+        engines.append(Engine(entry["target"], entry["name"], files, entry.get("precision", meta.get("precision", "")),
+                              entry.get("info", {}), built=entry.get("built", True), builder=target))
+    return engines
+
+
 def explain_run_dir(run_dir: Path, options: JobOptions, cfg: Any, *, model: Path | None = None,
                     say: Any = None) -> tuple[Any, list[Path]]:
     """``compress explain RUN_DIR``: reload the run's source model, data and engines, take every
@@ -345,8 +364,6 @@ def explain_run_dir(run_dir: Path, options: JobOptions, cfg: Any, *, model: Path
     from .explain import cached_stages, engine_handles, evaluation_sample, explain, held_out_images
     from .explain import write_outputs
     from .recipe import parse_recipe
-    from .registry import get_target
-    from .target_base import Engine
 
     run_dir = Path(run_dir)
     report = previous_run(run_dir)
@@ -373,17 +390,7 @@ def explain_run_dir(run_dir: Path, options: JobOptions, cfg: Any, *, model: Path
     artifact, data = load_inputs(plan)
     if data is None:
         raise ConfigError("explain needs images: the run's recipe names no data (give --data DIR)")
-    engines = []
-    for entry in report.get("engines", []):
-        d = run_dir / "engines" / entry["name"]
-        try:
-            meta = json.loads((d / "engine.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{d}/engine.json cannot be read ({type(exc).__name__}); is {run_dir} complete?") from None
-        target = get_target(meta["target"])(meta.get("config") or {}, step=entry.get("step") or meta["target"])
-        files = [d / Path(f).name for f in entry.get("files", [])]
-        engines.append(Engine(entry["target"], entry["name"], files, entry.get("precision", meta.get("precision", "")),
-                              entry.get("info", {}), built=entry.get("built", True), builder=target))
+    engines = engines_of_run(run_dir, report)
     from .environment import default_threads
 
     threads = options.threads or evaluation.threads or default_threads()

@@ -13,6 +13,10 @@
    run's report.md); tune.md gives the Pareto front of top-1 against batch-1 p50, the chosen
    engine (the fastest survivor), its test top-1, and why each other candidate lost; tuned.yaml
    rebuilds the chosen engine exactly (same device, same settings) for CI to gate.
+5. Threads: the engines on the Pareto front are timed again at 1 thread up to all cores, in one
+   interleaved session of their own; the chosen engine runs at its fastest thread count, which
+   tuned.yaml pins (``evaluation.threads``). Batch size is not searched: the objective is batch-1
+   latency, and the accuracy pass's batch does not change an engine.
 """
 
 from __future__ import annotations
@@ -131,12 +135,15 @@ def tune_recipe(candidates: list[Candidate], device: Device, main_passes: list[A
 
 
 def tuned_recipe(c: Candidate, device: Device, main_passes: list[Any], data: dict[str, Any], max_drop: float,
-                 model: str) -> dict[str, Any]:
-    return {
+                 model: str, threads: int | None = None) -> dict[str, Any]:
+    recipe = {
         "name": f"tuned_{c.name}", "description": f"compress tune's choice for {model} on {device.name}: {c.what}",
         "device": device.name, "data": data, "passes": [*main_passes, *c.passes], "targets": [c.target_step],
         "acceptance": {"max_top1_drop": max_drop},
     }
+    if threads is not None:
+        recipe["evaluation"] = {"threads": threads}
+    return recipe
 
 
 class Screen:
@@ -261,6 +268,20 @@ def render(summary: dict[str, Any], command: str) -> str:
         lines.append(f"| {r['candidate']} | {r['what']} | {f('validation_top1')} | {f('validation_drop')} | "
                      f"{f('test_top1')} | {f('p50_ms', 3)} | {f('speedup')}x | {'yes' if r.get('pareto') else ''} | "
                      f"{r['verdict']} |")
+    sweep = summary.get("threads")
+    if sweep and sweep.get("rows"):
+        counts = sweep["counts"]
+        lines += ["", "Threads: batch-1 p50 ms of the Pareto-front engines at each thread count (one interleaved "
+                  "session of its own" + (", **under load**" if (sweep.get("timing_load") or {}).get("under_load")
+                                          else "") + "):", "",
+                  "| engine | " + " | ".join(f"{n} thread(s)" for n in counts) + " | fastest |",
+                  "|---|" + "---|" * len(counts) + "---|"]
+        lines += [f"| {r['engine']} | " + " | ".join(f"{r['p50_ms'][str(n)]:.3f}" for n in counts)
+                  + f" | {r['fastest_threads']} |" for r in sweep["rows"]]
+        if ch and ch.get("threads"):
+            lines += ["", f"The chosen engine runs at {ch['threads']} thread(s); tuned.yaml pins it."]
+        if sweep.get("note"):
+            lines += ["", sweep["note"] + "."]
     if summary["left_out"]:
         lines += ["", "Left out of the search space:", ""]
         lines += [f"- {x['what']}: {x['why']}" for x in summary["left_out"]]
@@ -289,6 +310,53 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
     ax.set_title("compress tune: top-1 against latency (red: Pareto front)")
     ax.legend(fontsize=7)
     return save(fig, path)
+
+
+def thread_counts(cores: int) -> list[int]:
+    """The thread counts a sweep tries on ``cores`` cores: 1, half and all of them."""
+    return sorted({1, max(1, cores // 2), cores})
+
+
+def thread_sweep(engines: list[Any], summary: dict[str, Any], one: np.ndarray, cfg: Any,
+                 counts: list[int]) -> dict[str, Any]:
+    """Batch-1 p50 of every Pareto-front engine at each of ``counts`` threads, all runners timed in one
+    interleaved session (evaluate.latency), with the load recorded; the chosen engine's fastest count.
+    Updates ``summary["chosen"]`` with ``threads`` (and that count's p50 in this session)."""
+    from .evaluate import latency
+    from .load import LoadMonitor
+
+    front = [r["engine"] for r in summary["candidates"] if r.get("pareto") and r.get("engine")]
+    by_name = {e.name: e for e in engines if e.built}
+    runners, keys = [], []
+    for name in [n for n in front if n in by_name]:
+        for n in counts:
+            runners.append(by_name[name].builder.load(by_name[name], threads=n))
+            keys.append((name, n))
+    if not runners:
+        return {"counts": counts, "rows": [], "note": "no built engine on the Pareto front"}
+    monitor = LoadMonitor()
+    try:
+        monitor.before()
+        samples = latency(runners, one, cfg)
+        monitor.during()
+    finally:
+        for r in runners:
+            r.close()
+    p50 = {k: float(np.median(s)) for k, s in zip(keys, samples)}
+    rows = [{"engine": name, "p50_ms": {str(n): round(p50[(name, n)], 4) for n in counts},
+             "fastest_threads": min(counts, key=lambda n: p50[(name, n)])}
+            for name in dict.fromkeys(k[0] for k in keys)]
+    out: dict[str, Any] = {"counts": counts, "rows": rows, "timing_load": monitor.summary()}
+    ch = summary.get("chosen")
+    if ch and any(r["engine"] == ch["engine"] for r in rows):
+        best = next(r for r in rows if r["engine"] == ch["engine"])["fastest_threads"]
+        ch.update(threads=best, threads_p50_ms=round(p50[(ch["engine"], best)], 4))
+        rival = min(p50, key=p50.get)
+        if rival[0] != ch["engine"]:
+            out["note"] = (f"{rival[0]} at {rival[1]} thread(s) read {p50[rival]:.3f} ms in this sweep, against "
+                           f"the chosen engine's {p50[(ch['engine'], best)]:.3f} ms; the choice stands on the main "
+                           f"session's timing")
+    return out
 
 
 def write_outputs(out_dir: Path, summary: dict[str, Any], tuned: dict[str, Any] | None, command: str) -> list[str]:
@@ -349,7 +417,17 @@ def run_tune(model_path: Path, options: Any, *, max_drop: float, device_name: st
     with run_tempdir():
         job = run_and_write(plan, artifact, bundle)
     summary = summarise(job.report, candidates, left_out, screen, device, max_drop, time.monotonic() - started)
+    if summary["chosen"] is not None:
+        from .environment import default_threads
+        from .explain import held_out_images
+        from .job import engines_of_run
+
+        one = held_out_images(artifact, bundle, 1)[0]
+        summary["threads"] = thread_sweep(engines_of_run(job.out_dir, job.report), summary, one, plan.evaluation,
+                                          thread_counts(default_threads()))
+        summary["seconds"] = round(time.monotonic() - started, 1)
     chosen = chosen_candidate(summary, candidates)
-    tuned = None if chosen is None else tuned_recipe(chosen, device, main, data, max_drop, Path(model_path).name)
+    tuned = None if chosen is None else tuned_recipe(chosen, device, main, data, max_drop, Path(model_path).name,
+                                                     summary["chosen"].get("threads"))
     write_outputs(job.out_dir, summary, tuned, command)
     return summary, job.out_dir, 0 if chosen is not None else 1

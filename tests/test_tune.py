@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from compressor.devices import resolve
-from compressor.tune import pareto, search_space
+from compressor.environment import default_threads
+from compressor.tune import pareto, search_space, thread_counts
 
 from .conftest import cli, one_error_line
 
@@ -46,6 +47,10 @@ def test_the_search_space_follows_the_device():
     assert all("export_onnx" not in c.passes for c in onnx) and any("input is ONNX" in x["why"] for x in left)
 
 
+def test_thread_counts_go_from_one_to_every_core():
+    assert thread_counts(1) == [1] and thread_counts(2) == [1, 2] and thread_counts(16) == [1, 8, 16]
+
+
 def test_pareto_front():
     pts = [("a", 90.0, 1.0), ("b", 89.0, 0.5), ("c", 88.0, 0.7), ("d", 90.0, 2.0)]
     assert pareto(pts) == ["a", "b"]
@@ -73,6 +78,16 @@ def test_tune_chooses_the_fastest_survivor_and_tuned_yaml_rebuilds_it(model_file
     assert "Chosen: `" in (out / "tune.md").read_text() and chosen["engine"] in stdout
     tuned = yaml.safe_load((out / "tuned.yaml").read_text())
     assert tuned["device"] == "x86-avx2" and len(tuned["targets"]) == 1
+    # threads: every Pareto-front engine timed at 1..all cores; the chosen one's fastest count is pinned
+    sweep = summary["threads"]
+    assert sweep["counts"] == thread_counts(default_threads())
+    front = {r["engine"] for r in rows if r.get("pareto") and r.get("engine")}
+    assert {r["engine"] for r in sweep["rows"]} == front and chosen["engine"] in front
+    mine = next(r for r in sweep["rows"] if r["engine"] == chosen["engine"])
+    assert all(v > 0 for v in mine["p50_ms"].values())
+    assert chosen["threads"] == mine["fastest_threads"] == tuned["evaluation"]["threads"]
+    assert mine["p50_ms"][str(chosen["threads"])] == min(mine["p50_ms"].values())
+    assert "thread(s)" in (out / "tune.md").read_text()
     # CI rebuilds the chosen engine from tuned.yaml: the same bytes
     code, _, err = cli(capsys, model_files["pickle"], "--recipe", out / "tuned.yaml", "--trust-model", "--data",
                        digits_folder, "--out", tmp_path / "again", "-q")
