@@ -139,7 +139,8 @@ def run_model(key: str, args: argparse.Namespace) -> bool:
                        on_front=not dominated_by)
         figures += [
             fig("chosen engine", f"{chosen['engine']} ({chosen['candidate']}): top-1 {mine['top1']:.2f}% "
-                f"({source['top1'] - mine['top1']:+.2f} points below the source's {source['top1']:.2f}%), "
+                f"({abs(source['top1'] - mine['top1']):.2f} points "
+                f"{'below' if source['top1'] >= mine['top1'] else 'above'} the source's {source['top1']:.2f}%), "
                 f"p50 {p50:.3f} ms (tune's session: {chosen['test_top1']:.2f}%, {chosen['p50_ms']:.3f} ms)",
                 f"within {MAX_DROP} point (tune judges it on validation images)", None),
             fig("chosen engine on the peers session's Pareto front",

@@ -256,8 +256,9 @@ def render(summary: dict[str, Any], command: str) -> str:
         lines += ["**Timing ran under load**: " + "; ".join(summary["load_reasons"]) + ". The choice may not hold "
                   "on a quiet machine.", ""]
     if ch:
-        lines += [f"**Chosen: `{ch['engine']}`**: test top-1 {ch['test_top1']:.2f}% ({ch['test_drop']:+.2f} points "
-                  f"below the source's {summary['source']['top1']:.2f}%), batch-1 p50 {ch['p50_ms']:.3f} ms, "
+        side = "below" if ch["test_drop"] >= 0 else "above"
+        lines += [f"**Chosen: `{ch['engine']}`**: test top-1 {ch['test_top1']:.2f}% ({abs(ch['test_drop']):.2f} points "
+                  f"{side} the source's {summary['source']['top1']:.2f}%), batch-1 p50 {ch['p50_ms']:.3f} ms, "
                   f"{ch['speedup']:.2f}x the source; rebuilt exactly by `tuned.yaml`.", ""]
     else:
         lines += ["**No candidate kept the budget.**", ""]
