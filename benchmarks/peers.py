@@ -393,7 +393,7 @@ def our_subjects(key: str, model: Path, args: argparse.Namespace) -> tuple[list[
             extra = ["--eval-limit", str(limit)] if limit else []
             report = run_compress(name, model, recipe, *extra)
         cli[recipe] = run_record(report, report.get("command"), t0, report_path)
-        rows, bad = load_engines(report, recipe, f"shipped recipe {recipe}", {"recipe": recipe})
+        rows, bad = load_engines(report, report_path.parent, recipe, f"shipped recipe {recipe}", {"recipe": recipe})
         out += rows
         failed.update(bad)
     for label, run_dir in args.extra_run:
@@ -402,7 +402,7 @@ def our_subjects(key: str, model: Path, args: argparse.Namespace) -> tuple[list[
         report = json.loads(report_path.read_text())
         say(f"ours {label}: the engines of the finished run {run_dir}")
         cli[f"run {label}"] = run_record(report, f"(finished run {run_dir})", t0, report_path)
-        rows, bad = load_engines(report, label, f"finished run {label} ({run_dir})", {"run": label})
+        rows, bad = load_engines(report, run_dir, label, f"finished run {label} ({run_dir})", {"run": label})
         out += rows
         failed.update(bad)
     return out, failed, cli
@@ -415,41 +415,41 @@ def run_record(report: dict, command: str | None, t0: float, report_path: Path) 
             "eval_images": ((report.get("data") or {}).get("evaluation") or {}).get("images")}
 
 
-def load_engines(report: dict, label: str, origin: str, runtime: dict[str, Any]
+def load_engines(report: dict, run_dir: Path, label: str, origin: str, runtime: dict[str, Any]
                  ) -> tuple[list[tuple[Any, Row]], dict[str, str]]:
-    """Every engine of one finished run's report as an "ours" row ``ours:LABEL/ENGINE`` (an engine not
-    built here through its proxy runtime), and the rows that cannot be loaded, with their reason."""
+    """Every engine of one finished run (``run_dir``, its ``report``) as an "ours" row ``ours:LABEL/ENGINE``
+    (an engine not built here through its proxy runtime), and the rows that cannot be loaded, with their
+    reason. The engines come from compressor.job.engines_of_run, as compress explain and tune load them."""
     from compressor.evaluate import ResultRow
-    from compressor.registry import get_target
-    from compressor.target_base import Engine
+    from compressor.job import engines_of_run
 
     out: list[tuple[Any, Row]] = []
     failed: dict[str, str] = {}
     cli_top1 = {r["name"]: r["top1"] for r in report.get("results", [])}
-    for e in report["engines"]:
-        row_name = f"ours:{label}/{e['name']}"
-        files = [Path(f) for f in e["files"]]
+    try:
+        engines = engines_of_run(run_dir, report)
+    except Exception as exc:
+        return [], {f"ours:{label}": first_line(exc)}
+    for engine, e in zip(engines, report["engines"]):
+        row_name = f"ours:{label}/{engine.name}"
+        proxy = not engine.built
         try:
-            meta = json.loads((files[0].parent / "engine.json").read_text())
-            target = get_target(e["target"])(meta.get("config") or {}, step=e.get("step") or e["info"].get("field"))
-            engine = Engine(e["target"], e["name"], files, e["precision"], e["info"], built=e.get("built", True))
-            proxy = not engine.built
             if proxy:
-                runtime_name, runner = target.load_proxy(engine, threads=THREADS)
+                runtime_name, runner = engine.builder.load_proxy(engine, threads=THREADS)
                 row_name += f"-proxy-{runtime_name}"
-                cli_name = f"{e['name']}-proxy-{runtime_name}"
+                cli_name = f"{engine.name}-proxy-{runtime_name}"
             else:
-                runner = target.load(engine, threads=THREADS)
-                cli_name = e["name"]
+                runner = engine.builder.load(engine, threads=THREADS)
+                cli_name = engine.name
         except Exception as exc:
             failed[row_name] = first_line(exc)
             say(f"{row_name}: cannot load: {failed[row_name]}")
             continue
-        desc = f"{origin}, engine {e['name']} ({e['target']}, {e['precision']})"
+        desc = f"{origin}, engine {engine.name} ({engine.target}, {engine.precision})"
         if proxy:
             desc += f"; not built here ({e['info'].get('not_built', 'no device')}), its graph run on the proxy"
-        subject = ResultRow(row_name, e["target"], e["precision"], runner, engine.size_bytes, engine=str(engine.path),
-                            runtime={**runtime, **({"proxy": True} if proxy else {})})
+        subject = ResultRow(row_name, engine.target, engine.precision, runner, engine.size_bytes,
+                            engine=str(engine.path), runtime={**runtime, **({"proxy": True} if proxy else {})})
         out.append((subject, Row(row_name, "ours", desc, proxy=proxy, cli_top1=cli_top1.get(cli_name))))
     return out, failed
 

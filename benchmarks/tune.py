@@ -26,10 +26,11 @@ from typing import Any
 from _common import COMPRESS, HERE, REPO, SHARED, require_modules, scrub, write_text
 from peers import MODELS, NEEDS, dominates
 
+from compressor.environment import ISA_FLAGS, environment
+
 MAX_DROP = 0.5
 BUDGET_MIN = 40  # no new candidate after 40 minutes: the last ones and the timing fit in the 45 asked
 ASKED_S = 45 * 60
-ISA = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 SOURCE_ROW = "peer:pytorch-eager-fp32"  # the FP32 source in the peers session
 
 
@@ -49,18 +50,9 @@ def call(cmd: list[str]) -> tuple[int, float]:
 
 
 def cpu() -> tuple[str, list[str]]:
-    """The CPU's model name and which of the ISA flags asked about it has."""
-    name, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = (s.strip() for s in line.partition(":"))
-            if key == "model name" and name == "unknown CPU":
-                name = value
-            elif key == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return name, [f for f in ISA if f in flags]
+    """The CPU's model name and its ISA flags (compressor.environment, as every report names them)."""
+    env = environment(2)
+    return env["cpu"], env["isa_flags"]
 
 
 def fig(figure: str, value: str, asked: str, passed: bool | None) -> dict[str, Any]:
@@ -174,7 +166,7 @@ def run_model(key: str, args: argparse.Namespace) -> bool:
     verdict = {True: "pass", False: "**FAIL**", None: "-"}
     head, _, tune_md = (REPO / work / "tune.md").read_text().partition("\n")  # its "# compress tune" title
     lines = [f"# compress tune on {key}: the chosen engine against the peers (issue 14)", "",
-             f"CPU: {cpu_name}; ISA flags: {', '.join(isa) or 'none'} of {', '.join(ISA)}. "
+             f"CPU: {cpu_name}; ISA flags: {', '.join(isa) or 'none'} of {', '.join(ISA_FLAGS)}. "
              f"{peers['eval_images']} CIFAR-10 test images{' (smoke run)' if args.eval_limit else ''}, 2 threads. "
              f"Peers session (every peer of benchmarks/peers.py and every engine of the tune, timed in one "
              f"interleaved session): `{peers_report.with_suffix('.md')}`.", "",

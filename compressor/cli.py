@@ -254,14 +254,13 @@ def tune(model: Path, data_root: str, max_drop: float, device: str, budget_min: 
     """The fastest engine for MODEL that keeps top-1 within --max-drop: built, screened, timed, proven."""
     from .hooks import ProgressHook
     from .job import JobOptions
-    from .tune import QUICK, run_tune
+    from .tune import QUICK, TARGETS, run_tune
 
     _setup_logging(verbose)
     chosen = tuple(t.strip() for t in only.split(",")) if only else None
-    known = ("openvino", "onnxruntime", "tflite", "tensorrt")
-    unknown = [t for t in chosen or () if t not in known]
+    unknown = [t for t in chosen or () if t not in TARGETS]
     if unknown:
-        raise click.BadParameter(f"unknown target {unknown[0]!r} (known: {', '.join(known)})",
+        raise click.BadParameter(f"unknown target {unknown[0]!r} (known: {', '.join(TARGETS)})",
                                  param_hint="--targets")
     options = JobOptions(out_dir=out or Path("compress-out") / f"{model.stem}-tune", trust_model=trust_model,
                          data_root=data_root, threads=threads, eval_limit=eval_limit, cache_dir=cache_dir,

@@ -85,6 +85,11 @@ def host_device(flags: frozenset[str] | None = None, machine: str | None = None)
     return DEVICES["x86-avx2"]
 
 
+def or_host(device: Device | None) -> Device:
+    """``device``, or this machine's profile where none is named."""
+    return device if device is not None else host_device()
+
+
 def resolve(name: str | None) -> Device:
     """The device a recipe or --device names; ``host`` or None: this machine's profile."""
     if name in (None, "host"):

@@ -46,9 +46,9 @@ class PassContext:
     device: Device | None = None  # the device the engines are for (devices.py); None: this machine's profile
 
     def target_device(self) -> Device:
-        from .devices import host_device
+        from .devices import or_host
 
-        return self.device if self.device is not None else host_device()
+        return or_host(self.device)
 
 
 class Pass(ABC):

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 from .artifact import Form, ModelArtifact, state_dict_bytes
 from .data import DataBundle, preprocess
-from .devices import Device, host_device
+from .devices import Device, or_host
 from .errors import CompressorError, DataError, PassError, PipelineOrderError, TargetError, TargetUnavailable, first_line
 from .environment import default_threads, library_versions
 from .evaluate import EvaluationConfig, ResultRow, TorchRunner, measure_all
@@ -159,7 +159,7 @@ class PassCache:
         if p.uses_source() and source is not None:
             payload["source"] = source.content_hash()
         if p.uses_device:  # e.g. reduce_range: auto follows the device
-            payload["device"] = (device or host_device()).name
+            payload["device"] = or_host(device).name
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
     def get(self, key: str) -> tuple[ModelArtifact, dict[str, Any]] | None:
@@ -214,7 +214,7 @@ class Pipeline:
         seed: int = 0,
         device: Device | None = None,
     ) -> None:
-        self.device = device if device is not None else host_device()
+        self.device = or_host(device)
         """the device the engines are for: it decides device-dependent settings (devices.py)"""
         self.screen: Callable[[list[ResultRow], RunResult], list[ResultRow]] | None = None
         """called with every row before measuring; returns the rows to measure (compress tune drops

@@ -98,9 +98,9 @@ class Target(ABC):
         """the device the engine is for (the pipeline sets it; None: this machine's profile)"""
 
     def target_device(self) -> Device:
-        from .devices import host_device
+        from .devices import or_host
 
-        return self.device if self.device is not None else host_device()
+        return or_host(self.device)
 
     def device_refusal(self, device: Device, host: Device) -> str | None:
         """Why this config makes no engine for ``device`` (or cannot be measured honestly on

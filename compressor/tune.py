@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .data import preprocess
 from .devices import Device
 from .evaluate import ResultRow, accuracy
 from .registry import get_target
@@ -40,6 +39,8 @@ from .staging import atomic_write
 log = logging.getLogger(__name__)
 
 TUNE_FILES = ("tune.json", "tune.md", "pareto.png", "tuned.yaml")
+TARGETS = ("openvino", "onnxruntime", "tflite", "tensorrt")
+"""the targets a tune considers (--targets picks among them)"""
 VALIDATION_BATCH = 100
 QUICK = {"warmup": 3, "latency_runs": 30, "latency_min_seconds": 0.2, "latency_rounds": 3, "throughput_batch": 16,
          "throughput_seconds": 0.2}
@@ -62,7 +63,7 @@ def search_space(device: Device, input_form: str, max_drop: float,
     first, and what was left out and why."""
     out: list[Candidate] = []
     left_out: list[dict[str, str]] = []
-    wanted = [t for t in ("openvino", "onnxruntime", "tflite", "tensorrt") if only is None or t in only]
+    wanted = [t for t in TARGETS if only is None or t in only]
     for t in wanted:
         if t not in device.targets:
             left_out.append({"what": t, "why": f"device {device.name} does not run {t} engines"})
@@ -156,10 +157,9 @@ class Screen:
         self.source_top1: float | None = None
 
     def __call__(self, rows: list[ResultRow], result: Any) -> list[ResultRow]:
-        data, source = self.data_ref[0], result.source
-        size = tuple(source.input_spec.sample_shape[1:])
-        images, labels = data.validation_set(size, source.preprocessing.color, self.images)
-        x = preprocess(images, source.preprocessing)
+        from .explain import held_out_images
+
+        x, labels, _ = held_out_images(result.source, self.data_ref[0], self.images)
         kept = []
         for row in rows:
             started = time.perf_counter()
@@ -381,7 +381,7 @@ def chosen_candidate(summary: dict[str, Any], candidates: list[Candidate]) -> Ca
 
 def validation_images_default(max_drop: float) -> int:
     """Enough held-out images that one image is well under the budget (0.5 points: 1000 images, 0.1 each)."""
-    return int(np.clip(round(50 / max(max_drop, 0.05)), 500, 2000))
+    return int(np.clip(round(500 / max(max_drop, 0.05)), 500, 2000))
 
 
 def run_tune(model_path: Path, options: Any, *, max_drop: float, device_name: str | None, budget_min: float | None,

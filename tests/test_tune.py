@@ -12,7 +12,7 @@ import yaml
 
 from compressor.devices import resolve
 from compressor.environment import default_threads
-from compressor.tune import pareto, search_space, thread_counts
+from compressor.tune import pareto, search_space, thread_counts, validation_images_default
 
 from .conftest import cli, one_error_line
 
@@ -49,6 +49,11 @@ def test_the_search_space_follows_the_device():
 
 def test_thread_counts_go_from_one_to_every_core():
     assert thread_counts(1) == [1] and thread_counts(2) == [1, 2] and thread_counts(16) == [1, 8, 16]
+
+
+def test_validation_images_follow_the_budget():
+    """One image is well under the budget: 0.5 points -> 1000 images (0.1 point each), as --help says."""
+    assert [validation_images_default(d) for d in (0.1, 0.5, 1.0, 5.0)] == [2000, 1000, 500, 500]
 
 
 def test_pareto_front():
