@@ -1,10 +1,12 @@
-"""Issue 13 item 6: is bf16 autocast worth it for training on this CPU?
+"""Issue 13 item 6: are bf16 autocast and channels-last memory worth it for training on this CPU,
+and does ``train.bf16: auto`` / ``train.channels_last: auto`` (the loop's own probe) pick the fastest?
 
 Trains each reference model (whole pickled torch modules in ../shared/models) for one epoch on
 6,400 class-balanced CIFAR-10 training images (50 steps of batch 128, AdamW, cosine schedule,
-random crop + flip) through the project's own loop, ``compressor.training.train``: first in fp32
-(train.bf16: off), then with bf16 autocast (train.bf16: on) on a fresh copy of the same weights
-with the same seed. bf16 runs only where the CPU has native bf16 (AVX512-BF16/AMX) or on a GPU.
+random crop + flip) through the project's own loop, ``compressor.training.train``, once per
+setting on a fresh copy of the same weights with the same seed: fp32 and bf16 autocast, each with
+contiguous and with channels-last weights and batches, then both on auto. bf16 runs only where the
+CPU has native bf16 (AVX512-BF16/AMX) or on a GPU.
 
 Writes benchmarks/results/bf16_training/report.{json,md}.
 
@@ -33,6 +35,8 @@ from compressor.training import TrainConfig, train, training_data
 
 MODELS = {"mobilenet_v2": "mobilenet_v2_cifar10.pt", "resnet50": "resnet50_cifar10.pt"}
 NO_BF16 = "not run: this CPU has no native bf16 (AVX512-BF16/AMX)"
+SETTINGS = [("off", "off"), ("on", "off"), ("off", "on"), ("on", "on"), ("auto", "auto")]
+"""(train.bf16, train.channels_last); the first is the reference"""
 
 
 def rel(path: Path) -> str:
@@ -44,9 +48,10 @@ def run(name: str, model: Any, tdata: Any, cfg: TrainConfig) -> dict[str, Any]:
     try:
         result = train(model, tdata, cfg, description=f"{name} bf16 {cfg.bf16}")
     except RuntimeError as exc:  # ten non-finite losses in a row
-        return {"bf16": cfg.bf16, "error": str(exc).splitlines()[0]}
+        return {"bf16": cfg.bf16, "channels_last": cfg.channels_last, "error": str(exc).splitlines()[0]}
     last = result.history[-1] if result.history else {}
-    return {"bf16": cfg.bf16, "precision": result.precision, "device": result.device, "steps": result.steps,
+    return {"bf16": cfg.bf16, "channels_last": cfg.channels_last, "precision": result.precision,
+            "memory_format": result.memory_format, "probe": result.probe, "device": result.device, "steps": result.steps,
             "seconds": round(result.seconds, 2), "wall_seconds": round(time.perf_counter() - started, 2),
             "s_per_step": round(result.seconds / max(result.steps, 1), 4), "skipped_steps": result.skipped_steps,
             "last_train_loss": last.get("train_loss"), "val_top1": result.final_val_top1, "history": result.history}
@@ -84,53 +89,62 @@ def main() -> None:
     for name in names:
         artifact = load_model(SHARED / "models" / MODELS[name], trust=True)
         base = TrainConfig(epochs=1, train_samples=n_train, batch_size=128, val_samples=n_val, bf16="off",
-                           augment=True, lr=5e-4, schedule="cosine")
+                           channels_last="off", augment=True, lr=5e-4, schedule="cosine")
         tdata = training_data(artifact, data, base)
-        for setting in ("off", "on"):
+        for bf16, layout in SETTINGS:
             row: dict[str, Any] = {"model": name, "file": rel(SHARED / "models" / MODELS[name])}
-            if setting == "on" and not bf16_ok:
-                row |= {"bf16": "on", "precision": NO_BF16}
+            if bf16 == "on" and not bf16_ok:
+                row |= {"bf16": bf16, "channels_last": layout, "precision": NO_BF16}
             else:
-                row |= run(name, copy.deepcopy(artifact.model), tdata, base.model_copy(update={"bf16": setting}))
+                row |= run(name, copy.deepcopy(artifact.model), tdata,
+                           base.model_copy(update={"bf16": bf16, "channels_last": layout}))
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "history"}), flush=True)
-    for row in rows:  # bf16/fp32 step-time ratio, beside the bf16 row
-        fp32 = next(r for r in rows if r["model"] == row["model"] and r["bf16"] == "off")
-        if row["bf16"] == "on" and "s_per_step" in row and "s_per_step" in fp32:
-            row["ratio_bf16_fp32"] = round(row["s_per_step"] / fp32["s_per_step"], 3)
+    for row in rows:  # step time against fp32 contiguous, same model
+        ref = next(r for r in rows if r["model"] == row["model"] and (r["bf16"], r["channels_last"]) == SETTINGS[0])
+        if "s_per_step" in row and "s_per_step" in ref:
+            row["ratio"] = round(row["s_per_step"] / ref["s_per_step"], 3)
     command = " ".join([".venv/bin/python benchmarks/bf16_training.py", *(["--smoke"] if args.smoke else []),
                         *([f"--threads {args.threads}"] if args.threads != 2 else []),
                         *([f"--models {args.models}"] if names != list(MODELS) else []),
                         *([f"--train-samples {n_train}"] if not args.smoke and n_train != 6400 else [])])
-    ratios = {r["model"]: r["ratio_bf16_fp32"] for r in rows if "ratio_bf16_fp32" in r}
-    speed = {r["model"]: r["s_per_step"] for r in rows if r["bf16"] == "off" and "s_per_step" in r}
-    verdicts = [f"{m} {'faster' if q < 0.95 else 'slower' if q > 1.05 else 'no faster (within 5%)'} "
-                f"({q:.2f}x fp32's {speed[m]:.3f} s/step)" for m, q in ratios.items()]
-    if verdicts:
-        faster = [m for m, q in ratios.items() if q < 0.95]
-        where = "GPU" if torch.cuda.is_available() else "CPU"
-        conclusion = (f"On this {where}, bf16 autocast makes a training step: {'; '.join(verdicts)}, so "
-                      + ("bf16 autocast pays off here." if len(faster) == len(ratios) else
-                         f"bf16 autocast pays off here only for {', '.join(faster)}." if faster else
-                         "fp32 stays the better default here."))
-    else:
-        conclusion = "Only fp32 was timed: " + ("bf16 autocast diverged (see the table)." if any(
-            "error" in r for r in rows) else f"bf16 autocast was {NO_BF16}.")
+    verdicts = []
+    for m in names:
+        fixed = [r for r in rows if r["model"] == m and r["bf16"] != "auto" and "s_per_step" in r]
+        auto = next((r for r in rows if r["model"] == m and r["bf16"] == "auto" and "s_per_step" in r), None)
+        if not fixed or auto is None:
+            continue
+        best = min(fixed, key=lambda r: r["s_per_step"])
+        picked = f"{'bf16' if auto['precision'].startswith('bf16') else 'fp32'} {auto['memory_format']}"
+        verdicts.append(f"{m}: the fastest fixed setting is {best['precision']} {best['memory_format']} "
+                        f"({best['s_per_step']:.3f} s/step, {best['ratio']:.2f}x fp32 contiguous); auto chose "
+                        f"{picked} ({auto['s_per_step']:.3f} s/step)")
+    conclusion = ("; ".join(verdicts) + ".") if verdicts else "Nothing was timed to compare (see the table)."
     report = {"benchmark": "bf16_training", "command": command, "environment": env, "native_bf16": has_native_bf16(),
-              "data": rel(data_root), "config": base.model_dump(exclude={"bf16"}), "results": rows,
+              "data": rel(data_root), "config": base.model_dump(exclude={"bf16", "channels_last"}), "results": rows,
               "conclusion": conclusion}
     args.out.mkdir(parents=True, exist_ok=True)
     write_text(args.out / "report.json", json.dumps(report, indent=1, default=str) + "\n")
     cpu = (f"CPU: {env['cpu']}, {env['cores_available']} cores, {args.threads} threads; ISA: "
            f"{' '.join(env['isa_flags']) or 'none'}; native bf16: {'yes' if has_native_bf16() else 'no'}; "
            f"torch {env['versions']['torch']}; {n_train} training images, batch 128, 1 epoch, {n_val} validation images")
-    lines = ["# bf16 autocast vs fp32 training step time", "", cpu, "",
-             "| model | precision | s/step | bf16/fp32 step time ratio | skipped steps | last loss | val top-1 % |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["# Training step time: bf16 autocast and channels-last against fp32 contiguous", "", cpu, "",
+             "| model | asked (bf16, channels_last) | ran as | s/step | against fp32 contiguous | skipped steps | "
+             "last loss | val top-1 % |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r.get('precision') or r.get('error')} | {fmt(r.get('s_per_step'), '.3f')} | "
-                     f"{fmt(r.get('ratio_bf16_fp32'), '.3f')} | {fmt(r.get('skipped_steps'), 'd')} | "
+        ran = r.get("error") or (f"{r['precision']}, {r['memory_format']}" if "memory_format" in r else r["precision"])
+        lines.append(f"| {r['model']} | {r['bf16']}, {r['channels_last']} | {ran} | {fmt(r.get('s_per_step'), '.3f')} | "
+                     f"{fmt(r.get('ratio'), '.3f')}x | {fmt(r.get('skipped_steps'), 'd')} | "
                      f"{fmt(r.get('last_train_loss'), '.4f')} | {fmt(r.get('val_top1'), '.2f')} |")
+    probes = [(r["model"], r["probe"]) for r in rows if r.get("probe")]
+    if probes:
+        lines += ["", "The auto rows' probe (one batch-128 step per option, median of 3 after a warm-up; an option "
+                  "replaces fp32 contiguous only when 5 % faster):", "",
+                  "| model | " + " | ".join(probes[0][1]["s_per_step"]) + " | chosen |",
+                  "|---|" + "---|" * (len(probes[0][1]["s_per_step"]) + 1)]
+        for m, pr in probes:
+            lines.append(f"| {m} | " + " | ".join(f"{v:.3f} s" for v in pr["s_per_step"].values())
+                         + f" | {pr['chosen']} |")
     lines += ["", conclusion, "", f"Command: `{command}`",
               "", ("s/step: the loop's own time (one validation pass included) over its steps; last loss: the "
                   "mean training loss since the last validation.")]

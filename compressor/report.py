@@ -277,8 +277,11 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "since the pass's training started." + (" ![training curves](training.png)" if
                                                           "training.png" in report.get("outputs", []) else ""), ""]
         for name, run in curves:
+            probe = run.get("probe") or {}
+            probed = "; probe s/step: " + ", ".join(f"{k} {v:.3f}" for k, v in probe["s_per_step"].items()) \
+                if len(probe.get("s_per_step") or {}) > 1 else ""
             lines += [f"**{name}** ({run.get('device', 'cpu')}, {run.get('precision', 'fp32')}, "
-                      f"{run.get('seconds', 0):.0f} s):", "", "| epoch | train loss | train top-1 % | val top-1 % | s |",
+                      f"{run.get('memory_format', 'contiguous')}, {run.get('seconds', 0):.0f} s{probed}):", "", "| epoch | train loss | train top-1 % | val top-1 % | s |",
                       "|---|---|---|---|---|"]
             for h in run["history"]:
                 lines.append(f"| {h.get('epoch')} | {_fmt(h.get('train_loss'), 4)} | {_fmt(h.get('train_top1'))} | "

@@ -64,3 +64,99 @@ def test_a_starting_point_that_training_does_not_beat_is_kept():
     trained = _model()
     assert not train(trained, _data(), CFG, initial_val=-1.0).kept_initial
     assert any(not torch.equal(before[k], v) for k, v in trained.state_dict().items())
+
+
+# ---------------------------------------------------------------------- bf16 and channels-last, measured
+
+
+def _timed_loss(seconds):
+    """A loss whose step takes ``seconds(bf16, channels_last)``: the probe must pick by its clock."""
+    ce = cross_entropy_loss()
+
+    def loss(model, x, y, idx):
+        import time
+
+        bf16 = torch.is_autocast_enabled("cpu")
+        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        time.sleep(seconds(bf16, cl))
+        return ce(model, x, y, idx)
+
+    return loss
+
+
+def _probe(loss, options):
+    from compressor.training import probe_step
+
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = _data()
+    rng = torch.get_rng_state()
+    x = data.normalise(torch.from_numpy(data.x_train[:16])).contiguous()
+    y = torch.from_numpy(data.y_train[:16])
+    chosen, probe = probe_step(model, loss, x, y, torch.arange(16), torch.device("cpu"), options, steps=2)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and batch-norm statistics as they were
+    assert torch.equal(rng, torch.get_rng_state()) and all(p.grad is None for p in model.parameters())
+    return chosen, probe, model
+
+
+def test_the_probe_takes_the_fastest_option_by_a_margin_and_leaves_the_model_as_it_was():
+    from compressor.training import StepOption
+
+    options = [StepOption(False, False), StepOption(True, False), StepOption(False, True), StepOption(True, True)]
+    chosen, probe, model = _probe(_timed_loss(lambda bf16, cl: 0.03 + 0.06 * bf16 + 0.06 * (not cl)), options)
+    assert chosen == StepOption(False, True) and probe["chosen"] == "fp32 channels_last"
+    assert set(probe["s_per_step"]) == {o.name for o in options}
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    # within the margin of the default, the default stays
+    chosen, _, model = _probe(_timed_loss(lambda bf16, cl: 0.06), options)
+    assert chosen == options[0] and model[0].weight.is_contiguous()
+
+
+def test_an_option_the_model_cannot_train_under_is_left_out_and_a_short_step_is_not_probed():
+    from compressor.training import StepOption
+
+    ce = cross_entropy_loss()
+
+    def no_bf16(model, x, y, idx):
+        import time
+
+        time.sleep(0.06)
+        if torch.is_autocast_enabled("cpu"):
+            raise RuntimeError("no bf16 kernel for this op")
+        return ce(model, x, y, idx)
+
+    options = [StepOption(False, False), StepOption(True, False)]
+    chosen, probe, _ = _probe(no_bf16, options)
+    assert chosen == options[0] and "no bf16 kernel" in probe["failed"]["bf16 contiguous"]
+    chosen, probe, _ = _probe(_timed_loss(lambda bf16, cl: 0.0), options)  # a tiny model: nothing to gain
+    assert chosen == options[0] and list(probe["s_per_step"]) == ["fp32 contiguous"] and "too short" in probe["note"]
+
+
+def test_training_reports_its_layout_and_hands_back_contiguous_weights():
+    model = _model()
+    result = train(model, _data(), CFG.model_copy(update={"channels_last": "on"}))
+    assert result.memory_format == "channels_last" and result.probe is None
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert train(_model(), _data(), CFG.model_copy(update={"channels_last": "off"})).memory_format == "contiguous"
+
+
+def test_bf16_the_probe_chose_falls_back_to_fp32_at_a_loss_that_is_not_finite(monkeypatch):
+    import compressor.training as training
+
+    monkeypatch.setattr(training, "has_native_bf16", lambda flags=None: True)
+    monkeypatch.setattr(training, "probe_step", lambda model, *a, **k: (
+        training.StepOption(True, False), {"s_per_step": {"fp32 contiguous": 1.0, "bf16 contiguous": 0.5},
+                                            "failed": {}, "chosen": "bf16 contiguous", "batch": 16, "note": None}))
+    ce = cross_entropy_loss()
+    calls = {"n": 0}
+
+    def nan_under_bf16(model, x, y, idx):
+        calls["n"] += 1
+        loss, logits = ce(model, x, y, idx)
+        return (loss * float("nan") if torch.is_autocast_enabled("cpu") and calls["n"] >= 3 else loss), logits
+
+    result = train(_model(), _data(), CFG.model_copy(update={"bf16": "auto", "channels_last": "off"}),
+                   loss_fn=nan_under_bf16)
+    assert result.precision == "bf16 autocast, fp32 from step 3 (a loss not finite)"
+    assert result.skipped_steps == 1 and result.steps == 12
