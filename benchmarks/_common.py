@@ -90,8 +90,9 @@ def row(report: dict, name: str) -> dict:
     raise KeyError(f"no result {name!r} in the report (have: {[r['name'] for r in report['results']]})")
 
 
-def publish(name: str, report: dict, figures: list[dict]) -> Path:
-    """Write report.json/report.md (with the figures section) under benchmarks/results/NAME."""
+def publish(name: str, report: dict, figures: list[dict], sections: list[str] | None = None) -> Path:
+    """Write report.json/report.md (with the figures section, then ``sections``: Markdown lines) under
+    benchmarks/results/NAME."""
     from compressor.report import render_markdown
 
     dest = HERE / "results" / name
@@ -103,6 +104,7 @@ def publish(name: str, report: dict, figures: list[dict]) -> Path:
     for f in figures:
         verdict = "pass" if f["passed"] else "**FAIL**"
         lines.append(f"| {f['figure']} | {f['value']} | {f['asked']} | {verdict} |")
+    lines += sections or []
     write_text(dest / "report.md", "\n".join(lines) + "\n")
     print(f"wrote {dest}/report.md")
     for f in figures:
