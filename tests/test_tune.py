@@ -56,7 +56,7 @@ def test_tflite_candidates_are_built_from_the_unfused_model_and_the_rest_after_f
     recipe = tune_recipe(cands, device, {}, {})
     assert "fuse" not in recipe["passes"] and recipe["targets"] == [{"tflite": {"quantization": "none"}}]
     branches = {b["name"]: b["passes"] for b in recipe["branches"]}
-    assert "fuse" not in branches["tfl_int8"]
+    assert "fuse" not in branches["tfl_int8"] and branches["tfl_int8_fused"] == ["fuse"]  # TFLite INT8 both ways
     others = [n for n in branches if not n.startswith("tfl_")]
     assert others and all(branches[n][0] == "fuse" for n in others)
     by_name = {c.name: c for c in cands}
