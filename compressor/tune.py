@@ -11,7 +11,8 @@
    that lose more than ``--max-drop`` points there are dropped.
 4. The survivors and the source are measured in one interleaved session on the test split (the
    run's report.md); tune.md gives the Pareto front of top-1 against batch-1 p50, the chosen
-   engine (the fastest survivor), its test top-1, and why each other candidate lost; tuned.yaml
+   engine (the fastest survivor; survivors within TIE_MARGIN of it tie, and the higher validation
+   top-1 wins), its test top-1, and why each other candidate lost; tuned.yaml
    rebuilds the chosen engine exactly (same device, same settings) for CI to gate.
 5. Threads: the engines on the Pareto front are timed again at 1 thread up to all cores, in one
    interleaved session of their own; the chosen engine runs at its fastest thread count, which
@@ -42,6 +43,10 @@ TUNE_FILES = ("tune.json", "tune.md", "pareto.png", "tuned.yaml")
 TARGETS = ("openvino", "onnxruntime", "tflite", "tensorrt")
 """the targets a tune considers (--targets picks among them)"""
 VALIDATION_BATCH = 100
+TIE_MARGIN = 0.03
+"""batch-1 p50s within 3 % of the fastest survivor's are a tie: two copies of one engine file read
+0.3 % (ResNet-50) and 4.5 % (MobileNetV2) apart in one session (benchmarks/results/tune_peers_*). A
+tie goes to the higher validation top-1, then to the cheaper candidate (search_space's order)."""
 QUICK = {"warmup": 3, "latency_runs": 30, "latency_min_seconds": 0.2, "latency_rounds": 3, "throughput_batch": 16,
          "throughput_seconds": 0.2}
 """--quick: short timing for a first look (noisier figures)"""
@@ -225,9 +230,17 @@ def summarise(report: dict[str, Any], candidates: list[Candidate], left_out: lis
     results = {r["name"]: r for r in report["results"]}
     source = results["source"]
     measured = [r for n, r in results.items() if n != "source" and n in by_engine]
-    chosen = min(measured, key=lambda r: r["latency_ms"]["p50"]) if measured else None
-    front = pareto([(r["name"], r["top1"], r["latency_ms"]["p50"]) for r in [source, *measured]])
     screened = {s["name"]: s for s in screen.rows}
+    fastest = min(measured, key=lambda r: r["latency_ms"]["p50"]) if measured else None
+    ties = [] if fastest is None else [r for r in measured
+                                       if r["latency_ms"]["p50"] <= (1 + TIE_MARGIN) * fastest["latency_ms"]["p50"]]
+    order = {c.name: i for i, c in enumerate(candidates)}
+
+    def val_top1(r: dict[str, Any]) -> float:
+        return float((screened.get(r["name"]) or {}).get("validation_top1") or 0.0)
+
+    chosen = max(ties, key=lambda r: (val_top1(r), -order[by_engine[r["name"]].name])) if ties else None
+    front = pareto([(r["name"], r["top1"], r["latency_ms"]["p50"]) for r in [source, *measured]])
     rows = []
     for c in candidates:
         engine = next((n for n, cc in by_engine.items() if cc is c), None)
@@ -241,7 +254,15 @@ def summarise(report: dict[str, Any], candidates: list[Candidate], left_out: lis
             row.update(test_top1=r["top1"], p50_ms=r["latency_ms"]["p50"], speedup=r.get("speedup"),
                        pareto=r["name"] in front, speedup_reliable=r.get("speedup_reliable", True))
         if chosen is not None and r is chosen:
-            row["verdict"] = "chosen: the fastest within the budget"
+            row["verdict"] = "chosen: the fastest within the budget" if r is fastest else (
+                f"chosen: within {TIE_MARGIN:.0%} of the fastest ({fastest['name']}, p50 "  # type: ignore[index]
+                f"{fastest['latency_ms']['p50']:.3f} ms), the highest validation top-1 of those")  # type: ignore[index]
+        elif r is not None and any(r is t for t in ties):
+            row["verdict"] = (f"tied: p50 {r['latency_ms']['p50']:.3f} ms, within {TIE_MARGIN:.0%} of the fastest, "
+                              f"but validation top-1 {val_top1(r):.2f} % against the chosen's "
+                              f"{val_top1(chosen):.2f} %" if val_top1(r) < val_top1(chosen) else  # type: ignore[arg-type]
+                              f"tied: p50 {r['latency_ms']['p50']:.3f} ms, within {TIE_MARGIN:.0%} of the fastest, "
+                              f"same validation top-1; the chosen candidate comes first in the search order")
         elif r is not None:
             row["verdict"] = (f"slower: p50 {r['latency_ms']['p50']:.3f} ms against the chosen "
                               f"{chosen['latency_ms']['p50']:.3f} ms")  # type: ignore[index]

@@ -12,7 +12,7 @@ import yaml
 
 from compressor.devices import resolve
 from compressor.environment import default_threads
-from compressor.tune import (pareto, search_space, thread_counts, tune_recipe, tuned_recipe,
+from compressor.tune import (TIE_MARGIN, pareto, search_space, thread_counts, tune_recipe, tuned_recipe,
                              validation_images_default)
 
 from .conftest import cli, one_error_line
@@ -70,6 +70,30 @@ def test_tflite_candidates_are_built_from_the_unfused_model_and_the_rest_after_f
     assert not any(c.fused for c in onnx) and "fuse" not in tune_recipe(onnx, device, {}, {})["passes"]
 
 
+def test_a_tie_on_speed_goes_to_the_higher_validation_top1():
+    from compressor.tune import Candidate, Screen, summarise
+
+    cands = [Candidate("a", "tflite", "int8", "A"), Candidate("b", "tflite", "int8", "B", fused=True)]
+
+    def summary(p50_b, val_b):
+        report = {"engines": [{"name": "tflite-int8"}, {"name": "b-tflite-int8"}],
+                  "results": [{"name": n, "top1": t, "latency_ms": {"p50": p}} for n, t, p in
+                              (("source", 80.0, 10.0), ("tflite-int8", 79.8, 1.0), ("b-tflite-int8", 79.7, p50_b))]}
+        screen = Screen(0.5, 1000, [])
+        screen.source_top1 = 85.0
+        screen.rows = [{"name": "tflite-int8", "validation_top1": 84.9, "drop": 0.1, "kept": True},
+                       {"name": "b-tflite-int8", "validation_top1": val_b, "drop": 85.0 - val_b, "kept": True}]
+        return summarise(report, cands, [], screen, resolve("x86-amx"), 0.5, 1.0)
+
+    s = summary(1.02, 85.0)  # within 3 %, better on validation images: b
+    assert s["chosen"]["engine"] == "b-tflite-int8"
+    assert "within 3% of the fastest" in s["candidates"][1]["verdict"] and s["candidates"][0]["verdict"].startswith("tied")
+    assert summary(1.02, 84.9)["chosen"]["engine"] == "tflite-int8"  # same validation top-1: the search order
+    assert summary(1.10, 85.0)["chosen"]["engine"] == "tflite-int8"  # 10 % slower is no tie
+    s = summary(0.99, 84.0)  # b the fastest, a within 3 % and better on validation
+    assert s["chosen"]["engine"] == "tflite-int8"
+
+
 def test_thread_counts_go_from_one_to_every_core():
     assert thread_counts(1) == [1] and thread_counts(2) == [1, 2] and thread_counts(16) == [1, 8, 16]
 
@@ -100,7 +124,12 @@ def test_tune_chooses_the_fastest_survivor_and_tuned_yaml_rebuilds_it(model_file
             assert r["validation_drop"] > 1.0 and r["verdict"].startswith("over budget")
     timed = [r for r in rows if r.get("p50_ms") is not None]
     chosen = summary["chosen"]
-    assert chosen["p50_ms"] == min(r["p50_ms"] for r in timed)
+    fastest = min(r["p50_ms"] for r in timed)  # within TIE_MARGIN of the fastest, the best on validation images
+    ties = [r for r in timed if r["p50_ms"] <= (1 + TIE_MARGIN) * fastest]
+    row_c = next(r for r in rows if r["engine"] == chosen["engine"])
+    assert chosen["p50_ms"] <= (1 + TIE_MARGIN) * fastest
+    assert row_c["validation_top1"] == max(r["validation_top1"] for r in ties)
+    assert all(r["verdict"].startswith("tied") for r in ties if r is not row_c)
     assert summary["device"]["name"] == "x86-avx2"
     assert {"tune.md", "tuned.yaml", "report.md"} <= {p.name for p in out.iterdir()}
     assert "Chosen: `" in (out / "tune.md").read_text() and chosen["engine"] in stdout
