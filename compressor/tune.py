@@ -294,10 +294,11 @@ def summarise(report: dict[str, Any], candidates: list[Candidate], left_out: lis
 def render(summary: dict[str, Any], command: str) -> str:
     ch = summary["chosen"]
     dev = summary["device"] or {}
+    vsrc = summary["validation"]["source_top1"]
     lines = ["# compress tune", "",
              f"- device: {dev.get('name')} (built and timed on {dev.get('host')}); budget: top-1 within "
              f"{summary['max_drop']} points of the source on {summary['validation']['images']} validation images "
-             f"(source {summary['validation']['source_top1']}%), then measured on the test split",
+             f"(source {'-' if vsrc is None else format(vsrc, '.2f')}%), then measured on the test split",
              f"- command: `{command}`", f"- seconds: {summary['seconds']}", ""]
     if summary["timing_under_load"]:
         lines += ["**Timing ran under load**: " + "; ".join(summary["load_reasons"]) + ". The choice may not hold "
