@@ -396,11 +396,14 @@ def baseline() -> None:
 @baseline.command(name="update")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.argument("baseline_dir", type=click.Path(path_type=Path))
-def baseline_update(run_dir: Path, baseline_dir: Path) -> int:
+@click.option("--machine", is_flag=True,
+              help="write it as the baseline of the machine RUN_DIR was timed on (BASELINE_DIR/machines/<key>); "
+                   "compress compare takes it for runs on such a machine, the default one for any other")
+def baseline_update(run_dir: Path, baseline_dir: Path, machine: bool) -> int:
     """Write RUN_DIR's report, predictions and latency samples (not its engines) into BASELINE_DIR."""
     from .compare import update_baseline
 
-    written = update_baseline(run_dir, baseline_dir)
+    baseline_dir, written = update_baseline(run_dir, baseline_dir, machine=machine)
     total = sum(written.values())
     click.echo(f"wrote baseline {baseline_dir}: {', '.join(written)} ({total / 1e3:.1f} KB)")
     return 0

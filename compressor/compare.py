@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 PREDICTIONS_FILE = "predictions.npz"
 LATENCY_FILE = "latency_samples.npz"
 BASELINE_FILES = ("report.json", "report.md", PREDICTIONS_FILE, LATENCY_FILE)
+MACHINES_DIR = "machines"
+"""a baseline's per-machine baselines: BASE/machines/<machine_key>/, each a whole baseline. compare
+takes the one recorded on the run's machine, so latency gates on every kind of CI machine"""
 COMPARE_VERSION = 1
 
 
@@ -442,12 +445,48 @@ def compare_runs(cur: Run, base: Run, th: Thresholds) -> dict[str, Any]:
     }
 
 
+def machine_key(env: dict[str, Any]) -> str:
+    """A directory name for the machine a report was timed on: its CPU name, then a hash of what
+    decides its timings (CPU, ISA flags, cores, threads), e.g. ``intel-xeon-processor-3f2a9c1e``."""
+    import hashlib
+    import re
+
+    what = json.dumps([env.get(k) for k in ("cpu", "isa_flags", "cores_available", "threads")], default=str)
+    name = re.sub(r"\((r|tm)\)", "", str(env.get("cpu") or "unknown cpu").lower())
+    slug = re.sub(r"[^a-z0-9]+", "-", name).strip("-")[:40] or "cpu"
+    return f"{slug}-{hashlib.sha256(what.encode()).hexdigest()[:8]}"
+
+
+def pick_baseline(baseline_dir: Path, env: dict[str, Any]) -> tuple[Path, str | None]:
+    """The baseline for a run timed in ``env``: BASE/machines/<machine_key> where one was recorded on
+    such a machine, else BASE itself. Returns (directory, the machine key or None)."""
+    baseline_dir = Path(baseline_dir)
+    key = machine_key(env)
+    mine = baseline_dir / MACHINES_DIR / key
+    if (mine / "report.json").is_file():
+        return mine, key
+    return baseline_dir, None
+
+
+def recorded_machines(baseline_dir: Path) -> list[str]:
+    d = Path(baseline_dir) / MACHINES_DIR
+    return sorted(p.name for p in d.iterdir() if (p / "report.json").is_file()) if d.is_dir() else []
+
+
 def compare_dirs(run_dir: Path, baseline_dir: Path, *, resamples: int = 2000, seed: int = 0,
                  latency: str = "both", **flags: float | None) -> dict[str, Any]:
     cur = load_run(run_dir, "run")
-    base = load_run(baseline_dir, "baseline")
+    chosen, key = pick_baseline(baseline_dir, cur.report.get("environment") or {})
+    base = load_run(chosen, "baseline")
     th = resolve_thresholds(cur.report, resamples=resamples, seed=seed, latency=latency, **flags)
-    return compare_runs(cur, base, th)
+    cmp = compare_runs(cur, base, th)
+    cmp["baseline_machine"] = key
+    if key is not None:
+        cmp["notes"].insert(0, f"baseline recorded on this machine ({MACHINES_DIR}/{key})")
+    elif recorded_machines(baseline_dir):
+        cmp["notes"].insert(0, f"no baseline recorded on this machine ({machine_key(cur.report.get('environment') or {})}"
+                               f"); the default one; recorded machines: {', '.join(recorded_machines(baseline_dir))}")
+    return cmp
 
 
 # ---------------------------------------------------------------------- what fails a job
@@ -618,17 +657,25 @@ def render_json(cmp: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------- baselines
 
 
-def update_baseline(run_dir: Path, baseline_dir: Path) -> dict[str, int]:
+def update_baseline(run_dir: Path, baseline_dir: Path, *, machine: bool = False) -> tuple[Path, dict[str, int]]:
     """Copy a run's report and samples (not its engines) into ``baseline_dir``, replacing what was
-    there in one swap. Returns the bytes of each file written."""
+    there in one swap; its per-machine baselines stay. ``machine``: into
+    ``baseline_dir/machines/<the run's machine_key>`` instead. Returns the directory written and the
+    bytes of each file in it."""
     run_dir, baseline_dir = Path(run_dir), Path(baseline_dir)
-    load_run(run_dir, "run")  # whole and readable
+    run = load_run(run_dir, "run")  # whole and readable
+    if machine:
+        if baseline_dir.exists() and not baseline_dir.is_dir():
+            raise CompareError(f"baseline {baseline_dir} exists and is not a directory")
+        baseline_dir = baseline_dir / MACHINES_DIR / machine_key(run.report.get("environment") or {})
+    keep = baseline_dir / MACHINES_DIR if not machine else None
     if baseline_dir.exists():
         if not baseline_dir.is_dir():
             raise CompareError(f"baseline {baseline_dir} exists and is not a directory")
         if baseline_dir.resolve() == run_dir.resolve():
             raise CompareError("the baseline directory is the run directory")
-        foreign = sorted(p.name for p in baseline_dir.iterdir() if p.name not in BASELINE_FILES)
+        foreign = sorted(p.name for p in baseline_dir.iterdir()
+                         if p.name not in BASELINE_FILES and not (p.name == MACHINES_DIR and p.is_dir() and not machine))
         if foreign:
             raise CompareError(f"baseline {baseline_dir} holds files a baseline does not ({', '.join(foreign[:3])}"
                                f"{', ...' if len(foreign) > 3 else ''}): not overwriting it")
@@ -638,4 +685,6 @@ def update_baseline(run_dir: Path, baseline_dir: Path) -> dict[str, int]:
             if (run_dir / name).is_file():
                 shutil.copyfile(run_dir / name, staging / name)
                 written[name] = (staging / name).stat().st_size
-    return written
+        if keep is not None and keep.is_dir():
+            shutil.copytree(keep, staging / MACHINES_DIR)
+    return baseline_dir, written

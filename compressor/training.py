@@ -174,6 +174,7 @@ def probe_step(model: Any, loss_fn: LossFn, xb: Any, yb: Any, ix: Any, dev: Any,
     fails (an op without a bf16 or channels-last kernel) is left out with its error."""
     import torch
 
+    began = time.perf_counter()
     buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if dev.type == "cuda" else None
@@ -225,7 +226,7 @@ def probe_step(model: Any, loss_fn: LossFn, xb: Any, yb: Any, ix: Any, dev: Any,
         chosen = next(o for o in options if o.name == min(seconds, key=seconds.__getitem__))
     set_memory_format(model, chosen.channels_last)
     return chosen, {"s_per_step": {k: round(v, 4) for k, v in seconds.items()}, "failed": failed,
-                    "chosen": chosen.name, "batch": int(len(xb)),
+                    "chosen": chosen.name, "batch": int(len(xb)), "seconds": round(time.perf_counter() - began, 2),
                     "note": None if len(seconds) > 1 or failed else
                     f"step {1000 * next(iter(seconds.values()), 0):.0f} ms: too short to probe further"}
 

@@ -444,3 +444,34 @@ def test_baseline_update_then_compare(runs, tmp_path, capsys):
     assert (baseline / "notes.txt").exists()
     code, _, err = cli(capsys, "baseline", "update", tmp_path / "nope", tmp_path / "b2")
     assert code == 2 and "run directory not found" in err and not (tmp_path / "b2").exists()
+
+
+def test_a_baseline_per_machine_is_taken_for_runs_on_that_machine(runs, tmp_path, capsys):
+    """CI lands on more than one kind of CPU: BASE/machines/<key> (compress baseline update --machine)
+    is the baseline of runs timed on such a machine; any other machine gets BASE itself."""
+    from compressor.compare import MACHINES_DIR, machine_key
+
+    baseline = tmp_path / "base"
+    assert cli(capsys, "baseline", "update", runs["base"], baseline)[0] == 0
+    code, out, err = cli(capsys, "baseline", "update", runs["damaged"], baseline, "--machine")
+    assert code == 0, err
+    key = machine_key(json.loads((runs["damaged"] / "report.json").read_text())["environment"])
+    mine = baseline / MACHINES_DIR / key
+    assert (mine / "report.json").is_file() and str(mine) in out
+    assert sorted(p.name for p in mine.iterdir()) == sorted(["report.json", "report.md", PREDICTIONS_FILE, LATENCY_FILE])
+    # the damaged run is its own machine's baseline: compared with it, it has no regression
+    code, cmp, *_ = _compare(capsys, runs["damaged"], baseline, tmp_path, *REAL_RUN_SLOWDOWN)
+    assert code == 0 and cmp["baseline_machine"] == key and cmp["baseline"] == str(mine)
+    assert any("recorded on this machine" in n for n in cmp["notes"])
+    # the same run from another CPU gets the default baseline (the undamaged run): a regression
+    elsewhere = _copy(runs["damaged"], tmp_path / "elsewhere")
+    report = json.loads((elsewhere / "report.json").read_text())
+    report["environment"]["cpu"] = "Another CPU"
+    (elsewhere / "report.json").write_text(json.dumps(report))
+    code, cmp, *_ = _compare(capsys, elsewhere, baseline, tmp_path, *REAL_RUN_SLOWDOWN)
+    assert code == 1 and cmp["baseline_machine"] is None and cmp["baseline"] == str(baseline)
+    assert any("no baseline recorded on this machine" in n and key in n for n in cmp["notes"])
+    # updating the default baseline keeps the machines' baselines
+    assert cli(capsys, "baseline", "update", runs["rerun"], baseline)[0] == 0
+    assert (mine / "report.json").is_file()
+    assert json.loads((baseline / "report.json").read_text()) == json.loads((runs["rerun"] / "report.json").read_text())

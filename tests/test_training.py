@@ -109,7 +109,7 @@ def test_the_probe_takes_the_fastest_option_by_a_margin_and_leaves_the_model_as_
     assert set(probe["s_per_step"]) == {o.name for o in options}
     assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
     # within the margin of the default, the default stays
-    chosen, _, model = _probe(_timed_loss(lambda bf16, cl: 0.06), options)
+    chosen, _, model = _probe(_timed_loss(lambda bf16, cl: 0.15), options)
     assert chosen == options[0] and model[0].weight.is_contiguous()
 
 

@@ -19,7 +19,8 @@ class ExportOnnxConfig(PassConfig):
     opset: int = 18
     """ONNX opset version"""
     exporter: Literal["auto", "dynamo", "torchscript"] = "auto"
-    """auto: dynamo (torch.export based), torchscript for TorchScript models"""
+    """auto: dynamo (torch.export based), torchscript for TorchScript models and where dynamo fails
+    (the report's metrics name the exporter used and dynamo's error)"""
     dynamic_batch: bool = True
     """keep the batch dimension symbolic"""
     simplify: bool = True
@@ -52,6 +53,10 @@ class ExportOnnx(Pass):
         qat = bool(artifact.meta.get("qat"))  # NNCF fake quantizers export as Q/DQ pairs with TorchScript only
         if exporter == "auto":
             exporter = "torchscript" if isinstance(model, torch.jit.ScriptModule) or qat else "dynamo"
+            fallback = exporter == "dynamo"
+        else:
+            fallback = False
+        dynamo_error = None
         if exporter == "dynamo":
             if isinstance(model, torch.jit.ScriptModule):
                 raise ValueError("the dynamo exporter cannot take a TorchScript model; use exporter: torchscript")
@@ -59,13 +64,21 @@ class ExportOnnx(Pass):
                 raise ValueError("the dynamo exporter cannot trace NNCF's fake quantizers (a quantize_qat model); "
                                  "use exporter: torchscript")
             dyn = ({0: torch.export.Dim("batch", min=1, max=4096)},) if cfg.dynamic_batch else None
-            with _quiet():
-                program = torch.onnx.export(
-                    model, example, dynamo=True, opset_version=cfg.opset, dynamic_shapes=dyn,
-                    input_names=["input"], output_names=["logits"], verbose=False,
-                )
-            program.save(str(path), external_data=False)
-        else:
+            try:
+                with _quiet():
+                    program = torch.onnx.export(
+                        model, example, dynamo=True, opset_version=cfg.opset, dynamic_shapes=dyn,
+                        input_names=["input"], output_names=["logits"], verbose=False,
+                    )
+                program.save(str(path), external_data=False)
+            except Exception as exc:  # noqa: BLE001 - exporter: auto tries the TorchScript exporter next
+                if not fallback:
+                    raise
+                dynamo_error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+                log.warning("export_onnx: the dynamo exporter failed (%s); exporting with TorchScript instead",
+                            dynamo_error)
+                exporter = "torchscript"
+        if exporter == "torchscript":
             axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if cfg.dynamic_batch else None
             with _quiet():
                 torch.onnx.export(
@@ -83,7 +96,8 @@ class ExportOnnx(Pass):
         ops: dict[str, int] = {}
         for node in proto.graph.node:
             ops[node.op_type] = ops.get(node.op_type, 0) + 1
-        metrics = {"exporter": exporter, "opset": cfg.opset, "nodes_exported": before,
+        metrics = {"exporter": exporter, "opset": cfg.opset if exporter == "dynamo" else min(cfg.opset, 17),
+                   **({"dynamo_error": dynamo_error} if dynamo_error else {}), "nodes_exported": before,
                    "nodes": len(proto.graph.node), "ops": dict(sorted(ops.items()))}
         return PassResult(artifact.derive(Form.ONNX, path=path), metrics)
 
