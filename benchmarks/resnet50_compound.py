@@ -38,34 +38,19 @@ def thread_sweep(report: dict) -> tuple[dict, list[str]]:
     """Batch-1 p50 of the source (PyTorch eager) and every INT8 engine at each thread count, one
     interleaved session (compressor.evaluate.latency), load recorded (compressor.load.LoadMonitor)."""
     from compressor.environment import default_threads
-    from compressor.evaluate import EvaluationConfig, TorchRunner, latency
+    from compressor.evaluate import EvaluationConfig, TorchRunner
     from compressor.intake import load_model
     from compressor.job import engines_of_run
-    from compressor.load import LoadMonitor
-    from compressor.tune import thread_counts
+    from compressor.tune import p50_at_threads, thread_counts
 
     counts = thread_counts(default_threads())
     int8 = {r["name"] for r in report["results"] if r["precision"] == "int8"}
     engines = [e for e in engines_of_run(WORK, report) if e.built and e.name in int8]
     module = load_model(MODEL, trust=True).model
-    runners, keys = [], []
-    for n in counts:
-        runners.append(TorchRunner(module, threads=n, name=f"source@{n}"))
-        keys.append(("source", n))
-        for e in engines:
-            runners.append(e.builder.load(e, threads=n))
-            keys.append((e.name, n))
-    monitor = LoadMonitor()
-    try:
-        monitor.before()
-        samples = latency(runners, one_test_image(), EvaluationConfig())
-        monitor.during()
-    finally:
-        for r in runners:
-            getattr(r, "close", lambda: None)()
-    p50 = {k: float(np.median(v)) for k, v in zip(keys, samples)}
-    load = monitor.summary()
-    names = ["source", *[e.name for e in engines]]
+    loaders = {"source": lambda n: TorchRunner(module, threads=n, name=f"source@{n}")}
+    loaders |= {e.name: (lambda n, e=e: e.builder.load(e, threads=n)) for e in engines}
+    p50, load = p50_at_threads(loaders, counts, one_test_image(), EvaluationConfig())
+    names = list(loaders)
     rows = [{"name": nm, "p50_ms": {str(n): round(p50[(nm, n)], 4) for n in counts},
              "speedup": {str(n): round(p50[("source", n)] / p50[(nm, n)], 2) for n in counts}} for nm in names]
     lines = ["", "## Thread sweep: the same threads on both sides", "",

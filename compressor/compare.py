@@ -476,16 +476,18 @@ def recorded_machines(baseline_dir: Path) -> list[str]:
 def compare_dirs(run_dir: Path, baseline_dir: Path, *, resamples: int = 2000, seed: int = 0,
                  latency: str = "both", **flags: float | None) -> dict[str, Any]:
     cur = load_run(run_dir, "run")
-    chosen, key = pick_baseline(baseline_dir, cur.report.get("environment") or {})
+    env = cur.report.get("environment") or {}
+    chosen, key = pick_baseline(baseline_dir, env)
     base = load_run(chosen, "baseline")
     th = resolve_thresholds(cur.report, resamples=resamples, seed=seed, latency=latency, **flags)
     cmp = compare_runs(cur, base, th)
     cmp["baseline_machine"] = key
+    recorded = recorded_machines(baseline_dir)
     if key is not None:
         cmp["notes"].insert(0, f"baseline recorded on this machine ({MACHINES_DIR}/{key})")
-    elif recorded_machines(baseline_dir):
-        cmp["notes"].insert(0, f"no baseline recorded on this machine ({machine_key(cur.report.get('environment') or {})}"
-                               f"); the default one; recorded machines: {', '.join(recorded_machines(baseline_dir))}")
+    elif recorded:
+        cmp["notes"].insert(0, f"no baseline recorded on this machine ({machine_key(env)}); the default one; "
+                               f"recorded machines: {', '.join(recorded)}")
     return cmp
 
 
@@ -674,8 +676,9 @@ def update_baseline(run_dir: Path, baseline_dir: Path, *, machine: bool = False)
             raise CompareError(f"baseline {baseline_dir} exists and is not a directory")
         if baseline_dir.resolve() == run_dir.resolve():
             raise CompareError("the baseline directory is the run directory")
+        ours = set(BASELINE_FILES) | ({MACHINES_DIR} if not machine else set())
         foreign = sorted(p.name for p in baseline_dir.iterdir()
-                         if p.name not in BASELINE_FILES and not (p.name == MACHINES_DIR and p.is_dir() and not machine))
+                         if p.name not in ours or (p.name == MACHINES_DIR and not p.is_dir()))
         if foreign:
             raise CompareError(f"baseline {baseline_dir} holds files a baseline does not ({', '.join(foreign[:3])}"
                                f"{', ...' if len(foreign) > 3 else ''}): not overwriting it")

@@ -281,8 +281,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             probed = "; probe s/step: " + ", ".join(f"{k} {v:.3f}" for k, v in probe["s_per_step"].items()) \
                 if len(probe.get("s_per_step") or {}) > 1 else ""
             lines += [f"**{name}** ({run.get('device', 'cpu')}, {run.get('precision', 'fp32')}, "
-                      f"{run.get('memory_format', 'contiguous')}, {run.get('seconds', 0):.0f} s{probed}):", "", "| epoch | train loss | train top-1 % | val top-1 % | s |",
-                      "|---|---|---|---|---|"]
+                      f"{run.get('memory_format', 'contiguous')}, {run.get('seconds', 0):.0f} s{probed}):", "",
+                      "| epoch | train loss | train top-1 % | val top-1 % | s |", "|---|---|---|---|---|"]
             for h in run["history"]:
                 lines.append(f"| {h.get('epoch')} | {_fmt(h.get('train_loss'), 4)} | {_fmt(h.get('train_top1'))} | "
                              f"{_fmt(h.get('val_top1'))} | {_fmt(h.get('seconds'), 0)} |")

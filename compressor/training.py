@@ -1,11 +1,12 @@
 """The one training loop every training pass shares (fine-tuning after pruning, distillation, QAT).
 
 Optimizer and schedule, epochs or steps, bf16 autocast and channels-last memory (on GPUs bf16 where
-supported; on CPUs each is measured on the model's own training step before training, and kept only
-where it is faster: see ``probe_step``), a rich progress bar with loss and accuracy, best checkpoint by top-1 on a class-balanced
-validation subset held out of the training split, seeded. Launched under ``torchrun`` it trains
-with DistributedDataParallel (gloo on CPU, nccl on GPUs) with no change of code: each process
-takes its shard of every epoch's permutation, the global batch stays the same.
+supported; on CPUs each is measured on the model's own training step before training, and kept
+only where it is faster: see ``probe_step``), a rich progress bar with loss and accuracy, best
+checkpoint by top-1 on a class-balanced validation subset held out of the training split, seeded.
+Launched under ``torchrun`` it trains with DistributedDataParallel (gloo on CPU, nccl on GPUs)
+with no change of code: each process takes its shard of every epoch's permutation, the global
+batch stays the same.
 """
 
 from __future__ import annotations
@@ -388,7 +389,7 @@ def train(
         option = options[0]
         set_memory_format(model, option.channels_last)
     bf16, channels_last = option.bf16, option.channels_last
-    bf16_probed = probe is not None and use_bf16(cfg.bf16, dev) is None
+    bf16_probed = len({o.bf16 for o in options}) > 1  # bf16 was the probe's choice, not the recipe's
     net = model
     if size > 1:
         from torch.nn.parallel import DistributedDataParallel

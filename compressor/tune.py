@@ -258,11 +258,11 @@ def summarise(report: dict[str, Any], candidates: list[Candidate], left_out: lis
                 f"chosen: within {TIE_MARGIN:.0%} of the fastest ({fastest['name']}, p50 "  # type: ignore[index]
                 f"{fastest['latency_ms']['p50']:.3f} ms), the highest validation top-1 of those")  # type: ignore[index]
         elif r is not None and any(r is t for t in ties):
+            lost = (f"but validation top-1 {val_top1(r):.2f} % against the chosen's {val_top1(chosen):.2f} %"  # type: ignore[arg-type]
+                    if val_top1(r) < val_top1(chosen) else  # type: ignore[arg-type]
+                    "same validation top-1; the chosen candidate comes first in the search order")
             row["verdict"] = (f"tied: p50 {r['latency_ms']['p50']:.3f} ms, within {TIE_MARGIN:.0%} of the fastest, "
-                              f"but validation top-1 {val_top1(r):.2f} % against the chosen's "
-                              f"{val_top1(chosen):.2f} %" if val_top1(r) < val_top1(chosen) else  # type: ignore[arg-type]
-                              f"tied: p50 {r['latency_ms']['p50']:.3f} ms, within {TIE_MARGIN:.0%} of the fastest, "
-                              f"same validation top-1; the chosen candidate comes first in the search order")
+                              f"{lost}")
         elif r is not None:
             row["verdict"] = (f"slower: p50 {r['latency_ms']['p50']:.3f} ms against the chosen "
                               f"{chosen['latency_ms']['p50']:.3f} ms")  # type: ignore[index]
@@ -366,36 +366,44 @@ def thread_counts(cores: int) -> list[int]:
     return sorted({1, max(1, cores // 2), cores})
 
 
-def thread_sweep(engines: list[Any], summary: dict[str, Any], one: np.ndarray, cfg: Any,
-                 counts: list[int]) -> dict[str, Any]:
-    """Batch-1 p50 of every Pareto-front engine at each of ``counts`` threads, all runners timed in one
-    interleaved session (evaluate.latency), with the load recorded; the chosen engine's fastest count.
-    Updates ``summary["chosen"]`` with ``threads`` (and that count's p50 in this session)."""
+def p50_at_threads(loaders: dict[str, Any], counts: list[int], one: np.ndarray,
+                   cfg: Any) -> tuple[dict[tuple[str, int], float], dict[str, Any]]:
+    """Batch-1 p50 (ms) of each ``loaders[name](threads)`` runner at each of ``counts`` threads, all
+    timed in one interleaved session (evaluate.latency) with the machine's load recorded
+    (load.LoadMonitor). Returns ({(name, threads): p50}, the load summary)."""
     from .evaluate import latency
     from .load import LoadMonitor
 
-    front = [r["engine"] for r in summary["candidates"] if r.get("pareto") and r.get("engine")]
-    by_name = {e.name: e for e in engines if e.built}
     runners, keys = [], []
-    for name in [n for n in front if n in by_name]:
-        for n in counts:
-            runners.append(by_name[name].builder.load(by_name[name], threads=n))
-            keys.append((name, n))
-    if not runners:
-        return {"counts": counts, "rows": [], "note": "no built engine on the Pareto front"}
-    monitor = LoadMonitor()
     try:
+        for name, load in loaders.items():
+            for n in counts:
+                runners.append(load(n))
+                keys.append((name, n))
+        monitor = LoadMonitor()
         monitor.before()
         samples = latency(runners, one, cfg)
         monitor.during()
     finally:
         for r in runners:
-            r.close()
-    p50 = {k: float(np.median(s)) for k, s in zip(keys, samples)}
+            getattr(r, "close", lambda: None)()
+    return {k: float(np.median(s)) for k, s in zip(keys, samples)}, monitor.summary()
+
+
+def thread_sweep(engines: list[Any], summary: dict[str, Any], one: np.ndarray, cfg: Any,
+                 counts: list[int]) -> dict[str, Any]:
+    """Batch-1 p50 of every Pareto-front engine at each of ``counts`` threads (``p50_at_threads``);
+    the chosen engine's fastest count. Updates ``summary["chosen"]`` with ``threads`` (and that
+    count's p50 in this session)."""
+    front = [r["engine"] for r in summary["candidates"] if r.get("pareto") and r.get("engine")]
+    by_name = {e.name: e for e in engines if e.built}
+    loaders = {name: (lambda n, e=by_name[name]: e.builder.load(e, threads=n)) for name in front if name in by_name}
+    if not loaders:
+        return {"counts": counts, "rows": [], "note": "no built engine on the Pareto front"}
+    p50, load = p50_at_threads(loaders, counts, one, cfg)
     rows = [{"engine": name, "p50_ms": {str(n): round(p50[(name, n)], 4) for n in counts},
-             "fastest_threads": min(counts, key=lambda n: p50[(name, n)])}
-            for name in dict.fromkeys(k[0] for k in keys)]
-    out: dict[str, Any] = {"counts": counts, "rows": rows, "timing_load": monitor.summary()}
+             "fastest_threads": min(counts, key=lambda n: p50[(name, n)])} for name in loaders]
+    out: dict[str, Any] = {"counts": counts, "rows": rows, "timing_load": load}
     ch = summary.get("chosen")
     if ch and any(r["engine"] == ch["engine"] for r in rows):
         best = next(r for r in rows if r["engine"] == ch["engine"])["fastest_threads"]
