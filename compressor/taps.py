@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from .artifact import eval_mode
+
 
 @dataclass
 class LayerInfo:
@@ -77,8 +79,57 @@ class Tapper(ABC):
 
 _TORCH_FOLLOW_MODULES = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "ReLU", "ReLU6", "Hardswish", "SiLU",
                          "Sigmoid", "Hardsigmoid", "LeakyReLU", "GELU", "ELU", "Identity", "Mish")
-_TORCH_FOLLOW_FUNCS = ("relu", "relu_", "relu6", "hardswish", "silu", "sigmoid", "hardsigmoid", "leaky_relu", "gelu",
-                       "elu", "batch_norm", "mish")
+_TORCH_FOLLOW_FUNCS = ("relu", "relu_", "relu6", "hardswish", "hardswish_", "silu", "silu_", "sigmoid", "hardsigmoid",
+                       "leaky_relu", "gelu", "elu", "batch_norm", "mish", "hardtanh", "hardtanh_")
+
+
+_ATEN_LAYERS = ("conv1d", "conv2d", "conv3d", "convolution", "linear")
+
+
+def _fn_name(target: Any) -> str:
+    """``relu`` for torch.relu, F.relu, "relu" (a method) and aten.relu.default alike."""
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    return name.split(".")[0]
+
+
+def _get_attr(gm: Any, target: str) -> Any:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def stack_path(value: Any) -> str:
+    """A module path as ``nn_module_stack`` records it, written as named_modules() names it:
+    strict export's ``L['self'].features[0]`` / ``getattr(L['self'], '0')`` -> ``features.0``."""
+    path = value[0] if isinstance(value, tuple) else str(value)
+    if "L['self']" in path or "getattr(" in path:
+        parts = [a or b or c for a, b, c in re.findall(r"'([^']+)'|\.([A-Za-z_]\w*)|\[(\d+)\]", path)]
+        path = ".".join(p for p in parts if p != "self")
+    return path
+
+
+def node_module_path(node: Any) -> str | None:
+    """The innermost module an ATen node came from, or None where the graph did not record it."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return stack_path(list(stack.values())[-1]) or None if stack else None
+
+
+def aten_layer_name(node: Any) -> str | None:
+    """The module name of an ATen conv / linear node: the module it came from, else the one its
+    weight's name tells (``lifted_tensor_self.layer1.0.conv1.weight_fused_bn`` -> ``layer1.0.conv1``,
+    as a TorchScript model converted to a torch.export program names it), else None."""
+    if node.op != "call_function" or _fn_name(node.target) not in _ATEN_LAYERS or len(node.args) < 2:
+        return None
+    path = node_module_path(node)
+    if path:
+        return path
+    weight = node.args[1]
+    if getattr(weight, "op", None) != "get_attr":
+        return None
+    name = re.sub(r"^(lifted_tensor_)?(self\.)?", "", str(weight.target))
+    name = re.sub(r"\.weight(_fused_bn)?$", "", name)
+    return name or None
 
 
 def _leaf_kind(mod: Any) -> tuple[str, tuple[int, ...]] | None:
@@ -102,7 +153,7 @@ class TorchTapper(Tapper):
 
         self.torch = torch
         self.threads = threads
-        self.module = module.eval()
+        self.module = eval_mode(module)
         self.layers: list[LayerInfo] = []
         self.plan = TapPlan()
         try:
@@ -131,6 +182,8 @@ class TorchTapper(Tapper):
                         covered.append(user.target)
                 self.tap_nodes[end] = node.target
                 self.layers.append(LayerInfo(node.target, *kind, modules=tuple(covered)))
+            if not self.layers:  # an ATen graph (torch.export, or fuse of one): layers are call_function nodes
+                self._aten_layers(gm)
         else:
             for name, mod in modules.items():
                 kind = _leaf_kind(mod)
@@ -138,13 +191,42 @@ class TorchTapper(Tapper):
                     self.layers.append(LayerInfo(name, *kind))
         self.plan.layers = [layer.name for layer in self.layers]
 
+    def _aten_layers(self, gm: Any) -> None:
+        """Layers of a graph whose convolutions and linears are ATen calls (``aten.conv2d``,
+        ``aten.linear``, ...), named by the module they came from (``nn_module_stack``, which
+        torch.export keeps, and which fuse and a re-export keep too); unnamed ones are skipped."""
+        for node in gm.graph.nodes:
+            name = aten_layer_name(node)
+            if name is None or name in self.plan.layers or getattr(node.args[1], "op", None) != "get_attr":
+                continue
+            weight = node.args[1]
+            shape = tuple(_get_attr(gm, weight.target).shape)
+            if _fn_name(node.target) == "linear":
+                kind = "linear"
+            else:
+                groups = node.args[-1] if _fn_name(node.target) == "convolution" else (
+                    node.args[6] if len(node.args) > 6 else 1)
+                kind = "depthwise" if isinstance(groups, int) and groups > 1 and shape[1] == 1 and shape[0] == groups \
+                    else "conv"
+            end, covered = node, [name]
+            while len(end.users) == 1:
+                user = next(iter(end.users))
+                if not self._follows(user, {}):
+                    break
+                end = user
+                path = node_module_path(user)
+                if path and path not in covered:
+                    covered.append(path)
+            self.tap_nodes[end] = name
+            self.layers.append(LayerInfo(name, kind, shape, modules=tuple(covered)))
+            self.plan.layers.append(name)
+
     @staticmethod
     def _follows(node: Any, modules: dict[str, Any]) -> bool:
         if node.op == "call_module":
             return type(modules[node.target]).__name__ in _TORCH_FOLLOW_MODULES
         if node.op in ("call_function", "call_method"):
-            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-            return name in _TORCH_FOLLOW_FUNCS
+            return _fn_name(node.target) in _TORCH_FOLLOW_FUNCS
         return False
 
     def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -156,14 +238,21 @@ class TorchTapper(Tapper):
             if self.gm is not None:
                 taps = self.tap_nodes
 
+                parts: dict[str, list[np.ndarray]] = defaultdict(list)
+
                 class Recorder(torch.fx.Interpreter):
                     def run_node(self, n: Any) -> Any:
                         out = super().run_node(n)
                         if n in taps:
-                            got[taps[n]] = out.detach().float().numpy().copy()
+                            parts[taps[n]].append(out.detach().float().numpy().copy())
                         return out
 
-                Recorder(self.gm).run(torch.from_numpy(x))
+                # a torch.export program's module guards its exported (static) batch: one sample at a time
+                guarded = any(n.op == "call_module" and n.target == "_guards_fn" for n in self.gm.graph.nodes)
+                step = 1 if guarded else max(1, len(x))
+                for i in range(0, len(x), step):
+                    Recorder(self.gm).run(torch.from_numpy(x[i : i + step]))
+                got.update((name, np.concatenate(p)) for name, p in parts.items())
             else:
                 handles = []
                 for name, mod in self.module.named_modules():

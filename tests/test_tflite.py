@@ -239,3 +239,48 @@ def test_pipeline_reports_the_failure_and_still_builds_the_other_targets(tiny, t
     assert [(f.target, f.step, f.unavailable) for f in result.failures] == [("tflite", "targets[0]", False)]
     assert "aten.erfinv" in result.failures[0].reason and "source model" in result.failures[0].reason
     assert [e.target for e in result.engines] == ["openvino"]
+
+
+PLANT = 300.0
+
+
+@pytest.mark.parametrize("form", ["exported", "torchscript"])
+def test_budget_keeps_and_rebuilds_layers_on_every_torch_form(form, trained_tiny, tmp_path, capsys):
+    """max_drop on a torch.export program and on TorchScript ranks, keeps and rebuilds layers as it
+    does for an nn.Module (tests/test_explain.py): the first conv's output carries a 300x outlier
+    channel (FP32 unchanged), which ruins per-tensor INT8 on any CPU; kept in float, the budget holds.
+    Before, an ATen graph gave the budget no layers to rank and it tried nothing."""
+    import copy
+    import json
+
+    from .conftest import PREP, SHAPE, cli, write_recipe
+
+    model = copy.deepcopy(trained_tiny).eval()
+    with torch.no_grad():
+        model[1].weight[3] *= PLANT
+        model[1].bias[3] *= PLANT
+        model[4].weight[:, 3] /= PLANT
+    example = torch.zeros(SHAPE)
+    path = tmp_path / ("planted.pt2" if form == "exported" else "planted_ts.pt")
+    if form == "exported":
+        torch.export.save(torch.export.export(model, (example,)), str(path))
+    else:
+        torch.jit.save(torch.jit.trace(model, example), str(path))
+    path.with_suffix(".json").write_text(json.dumps({"input_shape": SHAPE, "preprocessing": PREP.model_dump()}))
+    recipe = write_recipe(tmp_path / "tfl.yaml", """
+name: planted
+data: {source: digits, calibration: {samples: 64}, evaluation: {limit: 100}}
+passes: [fuse]
+targets:
+  - tflite: {quantization: int8, max_drop: 1.0, validation_samples: 200, kept_layer_latency: false}
+evaluation: {batch_size: 64, warmup: 1, latency_runs: 10, latency_min_seconds: 0, latency_rounds: 1,
+             throughput_batch: 4, throughput_seconds: 0.01, threads: 2}
+""")
+    code, out, err = cli(capsys, path, "--recipe", recipe, "--out", tmp_path / "out", "-q")
+    assert (tmp_path / "out" / "report.json").is_file(), (code, err[-2000:])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    budget = report["engines"][0]["info"]["accuracy_budget"]
+    assert budget["drop_plain"] > 10, budget  # the plant is not marginal: plain INT8 loses it
+    assert budget["ranking"] and budget["ranking"][0]["layer"] == "0", budget["ranking"]
+    assert budget["met"] and budget["kept_in_float"][0] == "0" and len(budget["kept_in_float"]) <= 2, budget
+    assert code == 0, err[-2000:]

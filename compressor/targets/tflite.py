@@ -409,17 +409,14 @@ def _keeping_quantizer(keep: tuple[str, ...]) -> Any:
     the quantizer would otherwise quantize with their input's scale)."""
     from litert_torch.quantize import pt2e_quantizer
 
+    from ..taps import aten_layer_name, stack_path
+
     wanted = set(keep)
 
     def module_of(node: Any) -> set[str]:
-        names = set()
-        for value in (node.meta.get("nn_module_stack") or {}).values():
-            path = value[0] if isinstance(value, tuple) else str(value)
-            if "L['self']" in path or "getattr(" in path:  # strict export: getattr(L['self'], '0'), L['self'].a[0]
-                parts = [a or b or c for a, b, c in re.findall(r"'([^']+)'|\.([A-Za-z_]\w*)|\[(\d+)\]", path)]
-                path = ".".join(p for p in parts if p != "self")
-            names.add(path)
-        return names
+        names = {stack_path(value) for value in (node.meta.get("nn_module_stack") or {}).values()}
+        layer = aten_layer_name(node)  # a graph that kept no module names (TorchScript): its weight's
+        return names | {layer} if layer else names
 
     class Keeping(pt2e_quantizer.PT2EQuantizer):
         def annotate(self, model: Any) -> Any:
