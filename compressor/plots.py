@@ -1,4 +1,5 @@
-"""matplotlib for the PNGs a run writes (explain.png, training.png): headless, and optional."""
+"""matplotlib (a dependency) for the PNGs a run, explain and tune write: headless; None only where an
+environment installed the package without its dependencies."""
 
 from __future__ import annotations
 

@@ -112,3 +112,14 @@ def test_console_script_exit_code(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: model file not found")
+
+
+def test_matplotlib_is_installed_with_the_package():
+    """`pip install -e .` installs matplotlib, so a new user gets the PNGs the README promises."""
+    from importlib.metadata import requires
+
+    from compressor.plots import pyplot
+
+    plain = [r for r in requires("compressor") or [] if "extra ==" not in r]
+    assert any(r.startswith("matplotlib") for r in plain), plain
+    assert pyplot() is not None
