@@ -27,7 +27,8 @@ from .recipe import Recipe
 from .compare import save_samples
 from .explain import EXPLAIN_FILES
 from .report import build_report, write_report
-from .staging import OutputError, check_writable, describe_os_error, run_tempdir, staged_dir, sweep_stale
+from .staging import (OutputError, check_writable, describe_os_error, run_tempdir, staged_dir, sweep_stale,
+                      write_failure)
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +288,9 @@ def run_and_write(plan: JobPlan, artifact: Any, data: DataBundle | None) -> JobR
                 report["outputs"] = sorted({*report.get("outputs", []), "training.png"})
             explained = _explain_in_run(plan, result, data, report, staging)
             write_report(report, staging, explain=explained)
-        except (CompressorError, OSError) as exc:  # name where the file was to go, not the staging place
+        except (CompressorError, OSError, RuntimeError) as exc:  # name where the file was to go, not the staging
+            if isinstance(exc, RuntimeError) and write_failure(exc) is None:  # a library's failed write only
+                raise
             relocated = _relocated(exc, staging, out_dir)
             if relocated is exc:
                 raise
@@ -321,13 +324,17 @@ def _explain_in_run(plan: JobPlan, result: Any, data: DataBundle | None, report:
     return exp.data
 
 
-def _relocated(exc: CompressorError | OSError, staging: Path, out_dir: Path) -> CompressorError | OSError:
-    """The same error, naming paths where they would have been after the rename (or ``exc`` itself)."""
+def _relocated(exc: Exception, staging: Path, out_dir: Path) -> Exception:
+    """The same error, naming paths where they would have been after the rename (or ``exc`` itself).
+    A write that failed without naming its file (numpy's savez closing on a full disk, torch.save)
+    names the output directory."""
     old, new = str(staging), str(out_dir)
-    if isinstance(exc, OSError):
-        if not exc.filename or old not in str(exc.filename):
+    if isinstance(exc, OSError) and exc.filename:
+        if old not in str(exc.filename):
             return exc
         return OutputError(f"cannot write {str(exc.filename).replace(old, new, 1)}: {describe_os_error(exc)}")
+    if isinstance(exc, (OSError, RuntimeError)):
+        return OutputError(f"cannot write output directory {out_dir}: {write_failure(exc, staging)}")
     return type(exc)(str(exc).replace(old, new)) if old in str(exc) else exc
 
 

@@ -20,7 +20,7 @@ from .environment import default_threads, library_versions
 from .evaluate import EvaluationConfig, ResultRow, TorchRunner, measure_all
 from .hooks import Hook, HookList
 from .load import LoadMonitor
-from .staging import OutputError, describe_os_error, run_scratch, staged_dir
+from .staging import OutputError, run_scratch, staged_dir, write_failure
 from .config import require_data
 from .pass_base import Pass, PassContext
 from .records import PassRecord, RunResult, TargetFailure
@@ -183,13 +183,11 @@ class PassCache:
                 (tmp / "metrics.json").write_text(json.dumps(metrics, default=str))
         except OutputError as exc:
             raise OutputError(f"{exc.one_line()} ({hint})") from exc
-        except OSError as exc:
-            raise OutputError(f"cannot write pass cache entry {final}: {describe_os_error(exc)} ({hint})") from exc
-        except RuntimeError as exc:  # torch.save reports a failed write as a RuntimeError
-            if "write" not in str(exc).lower():
+        except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
+            reason = write_failure(exc, self.root)
+            if reason is None:
                 raise
-            raise OutputError(f"cannot write pass cache entry {final}: {str(exc).splitlines()[0][:200]} "
-                              f"({hint})") from exc
+            raise OutputError(f"cannot write pass cache entry {final}: {reason} ({hint})") from exc
         stored = ModelArtifact.load(final) if artifact.path is not None else artifact
         return stored
 

@@ -38,6 +38,34 @@ def describe_os_error(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
+_LIBRARY_WRITE_FAILURES = ("unexpected pos", "iostream error", "failed writing", "write_end_of_file",
+                           "pytorchstreamwriter", "file write failed", "no space left")
+
+
+def write_failure(exc: BaseException, where: Path | None = None) -> str | None:
+    """Why writing failed, in a few words, when ``exc`` (or an exception it chains) is an OSError
+    or a library's report of a failed write (torch.save on a full disk raises ``RuntimeError:
+    [enforce fail at inline_container.cc:672] unexpected pos ...``); None for any other error.
+    With ``where``, a library's failure says how much space is left on its file system."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError):
+            return describe_os_error(cause)
+        cause = cause.__cause__ or cause.__context__
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, RuntimeError) or not any(s in text.lower() for s in _LIBRARY_WRITE_FAILURES):
+        return None
+    text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", text)[:160]
+    free = ""
+    if where is not None:
+        with contextlib.suppress(OSError):
+            st = os.statvfs(nearest_existing(where))
+            free = f"; {st.f_bavail * st.f_frsize // 1024} KiB free there: is the disk full?"
+    return f"the write failed ({text}{free})"
+
+
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True

@@ -18,7 +18,7 @@ from .artifact import Form, ModelArtifact, file_size
 from .errors import CompressorError, PipelineOrderError, TargetError, TargetUnavailable
 from .config import StepConfig, make_config, require_data
 from .intake import load_model
-from .staging import OutputError, check_writable, staged_dir
+from .staging import OutputError, check_writable, staged_dir, write_failure
 
 if TYPE_CHECKING:
     from .devices import Device
@@ -169,6 +169,9 @@ class Target(ABC):
         except CompressorError:
             raise
         except Exception as exc:
+            full = write_failure(exc, out_dir)  # a full disk is the output's fault, not the target's
+            if full is not None:
+                raise OutputError(f"cannot write engine {final}: {full}") from exc
             raise TargetError(f"target {self.name!r} failed to build: {type(exc).__name__}: {exc}") from exc
         return Engine(self.name, name, [final / f.name for f in files], precision, info, built=not not_built,
                       builder=self)
