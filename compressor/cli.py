@@ -38,6 +38,14 @@ def cli() -> None:
     """compressor: compress trained image classifiers and prove it (accuracy, latency, size)."""
 
 
+def _once(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> str | None:
+    """An option declared ``multiple=True`` so that giving it twice is refused, not the last one taken."""
+    if len(values) > 1:
+        raise click.BadParameter(f"given {len(values)} times ({', '.join(values)}); give it once",
+                                 param_hint=param.opts[0])
+    return values[0] if values else None
+
+
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     from rich.logging import RichHandler
@@ -70,7 +78,7 @@ def _setup_logging(verbose: int) -> None:
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="pass cache [~/.cache/compressor/passes]")
 @click.option("--require-targets", is_flag=True,
               help="fail (exit 2) when a target cannot build on this machine, instead of reporting it 'not built here'")
-@click.option("--device", type=click.Choice(DEVICE_NAMES),
+@click.option("--device", type=click.Choice(DEVICE_NAMES), multiple=True, callback=_once,
               help="the device the engines are for (overrides the recipe's device:) [host: this machine]")
 @click.option("--quiet", "-q", is_flag=True, help="no progress display")
 @click.option("--verbose", "-v", count=True, help="log more (-vv for debug)")
@@ -123,11 +131,12 @@ def validate(recipe: str) -> int:
     """Check a recipe: schema, pass/target configs and the chain of forms."""
     from .artifact import Form
     from .job import guess_form
-    from .recipe import load_recipe
+    from .recipe import check_device_targets, load_recipe
 
     rec, path = load_recipe(recipe)
     form = guess_form(Path(rec.model.path)) if rec.model.path else Form.TORCH
     pipeline = rec.pipeline()
+    check_device_targets(rec.device, pipeline.all_targets())
     forms = pipeline.check(form)
     chain = " -> ".join(f.value for f in forms)
     steps = ", ".join(p.name for p in pipeline.passes) or "none"

@@ -17,13 +17,14 @@ from typing import Any
 from .artifact import Form
 from .data import DataBundle, DataConfig, add_search_root, open_data
 from .devices import describe as describe_device
+from .devices import host_device
 from .devices import resolve as resolve_device
 from .errors import CompressorError, ConfigError, TargetUnavailable
 from .hooks import Hook, LoggingHook, TimingHook
 from .intake import load_model
 from .pipeline import PassCache, Pipeline
 from .training import world
-from .recipe import Recipe
+from .recipe import Recipe, check_device_targets
 from .compare import save_samples
 from .explain import EXPLAIN_FILES
 from .report import build_report, write_report
@@ -208,13 +209,17 @@ def plan_job(model_path: Path, recipe: Recipe, recipe_path: Path | None, options
     pipeline = Pipeline(recipe.build_passes(), targets, baselines=recipe.build_targets("baselines"),
                         branches=recipe.build_branches(), hooks=hooks, cache=cache, seed=recipe.seed,
                         device=resolve_device(options.device or recipe.device))
+    check_device_targets(options.device or recipe.device, pipeline.all_targets())
     pipeline.check(guess_form(model_path))  # fail fast, before loading anything heavy
     pipeline.check_data(recipe.data is not None or options.data_root is not None)
     if options.require_targets:
+        host = host_device()
         for t in pipeline.all_targets():
             avail = t.availability()
-            if not avail.ok:
-                raise TargetUnavailable(f"{t.step}: target {t.name!r} cannot build here ({avail.reason}) "
+            # the device's refusal (bf16 where it has none) is known now as well as after the passes
+            why = t.device_refusal(pipeline.device, host) or (None if avail.ok else avail.reason)
+            if why:
+                raise TargetUnavailable(f"{t.step}: target {t.name!r} cannot build here ({why}) "
                                         "and --require-targets is set")
     out_dir = Path(options.out_dir) if options.out_dir else default_out_dir(model_path, recipe)
     protected = [("model file", model_path), ("recipe", recipe_path), ("data", options.data_root),

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .artifact import Form, Preprocessing
+from .config import non_finite
 from .data import DataConfig
 from .errors import ConfigError, validation_message
 from .evaluate import EvaluationConfig
@@ -30,7 +31,7 @@ SHIPPED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
 class ModelSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     path: str | None = Field(default=None, description="model file (the CLI argument overrides it)")
     arch: str | None = Field(default=None, description="for state dicts: torchvision:NAME")
@@ -38,12 +39,21 @@ class ModelSection(BaseModel):
     trusted: bool = Field(default=False, description="allow loading a pickled nn.Module (runs code from the file)")
     input_shape: list[int] | None = Field(default=None, min_length=4, max_length=4)
     classes: list[str] | None = None
+    output: int | str | None = Field(default=None, description="where forward returns several outputs (a tuple, "
+                                     "a dict): the index, key or field that holds the logits")
+
+    @field_validator("output", mode="before")
+    @classmethod
+    def _output_not_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # YAML's true/yes would pass as index 1
+            raise ValueError("an index (0, 1, ...) or a key of the model's outputs, not a boolean")
+        return value
 
 
 class AcceptanceConfig(BaseModel):
     """Limits every emitted engine must meet; a miss makes the run exit 1."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_top1_drop: float | None = Field(default=None, ge=0, description="points of top-1 below the source model")
     min_agreement: float | None = Field(default=None, ge=0, le=100, description="% top-1 agreement with the source")
@@ -68,7 +78,7 @@ class Branch(BaseModel):
 
 
 class Recipe(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = "recipe"
     description: str = ""
@@ -97,6 +107,15 @@ class Recipe(BaseModel):
         if name not in NAMES:
             raise ValueError(f"unknown device {name!r}; known: {', '.join(NAMES)}")
         return name
+
+    @model_validator(mode="after")
+    def _finite(self) -> Recipe:
+        """No NaN or infinity anywhere (``max_drop: .inf`` would pass every ``ge=0`` bound, and
+        report.json could not hold it): every section, including each pass's and target's config."""
+        where = non_finite(self.model_dump())
+        if where:
+            raise ValueError(f"{where[0]}: must be a finite number, got {where[1]}")
+        return self
 
     @field_validator("passes", "targets", "baselines")
     @classmethod
@@ -146,12 +165,30 @@ class Recipe(BaseModel):
                         branches=self.build_branches(), seed=self.seed, **kwargs)
 
     def check(self, input_form: Form = Form.TORCH) -> list[Form]:
-        """Validate every pass/target config and the chain of forms; return the forms after each pass."""
-        return self.pipeline().check(input_form)  # the same checks as before a run
+        """Validate every pass/target config, the chain of forms, and that the device runs every
+        target; return the forms after each pass."""
+        pipeline = self.pipeline()
+        check_device_targets(self.device, pipeline.all_targets())
+        return pipeline.check(input_form)  # the same checks as before a run
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_defaults=True)
         return yaml.safe_dump(data, sort_keys=False)
+
+
+def check_device_targets(device: str | None, targets: list[Any]) -> None:
+    """Refuse a target whose engines do not run on the named device (``device: jetson-orin`` with
+    an ``openvino`` target). ``host`` (or None) names no device: a target this machine cannot build
+    is reported as not built here, as before."""
+    from .devices import DEVICES
+
+    if device in (None, "host"):
+        return
+    profile = DEVICES[device]
+    for t in targets:
+        if t.name not in profile.targets:
+            raise ConfigError(f"{t.step}: device {device!r} does not run {t.name!r} engines (it runs: "
+                              f"{', '.join(profile.targets)}); remove the target or name another device")
 
 
 def find_recipe(ref: str | Path) -> Path:
@@ -169,11 +206,33 @@ def shipped_recipes() -> list[str]:
     return sorted(p.name for p in SHIPPED_RECIPES.glob("*.yaml"))
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (plain YAML
+    keeps the last one, so ``device:`` twice would silently take the second)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges; its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                seen = first.get(key)
+            except TypeError:  # an unhashable key: the base class says so
+                continue
+            if seen is not None:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"duplicate key {key!r} (first given at line {seen + 1})", key_node.start_mark)
+            first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(ref: str | Path) -> tuple[Recipe, Path]:
     """Parse and validate a recipe; return it and the file it came from."""
     path = find_recipe(ref)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -209,6 +268,9 @@ def expand_variables(value: Any, extra: dict[str, str], source: str, where: str 
 
 
 def parse_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    where = non_finite(raw)
+    if where:
+        raise ConfigError(f"{source}: {where[0]}: must be a finite number, got {where[1]}")
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:

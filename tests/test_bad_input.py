@@ -363,3 +363,62 @@ def test_outputs_get_the_users_umask(tmp_path, capsys, model_files, fast_recipe)
     assert mode(engine / "engine.json") == 0o644
     entry = next(cache.iterdir())
     assert mode(entry) == 0o755
+
+# ------------------------------------------------------------------ issue 21: refused before anything runs
+
+
+def test_a_target_outside_the_devices_profile_is_refused(tmp_path, capsys, model_files):
+    """`device: jetson-orin` runs TensorRT and ONNX Runtime engines, not OpenVINO: validate and the run
+    both refuse, before anything runs; --device names the device for the check as it does for the run."""
+    recipe = write_recipe(tmp_path / "jetson.yaml",
+                          FAST_RECIPE.replace("name: fast", "name: fast\ndevice: jetson-orin")
+                          .replace("  - onnxruntime\n", "  - onnxruntime\n  - openvino\n"))
+    line = one_error_line(*cli(capsys, "validate", recipe))
+    assert "targets[1].openvino: device 'jetson-orin' does not run 'openvino' engines" in line
+    out = tmp_path / "out"
+    line = one_error_line(*_run(capsys, model_files["pickle"], recipe, out))
+    assert "device 'jetson-orin'" in line and not out.exists()
+    ov = write_recipe(tmp_path / "ov.yaml", FAST_RECIPE.replace("  - onnxruntime\n", "  - openvino\n"))
+    line = one_error_line(*_run(capsys, model_files["pickle"], ov, out, "--device", "arm64"))
+    assert "targets[0].openvino: device 'arm64' does not run 'openvino'" in line and not out.exists()
+
+
+def test_device_given_twice_is_refused(tmp_path, capsys, model_files, fast_recipe):
+    out = tmp_path / "out"
+    line = one_error_line(*_run(capsys, model_files["pickle"], fast_recipe, out, "--device", "x86-amx",
+                                "--device", "x86-avx2"))
+    assert "--device" in line and "given 2 times (x86-amx, x86-avx2); give it once" in line and not out.exists()
+    twice = write_recipe(tmp_path / "twice.yaml", FAST_RECIPE.replace("name: fast", "name: fast\ndevice: x86-amx\n"
+                                                                      "seed: 0\ndevice: x86-avx2"))
+    for args in (("validate", twice), (model_files["pickle"], "-r", twice, "--trust-model", "-o", out)):
+        line = one_error_line(*cli(capsys, *args))
+        assert "not valid YAML at line 5, column 1: duplicate key 'device' (first given at line 3)" in line
+        assert not out.exists()
+
+
+def test_infinite_max_drop_is_refused(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "inf.yaml", FAST_RECIPE.replace("  - onnxruntime\n",
+                                                                     "  - tflite: {max_drop: .inf}\n"))
+    line = one_error_line(*cli(capsys, "validate", recipe))
+    assert "targets[0].tflite.max_drop: must be a finite number, got inf" in line
+
+
+@pytest.mark.parametrize("config", ["{quantization: fp16, max_drop: 0.5}",
+                                    "{int8_method: ai_edge_quantizer, max_drop: 0.5}"])
+def test_tflite_max_drop_nothing_honours_is_refused(tmp_path, capsys, config):
+    recipe = write_recipe(tmp_path / "t.yaml", FAST_RECIPE.replace("  - onnxruntime\n", f"  - tflite: {config}\n"))
+    line = one_error_line(*cli(capsys, "validate", recipe))
+    assert "targets[0].tflite" in line and "max_drop applies to" in line and "remove max_drop" in line
+
+
+def test_require_targets_refuses_bf16_for_a_device_without_it_before_running(tmp_path, capsys, model_files,
+                                                                              fast_recipe):
+    """openvino bf16 for x86-avx2 can never be built: with --require-targets that is known before any pass."""
+    recipe = write_recipe(tmp_path / "bf16.yaml", FAST_RECIPE.replace("  - onnxruntime\n",
+                                                                      "  - openvino: {precision_hint: bf16}\n"))
+    out = tmp_path / "out"
+    line = one_error_line(*_run(capsys, model_files["pickle"], recipe, out, "--device", "x86-avx2",
+                                "--require-targets", "--cache-dir", tmp_path / "cache"))
+    assert "targets[0].openvino: target 'openvino' cannot build here" in line and "device x86-avx2 has none" in line
+    assert "--require-targets" in line
+    assert not out.exists() and not (tmp_path / "cache").exists()  # nothing ran

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..artifact import Form, ModelArtifact, eval_mode, plain_graph_module
 from ..data import preprocess
@@ -84,6 +84,20 @@ class TFLiteConfig(TargetConfig):
     export: Literal["auto", "strict", "non_strict"] = "auto"
     """int8 (pt2e): torch.export mode of the capture; auto tries strict (which records the source
     functions the quantizer's add / pool patterns match) and falls back to non-strict"""
+
+    @model_validator(mode="after")
+    def _max_drop_needs_pt2e_int8(self) -> TFLiteConfig:
+        """max_drop keeps layers in float inside the PT2E INT8 quantizer: with any other quantization
+        or int8_method nothing would honour it, so it is refused rather than silently ignored."""
+        if self.max_drop is None:
+            return self
+        if self.quantization != "int8":
+            raise ValueError(f"max_drop applies to quantization int8 (int8_method pt2e) only; quantization "
+                             f"{self.quantization} has no layers to keep in float: remove max_drop")
+        if self.int8_method != "pt2e":
+            raise ValueError(f"max_drop applies to int8_method pt2e only (it keeps layers in float inside the "
+                             f"PT2E quantizer); int8_method {self.int8_method} cannot: remove max_drop or use pt2e")
+        return self
 
 
 @contextlib.contextmanager
