@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import ModelLoadError
 from .fingerprints import update_with_file
+from .staging import json_text
 
 
 class Form(str, Enum):
@@ -189,7 +190,7 @@ class ModelArtifact:
             for f in self.files():
                 shutil.copy2(f, directory / f.name)
             payload = self.path.name
-        (directory / "artifact.json").write_text(json.dumps(self._describe(payload), indent=1))
+        (directory / "artifact.json").write_text(json_text(self._describe(payload)))
 
     @classmethod
     def load(cls, directory: Path) -> ModelArtifact:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import CompressorError
-from .staging import staged_dir
+from .staging import json_text, staged_dir
 
 if TYPE_CHECKING:
     from .data import DataBundle
@@ -653,7 +653,7 @@ def render_junit(cmp: dict[str, Any]) -> str:
 
 
 def render_json(cmp: dict[str, Any]) -> str:
-    return json.dumps(cmp, indent=1, default=str) + "\n"
+    return json_text(cmp)
 
 
 # ---------------------------------------------------------------------- baselines

@@ -7,7 +7,6 @@ reads, and compresses it with the shipped ``demo_digits`` recipe.
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -19,6 +18,7 @@ from .data import digits_source, preprocess
 from .hooks import ProgressHook
 from .job import JobOptions, JobResult, preflight_out_dir, run_job
 from .recipe import load_recipe
+from .staging import json_text
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def save_weights(model, path: Path, classes: list[str]) -> None:
 
     torch.save(model.state_dict(), str(path))
     meta = {"input_shape": DEMO_SHAPE, "preprocessing": DEMO_PREPROCESSING.model_dump(), "classes": classes}
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    path.with_suffix(".json").write_text(json_text(meta))
 
 
 def run_demo(out: Path, *, epochs: int = 6, threads: int | None = None, quiet: bool = False,

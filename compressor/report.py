@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from .environment import environment
 from .fingerprints import file_fingerprint, json_fingerprint
-from .staging import atomic_write
+from .staging import atomic_write, json_text
 
 if TYPE_CHECKING:
     from .data import DataBundle
@@ -389,7 +389,7 @@ def write_report(report: dict[str, Any], out_dir: Path, *, explain: dict[str, An
     """report.json and report.md; ``explain``: the run's explanation (explain.json's content), whose
     section goes at the end of report.md."""
     json_path, md_path = out_dir / "report.json", out_dir / "report.md"
-    atomic_write(json_path, json.dumps(report, indent=1, default=str) + "\n", what="report")
+    atomic_write(json_path, json_text(report), what="report")
     md = render_markdown(report)
     if explain is not None:
         from .explain import render_markdown as explain_markdown

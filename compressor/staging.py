@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import math
+import numbers
 import os
 import re
 import shutil
@@ -198,6 +201,27 @@ def atomic_write(path: Path, data: str | bytes, *, what: str = "file") -> None:
     with staged_file(path, what=what) as tmp:
         with open(tmp, "wb" if isinstance(data, bytes) else "w") as fh:
             fh.write(data)
+
+
+def json_text(value: object, *, indent: int | None = 1) -> str:
+    """``value`` as strict JSON text (a newline at the end): NaN and infinity, which a measurement
+    may legitimately produce (an SQNR of identical outputs, a ratio over zero), become null, since
+    ``NaN`` / ``Infinity`` are not JSON and strict parsers (jq, browsers, other languages) reject the
+    file; numpy numbers become plain numbers; anything else JSON lacks is written as its str()."""
+    return json.dumps(_json_safe(value), indent=indent, allow_nan=False, default=str) + "\n"
+
+
+def _json_safe(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, bool | numbers.Integral):
+        return value if isinstance(value, bool | int) else int(value)
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        return number if math.isfinite(number) else None
+    return value
 
 
 def nearest_existing(path: Path) -> Path:

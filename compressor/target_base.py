@@ -3,7 +3,6 @@ and report what the runtime really used."""
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from abc import ABC, abstractmethod
@@ -18,7 +17,7 @@ from .artifact import Form, ModelArtifact, file_size
 from .errors import CompressorError, PipelineOrderError, TargetError, TargetUnavailable
 from .config import StepConfig, make_config, require_data
 from .intake import load_model
-from .staging import OutputError, check_writable, staged_dir, write_failure
+from .staging import OutputError, check_writable, json_text, staged_dir, write_failure
 
 if TYPE_CHECKING:
     from .devices import Device
@@ -161,11 +160,10 @@ class Target(ABC):
                 else:
                     files, info = self._build(artifact, tmp, data)
                 precision = self.engine_precision(artifact)
-                (tmp / "engine.json").write_text(json.dumps({
+                (tmp / "engine.json").write_text(json_text({
                     "target": self.name, "precision": precision,
                     "config": self.config.model_dump(mode="json"), "lineage": artifact.lineage,
-                    "input_hash": artifact.content_hash(), **info},
-                    indent=1, default=str))
+                    "input_hash": artifact.content_hash(), **info}))
         except CompressorError:
             raise
         except Exception as exc:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .staging import atomic_write
+from .staging import atomic_write, json_text
 from .training import AUGMENT_PAD, TrainData, crop_flip
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class TeacherViews:
                     fmap.flush()
                 done.append(v)
                 self.computed_views += 1
-                atomic_write(self.dir / "done.json", json.dumps({"views": sorted(done)}))
+                atomic_write(self.dir / "done.json", json_text({"views": sorted(done)}, indent=None))
             del logits, fmap
         if size > 1:
             import torch.distributed as dist

@@ -422,3 +422,21 @@ def test_require_targets_refuses_bf16_for_a_device_without_it_before_running(tmp
     assert "targets[0].openvino: target 'openvino' cannot build here" in line and "device x86-avx2 has none" in line
     assert "--require-targets" in line
     assert not out.exists() and not (tmp_path / "cache").exists()  # nothing ran
+
+
+def test_json_files_are_strict_json(tmp_path, finished_run):
+    """NaN and infinity are not JSON: a measurement that comes out non-finite is written as null, and
+    every JSON file a run writes parses with a strict parser."""
+    from compressor.report import write_report
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in a JSON file"))
+
+    report = json.loads((finished_run / "report.json").read_text())
+    report["results"][0]["output_sqnr_db"] = float("inf")
+    report["results"][0]["latency_ms"]["p50"] = float("nan")
+    write_report(report, tmp_path)
+    again = strict((tmp_path / "report.json").read_text())
+    assert again["results"][0]["output_sqnr_db"] is None and again["results"][0]["latency_ms"]["p50"] is None
+    for path in finished_run.rglob("*.json"):
+        strict(path.read_text())
