@@ -46,6 +46,18 @@ def _once(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -
     return values[0] if values else None
 
 
+class _FiniteFloatRange(click.FloatRange):
+    """A float range that also refuses nan and inf (click's range lets nan through every bound)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        import math
+
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     from rich.logging import RichHandler
@@ -338,15 +350,15 @@ def demo(out: Path, overwrite: bool, epochs: int, threads: int | None, quiet: bo
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--baseline", "-b", "baseline_dir", required=True, type=click.Path(path_type=Path),
               help="baseline run directory (or one written by compress baseline update)")
-@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+@click.option("--alpha", type=_FiniteFloatRange(0, 1, min_open=True, max_open=True),
               help="significance level of the tests [recipe acceptance, else 0.01]")
-@click.option("--max-top1-drop", type=click.FloatRange(min=0),
+@click.option("--max-top1-drop", type=_FiniteFloatRange(min=0),
               help="top-1 points below the baseline flagged whatever the p-value [recipe acceptance, else 1.0]")
-@click.option("--max-slowdown", type=click.FloatRange(min=0, min_open=True),
+@click.option("--max-slowdown", type=_FiniteFloatRange(min=0, min_open=True),
               help="current p50 / baseline p50 above which a significant slowdown is flagged [else 1.10]")
-@click.option("--max-size-growth", type=click.FloatRange(min=0, min_open=True),
+@click.option("--max-size-growth", type=_FiniteFloatRange(min=0, min_open=True),
               help="current size / baseline size above which a row is flagged [else 1.05]")
-@click.option("--max-agreement-drop", type=click.FloatRange(min=0),
+@click.option("--max-agreement-drop", type=_FiniteFloatRange(min=0),
               help="points of agreement with the source model lost before a row is flagged [else 1.0]")
 @click.option("--resamples", type=click.IntRange(100, 1_000_000), default=2000, show_default=True,
               help="bootstrap resamples for the latency interval")

@@ -35,6 +35,8 @@ MACHINES_DIR = "machines"
 """a baseline's per-machine baselines: BASE/machines/<machine_key>/, each a whole baseline. compare
 takes the one recorded on the run's machine, so latency gates on every kind of CI machine"""
 COMPARE_VERSION = 1
+SOURCE_ROW = "source"
+"""the row of the run's own source model; every other row is an engine"""
 
 
 class CompareError(CompressorError):
@@ -415,6 +417,10 @@ def compare_runs(cur: Run, base: Run, th: Thresholds) -> dict[str, Any]:
     notes += loaded
     checks: list[dict[str, Any]] = []
     cur_rows, base_rows = cur.rows, base.rows
+    if not any(name in base_rows for name in cur_rows if name != SOURCE_ROW):
+        raise CompareError(f"the run and the baseline have no engine row in common (run: {', '.join(cur_rows)}; "
+                           f"baseline: {', '.join(base_rows)}), so only the source row could be compared: "
+                           "compare runs of the same targets")
     for name in [*cur_rows, *(n for n in base_rows if n not in cur_rows)]:
         if name not in base_rows or name not in cur_rows:
             where = "current run" if name in cur_rows else "baseline"
@@ -666,22 +672,17 @@ def update_baseline(run_dir: Path, baseline_dir: Path, *, machine: bool = False)
     bytes of each file in it."""
     run_dir, baseline_dir = Path(run_dir), Path(baseline_dir)
     run = load_run(run_dir, "run")  # whole and readable
+    # The default baseline and a machine's are checked alike: BASE holds nothing but a baseline's
+    # files and machines/, machines/ nothing but machine baselines, and the one written nothing else.
+    _refuse_foreign(baseline_dir, {*BASELINE_FILES, MACHINES_DIR}, run_dir)
+    machines = baseline_dir / MACHINES_DIR
+    if machines.is_dir():
+        stray = sorted(p.name for p in machines.iterdir() if not p.is_dir() or p.is_symlink())
+        _refuse_names(machines, stray)
     if machine:
-        if baseline_dir.exists() and not baseline_dir.is_dir():
-            raise CompareError(f"baseline {baseline_dir} exists and is not a directory")
-        baseline_dir = baseline_dir / MACHINES_DIR / machine_key(run.report.get("environment") or {})
-    keep = baseline_dir / MACHINES_DIR if not machine else None
-    if baseline_dir.exists():
-        if not baseline_dir.is_dir():
-            raise CompareError(f"baseline {baseline_dir} exists and is not a directory")
-        if baseline_dir.resolve() == run_dir.resolve():
-            raise CompareError("the baseline directory is the run directory")
-        ours = set(BASELINE_FILES) | ({MACHINES_DIR} if not machine else set())
-        foreign = sorted(p.name for p in baseline_dir.iterdir()
-                         if p.name not in ours or (p.name == MACHINES_DIR and not p.is_dir()))
-        if foreign:
-            raise CompareError(f"baseline {baseline_dir} holds files a baseline does not ({', '.join(foreign[:3])}"
-                               f"{', ...' if len(foreign) > 3 else ''}): not overwriting it")
+        baseline_dir = machines / machine_key(run.report.get("environment") or {})
+        _refuse_foreign(baseline_dir, set(BASELINE_FILES), run_dir)
+    keep = machines if not machine else None
     written: dict[str, int] = {}
     with staged_dir(baseline_dir, replace=True, what="baseline") as staging:
         for name in BASELINE_FILES:
@@ -691,3 +692,22 @@ def update_baseline(run_dir: Path, baseline_dir: Path, *, machine: bool = False)
         if keep is not None and keep.is_dir():
             shutil.copytree(keep, staging / MACHINES_DIR)
     return baseline_dir, written
+
+
+def _refuse_foreign(directory: Path, ours: set[str], run_dir: Path) -> None:
+    """Refuse to write a baseline into ``directory`` when it is a file, the run itself, or holds
+    anything but ``ours`` (``machines`` only as a directory)."""
+    if not directory.exists() and not directory.is_symlink():
+        return
+    if not directory.is_dir():
+        raise CompareError(f"baseline {directory} exists and is not a directory")
+    if directory.resolve() == run_dir.resolve():
+        raise CompareError("the baseline directory is the run directory")
+    _refuse_names(directory, sorted(p.name for p in directory.iterdir()
+                                    if p.name not in ours or (p.name == MACHINES_DIR and not p.is_dir())))
+
+
+def _refuse_names(directory: Path, foreign: list[str]) -> None:
+    if foreign:
+        raise CompareError(f"baseline {directory} holds files a baseline does not ({', '.join(foreign[:3])}"
+                           f"{', ...' if len(foreign) > 3 else ''}): not overwriting it")

@@ -20,7 +20,7 @@ from compressor.compare import (LATENCY_FILE, PREDICTIONS_FILE, bootstrap_median
                                 resolve_thresholds, save_samples)
 from compressor.data import DataConfig, open_data
 
-from .conftest import PREP, SHAPE, TINY_RECIPE, cli, write_recipe
+from .conftest import PREP, SHAPE, TINY_RECIPE, cli, one_error_line, write_recipe
 
 # Tiny-model batch-1 timings on a shared 2-core machine move between two runs far more than
 # within one (medians 0.35 ms in one run and 0.49 ms in the next were seen), so the real reruns
@@ -378,12 +378,15 @@ def test_latency_slowdown_is_flagged_and_noise_is_not(runs, tmp_path, capsys):
 def test_size_growth_and_result_in_one_run_only(runs, tmp_path, capsys):
     run = _copy(runs["rerun"], tmp_path / "run")
     report = json.loads((run / "report.json").read_text())
-    report["results"] = [r for r in report["results"] if r["name"] == "source"]
     report["results"][0]["size_bytes"] *= 2
     (run / "report.json").write_text(json.dumps(report))
-    code, cmp, xml, out, _ = _compare(capsys, run, runs["base"], tmp_path, *REAL_RUN_SLOWDOWN)
+    base = _copy(runs["base"], tmp_path / "base")  # with a row the run does not have
+    report = json.loads((base / "report.json").read_text())
+    report["results"].append({**report["results"][-1], "name": "retired-engine"})
+    (base / "report.json").write_text(json.dumps(report))
+    code, cmp, xml, out, _ = _compare(capsys, run, base, tmp_path, *REAL_RUN_SLOWDOWN)
     assert code == 1 and _flagged(cmp) == {("source", "size")}
-    only = next(c for c in cmp["checks"] if c["result"] == "openvino-int8")
+    only = next(c for c in cmp["checks"] if c["result"] == "retired-engine")
     assert only["verdict"] == "only in baseline" and not only["regression"]
     assert len(xml.findall(".//testcase/skipped")) == 1
     assert "only in baseline" in out
@@ -415,6 +418,39 @@ def test_incomparable_or_bad_input_is_one_line_exit_2(runs, tmp_path, capsys, ca
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], err
     assert "Traceback" not in out + err and not (tmp_path / "x.xml").exists()
+
+
+def _rename_rows(run: Path, names: dict[str, str]) -> None:
+    """Give ``run``'s rows other names, in its report and its samples alike."""
+    report = json.loads((run / "report.json").read_text())
+    for r in report["results"]:
+        r["name"] = names.get(r["name"], r["name"])
+    (run / "report.json").write_text(json.dumps(report))
+    for f in (PREDICTIONS_FILE, LATENCY_FILE):
+        arrays = _npz(run / f)
+        np.savez_compressed(run / f, **{names.get(k, k): v for k, v in arrays.items()})
+
+
+def test_runs_with_no_engine_in_common_are_refused(runs, tmp_path, capsys):
+    """Only the source row would be compared, and the gate would say "passed" about no engine at all."""
+    run = _copy(runs["rerun"], tmp_path / "run")
+    _rename_rows(run, {"openvino-int8": "onnxruntime-int8"})
+    code, out, err = cli(capsys, "compare", run, "--baseline", runs["base"], "--json", tmp_path / "cmp.json")
+    line = one_error_line(code, out, err)
+    assert "no engine row in common (run: source, onnxruntime-int8; baseline: source, openvino-int8)" in line
+    assert out == "" and not (tmp_path / "cmp.json").exists()
+    report = json.loads((run / "report.json").read_text())  # a run whose engines all failed: the source row only
+    report["results"] = report["results"][:1]
+    (run / "report.json").write_text(json.dumps(report))
+    line = one_error_line(*cli(capsys, "compare", run, "--baseline", runs["base"]))
+    assert "(run: source; baseline: source, openvino-int8)" in line
+
+
+@pytest.mark.parametrize("option, value", [("--max-slowdown", "inf"), ("--max-top1-drop", "nan"),
+                                           ("--alpha", "nan"), ("--max-size-growth", "Infinity")])
+def test_compare_thresholds_must_be_finite(runs, tmp_path, capsys, option, value):
+    line = one_error_line(*cli(capsys, "compare", runs["rerun"], "--baseline", runs["base"], option, value))
+    assert option in line and "not a finite number" in line
 
 
 # ---------------------------------------------------------------------- compress baseline update
@@ -475,3 +511,23 @@ def test_a_baseline_per_machine_is_taken_for_runs_on_that_machine(runs, tmp_path
     assert cli(capsys, "baseline", "update", runs["rerun"], baseline)[0] == 0
     assert (mine / "report.json").is_file()
     assert json.loads((baseline / "report.json").read_text()) == json.loads((runs["rerun"] / "report.json").read_text())
+
+
+@pytest.mark.parametrize("where", ["base", "machines"])
+def test_baseline_update_for_a_machine_refuses_foreign_files_as_the_default_does(runs, tmp_path, capsys, where):
+    """The default update refuses a folder holding files a baseline does not; --machine writes into
+    the same folder (under machines/), so it refuses it alike, and a stray file in machines/ too."""
+    from compressor.compare import MACHINES_DIR
+
+    baseline = tmp_path / "base"
+    assert cli(capsys, "baseline", "update", runs["base"], baseline)[0] == 0
+    stray = baseline / "notes.txt" if where == "base" else baseline / MACHINES_DIR / "notes.txt"
+    stray.parent.mkdir(exist_ok=True)
+    stray.write_text("mine")
+    before = sorted(str(p.relative_to(baseline)) for p in baseline.rglob("*"))
+    for extra in ((), ("--machine",)):
+        line = one_error_line(*cli(capsys, "baseline", "update", runs["rerun"], baseline, *extra))
+        assert f"baseline {stray.parent} holds files a baseline does not (notes.txt): not overwriting it" in line
+        assert sorted(str(p.relative_to(baseline)) for p in baseline.rglob("*")) == before
+    assert stray.read_text() == "mine"
+
