@@ -364,6 +364,7 @@ def test_outputs_get_the_users_umask(tmp_path, capsys, model_files, fast_recipe)
     entry = next(cache.iterdir())
     assert mode(entry) == 0o755
 
+
 # ------------------------------------------------------------------ issue 21: refused before anything runs
 
 
