@@ -233,6 +233,7 @@ def load_model(
     classes: list[str] | None = None,
     fallback_shape: list[int] | Callable[[str], list[int] | None] | None = None,
     fallback_source: str = "data",
+    output: int | str | None = None,
 ) -> ModelArtifact:
     """Load a model file of any supported kind; check it runs on its input shape.
 
@@ -241,6 +242,10 @@ def load_model(
     and last ``fallback_shape`` (a shape, or a function of the colour mode, "RGB" or "L", that
     gives one or None; e.g. the data's image size), named ``fallback_source``. Where it came from
     is kept in ``meta["input_shape_source"]``: "model", "recipe", "model.json" or the fallback's.
+
+    Weights must be finite. A torch model whose forward returns several outputs (a tuple, a dict)
+    is refused unless ``output`` (the recipe's model.output: an index, a key or a field name) says
+    which one is the logits; the model is then wrapped to return that one.
     """
     path = require_file(Path(path))
     side = sidecar_metadata(path)
@@ -269,6 +274,13 @@ def load_model(
     shape, shape_source = _input_shape(path, _static_shape(graph_shape), input_shape, side.get("input_shape"),
                                        fallback_shape, fallback_source, (prep or Preprocessing()).color)
     shape = [1, *list(shape)[1:]]
+    check_finite(model if form is not Form.ONNX else path, form)
+    if form is Form.ONNX:
+        if output is not None:
+            raise ModelLoadError(f"model.output is {output!r}, but it picks an output of a torch model only; "
+                                 f"{path} is ONNX, whose first output is taken: leave model.output out")
+    else:
+        model = select_output(model, form, output, shape)
     artifact = ModelArtifact(
         form,
         model=model,
@@ -338,9 +350,13 @@ def probe_output_width(artifact: ModelArtifact) -> int:
     """
     try:
         out = _forward_zeros(artifact, 2)
+    except ModelLoadError:
+        raise
     except Exception:
         try:
             out = _forward_zeros(artifact, 1)
+        except ModelLoadError:
+            raise
         except Exception as exc:
             shape = list(artifact.input_spec.with_batch(1))
             raise ModelLoadError(f"the model rejects input shape {shape}: {first_line(exc)}") from exc
@@ -363,6 +379,94 @@ def _forward_zeros(artifact: ModelArtifact, batch: int) -> Any:
 
     with torch.inference_mode():
         out = artifact.torch_module()(torch.zeros(shape))
-    if isinstance(out, (tuple, list)):
-        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        from .output_select import describe
+
+        raise ModelLoadError(f"the model returns {describe(out)}; compressor needs one logits tensor "
+                             "(batch, classes)")
     return out.numpy()
+
+
+def check_finite(model: Any, form: Form) -> None:
+    """Refuse NaN or infinite weights (they end in a quantizer's assertion or NaN logits passes later),
+    naming the first parameter or buffer (ONNX: initializer) that holds one. ``model`` is the path of
+    an ONNX model."""
+    import numpy as np
+
+    for kind, name, values in _weights(model, form):
+        if not np.issubdtype(values.dtype, np.floating):
+            continue
+        bad = ~np.isfinite(values)
+        if bad.any():
+            nan, inf = int(np.isnan(values).sum()), int(bad.sum()) - int(np.isnan(values).sum())
+            what = " and ".join(w for w, n in (("NaN", nan), ("infinite", inf)) if n)
+            raise ModelLoadError(
+                f"the model's weights are not finite: {kind} {name!r} holds {int(bad.sum())} {what} value"
+                f"{'s' * (int(bad.sum()) > 1)} (of {values.size}); a model with NaN or infinite weights cannot be "
+                "calibrated, quantized or measured: fix or retrain it"
+            )
+
+
+def _weights(model: Any, form: Form) -> Any:
+    """(kind, name, values as a numpy array) of every weight tensor, parameters first."""
+    if form is Form.ONNX:
+        import onnx
+        from onnx import numpy_helper
+
+        for init in onnx.load(str(model)).graph.initializer:
+            yield "initializer", init.name, numpy_helper.to_array(init)
+        return
+    import torch
+
+    def array(t: Any) -> Any:
+        t = t.detach()
+        return (t.float() if t.is_floating_point() and t.dtype in (torch.bfloat16, torch.float16) else t).cpu().numpy()
+
+    named = [("parameter", model.named_parameters()), ("buffer", model.named_buffers())]
+    if form is Form.EXPORTED:
+        named.append(("constant", model.constants.items()))
+    for kind, items in named:
+        for name, t in items:
+            if isinstance(t, torch.Tensor) and t.dtype.is_floating_point:
+                yield kind, name, array(t)
+
+
+def select_output(model: Any, form: Form, output: int | str | None, shape: list[int]) -> Any:
+    """``model`` when its forward returns one tensor; wrapped in SelectOutput where it returns several
+    and ``output`` picks one; refused (naming what it returns and what is needed) where none does."""
+    import torch
+
+    module = model.module() if form is Form.EXPORTED else model
+    try:
+        with torch.inference_mode():
+            out = module(torch.zeros(shape))
+    except Exception:  # the probe that follows says what the model rejects
+        return model
+    if isinstance(out, torch.Tensor) or not isinstance(out, (tuple, list, dict)):
+        if output is not None and isinstance(out, torch.Tensor):
+            raise ModelLoadError(f"model.output is {output!r}, but the model returns one tensor "
+                                 f"{list(out.shape)}: leave model.output out")
+        return model
+    from .output_select import SelectOutput, describe, resolve
+
+    if output is None:
+        example = next(iter(out), "logits") if isinstance(out, dict) else 0
+        raise ModelLoadError(
+            f"the model returns {describe(out)}; compressor needs one logits tensor (batch, classes): say which "
+            f"output holds the logits with model.output in the recipe (e.g. model.output: {example}), or save a "
+            "model whose forward returns the logits only")
+    picked, why = resolve(out, output)
+    if picked is None:
+        raise ModelLoadError(f"model.output {output!r} {why}: the model returns {describe(out)}")
+    wrapper = SelectOutput(module, *picked)
+    wrapper.training = False  # not .eval(): an exported program's module refuses train()
+    example = torch.zeros(shape)
+    if form is Form.EXPORTED:
+        try:  # a dynamic batch where the model allows one, as for any exported classifier
+            batch = torch.export.Dim("batch", min=1)
+            return torch.export.export(wrapper, (torch.zeros([2, *shape[1:]]),), dynamic_shapes=({0: batch},))
+        except Exception:
+            return torch.export.export(wrapper, (example,))
+    if isinstance(model, torch.jit.ScriptModule):  # stays TorchScript: what the passes take from this form
+        return torch.jit.trace(wrapper, example)
+    return wrapper

@@ -257,6 +257,7 @@ def load_inputs(plan: JobPlan) -> tuple[Any, DataBundle | None]:
         classes=m.classes,
         fallback_shape=lambda color: data_input_shape(open_once(), color),
         fallback_source="data",
+        output=m.output,
     )
     return artifact, open_once()
 
