@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 if TYPE_CHECKING:
     from .evaluate import Measurement
@@ -138,3 +140,43 @@ class ProgressHook(Hook):
         if self._status is not None:
             self._status.stop()
             self._status = None
+
+
+
+class _HeldRecords(logging.Handler):
+    """The log records of a block, kept to be handled after it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def library_output(what: str) -> Iterator[None]:
+    """What a library prints while it works, NNCF's progress bars (rich) and ONNX Runtime's
+    calibration text (print) among them, kept off the console unless logging is at INFO (``-v``):
+    sys.stdout and sys.stderr are captured for the block and the text logged at DEBUG. What is
+    logged in the block is held and handled after it, so a warning is still seen. Call it after
+    the library is imported (a logging handler it makes holds the stream it found)."""
+    if log.isEnabledFor(logging.INFO):
+        yield
+        return
+    root = logging.getLogger()
+    handlers, held = root.handlers[:], _HeldRecords()
+    root.handlers = [held]
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            yield
+    finally:
+        root.handlers = handlers
+        for record in held.records:
+            for handler in handlers:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+        text = (out.getvalue() + err.getvalue()).strip()
+        if text:
+            log.debug("%s printed:\n%s", what, text)

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -289,10 +290,11 @@ def run_tempdir() -> Iterator[Path]:
     if tempfile.tempdir is not None and _RUN_DIR.match(Path(tempfile.tempdir).name):
         yield Path(tempfile.tempdir)  # nested (e.g. the demo's job inside the demo): one is enough
         return
+    root = Path(tempfile.gettempdir())
     try:
         path = Path(tempfile.mkdtemp(prefix=f"{_RUN_PREFIX}{_HOST}-{os.getpid()}-"))
     except OSError as exc:
-        raise OutputError(f"cannot create a temporary directory in {tempfile.gettempdir()}: "
+        raise OutputError(f"cannot create a temporary directory in {root}: "
                           f"{describe_os_error(exc)} (set TMPDIR to a writable place)") from exc
     saved_tempdir, saved_env = tempfile.tempdir, os.environ.get("TMPDIR")
     tempfile.tempdir = str(path)
@@ -306,3 +308,58 @@ def run_tempdir() -> Iterator[Path]:
         else:
             os.environ["TMPDIR"] = saved_env
         shutil.rmtree(path, ignore_errors=True)
+        tidy_tmpdir(root)
+
+
+ORT_SESSION_FILE = ".ses"
+"""ONNX Runtime's telemetry session file: written into TMPDIR once, when onnxruntime is first imported
+(an ONNX model's intake imports it before the run's directory exists), never touched again"""
+
+
+def tidy_tmpdir(root: Path) -> list[Path]:
+    """Remove what the libraries of this process left in ``root`` (the TMPDIR the run found) outside the
+    run's own directory: ONNX Runtime's ``.ses`` where this process made it (onnxruntime imported, the file
+    no older than the process), and the empty log directories torchrun makes for its workers
+    (``torchelastic_*/RUN/attempt_N/RANK``: each worker removes its own and whatever is left empty above
+    it, so the last one out removes the tree; a file in it, such as logs asked for, keeps it)."""
+    removed: list[Path] = []
+    ses = root / ORT_SESSION_FILE
+    started = _process_started()
+    if "onnxruntime" in sys.modules and started is not None:
+        with contextlib.suppress(OSError):
+            if ses.is_file() and ses.stat().st_mtime >= started - 1:  # btime has whole seconds
+                ses.unlink()
+                removed.append(ses)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        rank_dir = Path(error_file).parent
+        chain = [rank_dir, *list(rank_dir.parents)[:3]]  # RANK, attempt_N, RUN, torchelastic_*
+        base = chain[-1]
+        if len(chain) == 4 and base.name.startswith("torchelastic_") and _same_dir(base.parent, root):
+            for d in chain:
+                try:
+                    d.rmdir()
+                except FileNotFoundError:
+                    continue  # another worker removed it: go on up
+                except OSError:
+                    break  # not empty: another worker is still running, or it holds files
+                removed.append(d)
+    return removed
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _process_started() -> float | None:
+    """When this process started (seconds since the epoch), from /proc; None where there is none."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                     if line.startswith("btime "))
+        return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None

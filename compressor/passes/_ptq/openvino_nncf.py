@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ...artifact import Form, ModelArtifact
+from ...hooks import library_output
 from ...openvino_convert import canonical_names, to_openvino_model
 from ...pass_base import PassResult
 from ...taps import module_name
@@ -49,10 +50,11 @@ def quantize(artifact: ModelArtifact, x: np.ndarray, config: QuantizePTQConfig, 
         weights_quantization_params=None if config.per_channel else QuantizationParameters(per_channel=False),
     )
     extra: dict[str, Any] = {}
-    if budget is None:
-        quantized = nncf.quantize(model, dataset, ignored_scope=ignored, **arguments)
-    else:
-        quantized, extra["accuracy_budget"] = _within_budget(model, dataset, budget, config, arguments, work_dir)
+    with library_output("NNCF"):  # its progress bars: only with -v
+        if budget is None:
+            quantized = nncf.quantize(model, dataset, ignored_scope=ignored, **arguments)
+        else:
+            quantized, extra["accuracy_budget"] = _within_budget(model, dataset, budget, config, arguments, work_dir)
     path = work_dir / "model.xml"
     ov.save_model(canonical_names(quantized), str(path), compress_to_fp16=False)
     fq = sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ops())
