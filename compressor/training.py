@@ -5,19 +5,26 @@ supported; on CPUs each is measured on the model's own training step before trai
 only where it is faster: see ``probe_step``), a rich progress bar with loss and accuracy, best
 checkpoint by top-1 on a class-balanced validation subset held out of the training split, seeded.
 Launched under ``torchrun`` it trains with DistributedDataParallel (gloo on CPU, nccl on GPUs)
-with no change of code: each process takes its shard of every epoch's permutation, the global
-batch stays the same.
+with no change of code and takes the steps one process takes: every process draws the same
+epoch permutation and cuts the same global batches (``batch_size`` images; the last partial one
+dropped, as in one process), takes every size-th image of each, draws the augmentation of the
+whole batch and applies its share, weighs its loss by its share of the batch (gradients averaged
+by DDP are then the global batch's), and normalises batch-norm layers with the statistics of the
+whole global batch (see ``synchronized_batch_norm``). Same step count, same learning-rate
+schedule, validation on the whole held-out set; only dropout masks differ (each process draws
+its own).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -119,6 +126,99 @@ def device() -> Any:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+def _bn_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    """A batch-norm layer's forward under torchrun: in training, the mean and variance of the global
+    batch (every process's share), gathered with a differentiable all-reduce, so that the output, the
+    gradients and the running statistics are those of one process with the whole batch. The
+    statistics are combined exactly (count, mean and sum of squared deviations per process), in
+    float32. Eval mode, and training without batch statistics, are the layer's own forward."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_reduce
+
+    if not self.training:
+        return super(type(self), self).forward(x)
+    self._check_input_dim(x)
+    momentum = 0.0 if self.momentum is None else self.momentum
+    if self.track_running_stats and self.num_batches_tracked is not None:
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(self.num_batches_tracked)
+    group = self._sync_group
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    c = x.shape[1]
+    dims = [0, *range(2, x.dim())]
+    xf = x.float()
+    count = xf.new_full((1,), float(x.numel() // c))
+    mean = xf.mean(dims)
+    m2 = ((xf - mean.view(1, c, *[1] * (x.dim() - 2))) ** 2).sum(dims)
+    rows = [xf.new_zeros(2 * c + 1) for _ in range(size)]
+    rows[rank] = torch.cat([count, mean, m2])
+    gathered = all_reduce(torch.stack(rows), group=group)  # an all-gather that gloo and autograd both take
+    counts, means, m2s = gathered[:, :1], gathered[:, 1 : c + 1], gathered[:, c + 1 :]
+    total = counts.sum()
+    g_mean = (counts * means).sum(0) / total
+    g_m2 = m2s.sum(0) + (counts * (means - g_mean) ** 2).sum(0)
+    g_var = g_m2 / total
+    if self.track_running_stats and self.running_mean is not None:
+        with torch.no_grad():
+            unbiased = g_m2 / max(float(total) - 1, 1.0)
+            self.running_mean.mul_(1 - momentum).add_(g_mean.detach().to(self.running_mean.dtype), alpha=momentum)
+            self.running_var.mul_(1 - momentum).add_(unbiased.detach().to(self.running_var.dtype), alpha=momentum)
+    shape = (1, c, *[1] * (x.dim() - 2))
+    y = (xf - g_mean.view(shape)) * torch.rsqrt(g_var.view(shape) + self.eps)
+    if self.affine:
+        y = y * self.weight.float().view(shape) + self.bias.float().view(shape)
+    return y.to(x.dtype)
+
+
+@contextlib.contextmanager
+def synchronized_batch_norm(model: Any, world_size: int) -> Iterator[list[str]]:
+    """Under torchrun, every batch-norm layer of ``model`` normalises with the statistics of the global
+    batch while the block runs (``_bn_forward``; torch's SyncBatchNorm takes only GPUs), as one process
+    does. The layers keep their modules, names and state (their class is a subclass for the block, the
+    original again after it); a layer whose class has its own forward, and any layer of a model carrying
+    NNCF's hooks (which key on the batch_norm call), keeps its forward. Yields the names synchronised."""
+    import torch
+    import torch.distributed as dist
+
+    if world_size <= 1:
+        yield []
+        return
+    if any("__nncf_hooks" in m._modules for m in model.modules()):
+        log.info("training under torchrun: the model carries NNCF hooks; its batch-norm layers use each "
+                 "process's share of the batch (freeze_bn keeps them in eval mode)")
+        yield []
+        return
+    base = torch.nn.modules.batchnorm._BatchNorm
+    layers = [(name, m) for name, m in model.named_modules()
+              if isinstance(m, base) and type(m).forward is base.forward]
+    group = dist.new_group() if layers else None  # apart from DDP's gradient buckets
+    swapped: list[tuple[Any, type]] = []
+    try:
+        for _, m in layers:
+            cls = type(m)
+            m.__class__ = _sync_class(cls)
+            m._sync_group = group
+            swapped.append((m, cls))
+        yield [name for name, _ in layers]
+    finally:
+        for m, cls in swapped:
+            m.__class__ = cls
+            m.__dict__.pop("_sync_group", None)
+        if group is not None:
+            dist.destroy_process_group(group)
+
+
+_SYNC_CLASSES: dict[type, type] = {}
+
+
+def _sync_class(cls: type) -> type:
+    if cls not in _SYNC_CLASSES:
+        _SYNC_CLASSES[cls] = type(f"Synchronized{cls.__name__}", (cls,), {"forward": _bn_forward})
+    return _SYNC_CLASSES[cls]
 
 
 def use_bf16(setting: str, dev: Any) -> bool | None:
@@ -287,13 +387,19 @@ AUGMENT_PAD = 4
 
 def augment(images: torch.Tensor, gen: torch.Generator, pad: int = AUGMENT_PAD) -> torch.Tensor:
     """Random crop with zero padding and random horizontal flip, on a uint8 NHWC batch."""
+    return augment_share(images, gen, images.shape[0], 0, 1, pad)
+
+
+def augment_share(images: torch.Tensor, gen: torch.Generator, batch: int, rank: int, size: int,
+                  pad: int = AUGMENT_PAD) -> torch.Tensor:
+    """``augment`` of a global batch of ``batch`` images, applied to this process's share (every
+    size-th image from ``rank``): the same draws as one process makes for the whole batch."""
     import torch
 
-    n = images.shape[0]
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    flip = torch.rand(n, generator=gen) < 0.5
-    return crop_flip(images, dy, dx, flip, pad)
+    dy = torch.randint(0, 2 * pad + 1, (batch,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (batch,), generator=gen)
+    flip = torch.rand(batch, generator=gen) < 0.5
+    return crop_flip(images, dy[rank::size], dx[rank::size], flip[rank::size], pad)
 
 
 def crop_flip(images: torch.Tensor, dy: Any, dx: Any, flip: Any, pad: int = AUGMENT_PAD) -> torch.Tensor:
@@ -331,21 +437,18 @@ def evaluate_top1(model: Any, x: np.ndarray, y: np.ndarray, data: TrainData, bat
     rank, size = world()
     dev = next(model.parameters()).device
     shard = np.arange(rank, len(x), size)
-    correct = torch.zeros(2, dtype=torch.float64)
+    correct, seen = 0.0, 0.0
     was_training = model.training
     model.eval()
     with torch.inference_mode():
         for i in range(0, len(shard), batch):
             ix = shard[i : i + batch]
             logits = model(data.normalise(torch.from_numpy(x[ix])).to(dev))
-            correct[0] += float((logits.argmax(1).cpu().numpy() == y[ix]).sum())
-            correct[1] += len(ix)
-    if size > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(correct)
+            correct += float((logits.argmax(1).cpu().numpy() == y[ix]).sum())
+            seen += len(ix)
+    correct, seen = _sum_over_processes((correct, seen), size)  # the whole held-out set
     model.train(was_training)
-    return 100.0 * float(correct[0] / max(correct[1], 1))
+    return 100.0 * correct / max(seen, 1)
 
 
 def train(
@@ -365,10 +468,13 @@ def train(
 
     rank, size = world()
     dev = device()
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + rank)  # dropout: each process its own masks (the model is rank 0's under DDP)
     model.to(dev)
     loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
     n = len(data.x_train)
+    if size > 1 and min(cfg.batch_size, n) < size:
+        raise ConfigError(f"train.batch_size {cfg.batch_size} ({n} training images) is less than one image for "
+                          f"each of the {size} processes")
     per_rank_batch = max(1, cfg.batch_size // size)
     options = step_options(cfg, dev, model)
     probe = None
@@ -405,7 +511,7 @@ def train(
     sched = _schedule(opt, cfg, total)
     eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
     bf16_off_at = None
-    gen = torch.Generator().manual_seed(cfg.seed + 1000 * rank)
+    gen = torch.Generator().manual_seed(cfg.seed)  # the same on every process: augment_share draws the global batch's
 
     best_top1, best_state, history = None, None, []
     if initial_val is not None and len(data.x_val):
@@ -418,26 +524,30 @@ def train(
     # a step whose loss is not finite must leave the model as it was, batch-norm statistics included
     buffers = dict(model.named_buffers())
     last_good = {k: b.detach().clone() for k, b in buffers.items()}
-    with progress as bar:
+    with progress as bar, synchronized_batch_norm(model, size):
         task = bar.add_task(description, total=total, loss=float("nan"), acc=float("nan"))
         while step < total:
+            # every process: the same permutation and global batches as one process; each takes every
+            # size-th image of a batch, so the processes' shares make up the batch one process takes
             perm = np.random.default_rng(cfg.seed + epoch).permutation(n)
             usable = (n // cfg.batch_size) * cfg.batch_size or n
-            mine = perm[:usable][rank::size]
             net.train()
-            for i in range(0, len(mine), per_rank_batch):
+            for i in range(0, usable, cfg.batch_size):
                 if step >= total:
                     break
-                ix = np.sort(mine[i : i + per_rank_batch])
+                batch = np.sort(perm[i : min(i + cfg.batch_size, usable)])
+                ix = batch[rank::size]
                 images = torch.from_numpy(data.x_train[ix])
                 if cfg.augment:  # augment_fn(images, indices, epoch): e.g. the stored views a cached teacher saw
-                    images = augment_fn(images, ix, epoch) if augment_fn is not None else augment(images, gen)
+                    images = augment_fn(images, ix, epoch) if augment_fn is not None else \
+                        augment_share(images, gen, len(batch), rank, size)
                 xb = data.normalise(images).to(dev)
                 if channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 yb = torch.from_numpy(data.y_train[ix]).to(dev)
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                     loss, logits = loss_fn(net, xb, yb, torch.from_numpy(ix))
+                share = len(ix) * size / len(batch)  # DDP averages over processes: weigh by the share of the batch
                 opt.zero_grad(set_to_none=True)
                 if not _all_finite(loss, size):  # skip the update (every process alike), as AMP's GradScaler does
                     with torch.no_grad():
@@ -457,7 +567,7 @@ def train(
                     step += 1
                     continue
                 nonfinite_run = 0
-                loss.backward()
+                (loss if share == 1 else loss * share).backward()
                 opt.step()
                 sched.step()
                 step += 1
@@ -470,6 +580,8 @@ def train(
                 bar.update(task, advance=1, loss=running_loss / running_seen, acc=100 * running_correct / running_seen)
                 if step % eval_every == 0 or step == total:
                     val = evaluate_top1(model, data.x_val, data.y_val, data) if len(data.x_val) else None
+                    running_loss, running_correct, running_seen = _sum_over_processes(
+                        (running_loss, running_correct, running_seen), size)  # the global batches' figures
                     history.append({"step": step, "epoch": round(step / steps_per_epoch, 2),
                                     "train_loss": round(running_loss / running_seen, 4),
                                     "train_top1": round(100 * running_correct / running_seen, 2), "val_top1": val,
@@ -512,6 +624,18 @@ def _all_finite(loss: Any, world_size: int) -> bool:
     bad = torch.tensor([0.0 if finite else 1.0], device=loss.device if loss.device.type == "cuda" else "cpu")
     dist.all_reduce(bad)  # NCCL wants a CUDA tensor, gloo a CPU one
     return float(bad.item()) == 0.0
+
+
+def _sum_over_processes(values: tuple[float, ...], world_size: int) -> tuple[float, ...]:
+    """``values`` summed over the processes of a torchrun job (as they are in one process)."""
+    if world_size == 1:
+        return values
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device())  # NCCL takes CUDA tensors, gloo CPU ones
+    dist.all_reduce(t)
+    return tuple(float(v) for v in t.cpu())
 
 
 def _schedule(opt: Any, cfg: TrainConfig, total: int) -> Any:
