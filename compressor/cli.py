@@ -210,8 +210,10 @@ def list_targets() -> int:
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--model", type=click.Path(path_type=Path), help="the run's model file, if not where the run found it")
+@click.option("--arch", help="architecture of a state dict, e.g. torchvision:resnet50 [the run's]")
+@click.option("--num-classes", type=click.IntRange(1), help="class count for --arch [the run's]")
 @click.option("--trust-model", is_flag=True, help="allow loading a pickled nn.Module (runs code from the file)")
-@click.option("--data", "data_root", help="data directory (overrides the recipe's data.root)")
+@click.option("--data", "data_root", help="data directory, if not where the run found it (the same images)")
 @click.option("--images", type=click.IntRange(1, 100_000), default=64, show_default=True,
               help="images held out of the calibration split (never the test split)")
 @click.option("--threshold-db", type=float, default=15.0, show_default=True, help="flag layers below this SQNR")
@@ -220,17 +222,17 @@ def list_targets() -> int:
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="pass cache [~/.cache/compressor/passes]")
 @click.option("--overwrite", is_flag=True, help="replace a previous explanation in RUN_DIR")
 @click.option("--verbose", "-v", count=True)
-def explain(run_dir: Path, model: Path | None, trust_model: bool, data_root: str | None, images: int,
-            threshold_db: float, no_sensitivity: bool, threads: int | None, cache_dir: Path | None, overwrite: bool,
-            verbose: int) -> int:
+def explain(run_dir: Path, model: Path | None, arch: str | None, num_classes: int | None, trust_model: bool,
+            data_root: str | None, images: int, threshold_db: float, no_sensitivity: bool, threads: int | None,
+            cache_dir: Path | None, overwrite: bool, verbose: int) -> int:
     """Where accuracy is lost in RUN_DIR's engines: per layer, per pass, per quantizer."""
     from .evaluate import ExplainConfig
-    from .explain import worst_line
+    from .explain import explain_notes, worst_line
     from .job import JobOptions, explain_run_dir
 
     _setup_logging(verbose)
-    options = JobOptions(trust_model=trust_model, data_root=data_root, threads=threads, cache_dir=cache_dir,
-                         overwrite=overwrite)
+    options = JobOptions(arch=arch, num_classes=num_classes, trust_model=trust_model, data_root=data_root,
+                         threads=threads, cache_dir=cache_dir, overwrite=overwrite)
     cfg = ExplainConfig(images=images, threshold_db=threshold_db, sensitivity=not no_sensitivity)
     say = (lambda m: click.echo(m, err=True)) if verbose else None
     exp, written = explain_run_dir(run_dir, options, cfg, model=model, say=say)
@@ -242,6 +244,8 @@ def explain(run_dir: Path, model: Path | None, trust_model: bool, data_root: str
         line = worst_line(name, e)
         if line:
             click.echo(line)
+    for note in explain_notes(exp.data, images):
+        click.echo(note)
     click.echo(f"wrote {', '.join(str(p) for p in written)} ({exp.data['seconds']:.0f} s)")
     return 0
 
@@ -261,6 +265,8 @@ def explain(run_dir: Path, model: Path | None, trust_model: bool, data_root: str
               help="held-out training images the budget is judged on [from --max-drop: 0.5 -> 1000]")
 @click.option("--out", "-o", type=click.Path(path_type=Path), help="output directory [compress-out/MODEL-tune]")
 @click.option("--overwrite", is_flag=True, help="replace a previous tune in the output directory")
+@click.option("--arch", help="architecture of a state dict, e.g. torchvision:resnet50")
+@click.option("--num-classes", type=click.IntRange(1), help="class count for --arch")
 @click.option("--trust-model", is_flag=True, help="allow loading a pickled nn.Module (runs code from the file)")
 @click.option("--threads", type=click.IntRange(1, 1024), help="threads for every runtime [all cores]")
 @click.option("--eval-limit", type=click.IntRange(1), help="final figures on a class-balanced subset of the test split")
@@ -270,8 +276,9 @@ def explain(run_dir: Path, model: Path | None, trust_model: bool, data_root: str
 @click.option("--quiet", "-q", is_flag=True, help="no progress display")
 @click.option("--verbose", "-v", count=True)
 def tune(model: Path, data_root: str, max_drop: float, device: str, budget_min: float | None, only: str | None,
-         validation_images: int | None, out: Path | None, overwrite: bool, trust_model: bool, threads: int | None,
-         eval_limit: int | None, no_cache: bool, cache_dir: Path | None, quick: bool, quiet: bool, verbose: int) -> int:
+         validation_images: int | None, out: Path | None, overwrite: bool, arch: str | None, num_classes: int | None,
+         trust_model: bool, threads: int | None, eval_limit: int | None, no_cache: bool, cache_dir: Path | None,
+         quick: bool, quiet: bool, verbose: int) -> int:
     """The fastest engine for MODEL that keeps top-1 within --max-drop: built, screened, timed, proven."""
     from .hooks import ProgressHook
     from .job import JobOptions
@@ -283,9 +290,10 @@ def tune(model: Path, data_root: str, max_drop: float, device: str, budget_min: 
     if unknown:
         raise click.BadParameter(f"unknown target {unknown[0]!r} (known: {', '.join(TARGETS)})",
                                  param_hint="--targets")
-    options = JobOptions(out_dir=out or Path("compress-out") / f"{model.stem}-tune", trust_model=trust_model,
-                         data_root=data_root, threads=threads, eval_limit=eval_limit, cache_dir=cache_dir,
-                         use_cache=not no_cache, overwrite=overwrite, device=device,
+    options = JobOptions(out_dir=out or Path("compress-out") / f"{model.stem}-tune", arch=arch,
+                         num_classes=num_classes, trust_model=trust_model, data_root=data_root, threads=threads,
+                         eval_limit=eval_limit, cache_dir=cache_dir, use_cache=not no_cache, overwrite=overwrite,
+                         device=device,
                          hooks=[] if quiet else [ProgressHook()])
     command = "compress tune " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["tune"] else "compress tune"
     summary, out_dir, code = run_tune(model, options, max_drop=max_drop, device_name=device, budget_min=budget_min,
@@ -321,6 +329,10 @@ def build_engine(engine_dir: Path) -> int:
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{meta_path} is not a valid engine.json ({type(exc).__name__}: {exc}); "
                           "write the engine directory again with compress") from None
+    if "not_built" not in meta:  # what compress builds where it runs is complete: nothing is left to build
+        raise ConfigError(f"{engine_dir} holds a built {name} engine: nothing to build "
+                          "(build-engine builds an engine that compress wrote but could not build where it ran, "
+                          "e.g. TensorRT for a Jetson, on the device)")
     target = get_target(name)(meta.get("config") or {}, step=f"{engine_dir.name}/engine.json")
     files = target.build_on_device(engine_dir, precision=meta.get("precision"))
     click.echo(f"built {', '.join(str(f) for f in files)}")

@@ -529,6 +529,22 @@ def write_outputs(exp: Explanation, out_dir: Path) -> list[Path]:
 
 # ----------------------------------------------------------------------------- entry points
 
+def explain_notes(data: dict[str, Any], images: int) -> list[str]:
+    """Console lines for what an explanation could not do as asked: fewer images than ``images``
+    (the training split holds no more besides calibration's), per-pass rows the pass cache lacks."""
+    notes = []
+    used = data["images"]["count"]
+    if used < images:
+        notes.append(f"explained on {used} images, not the {images} asked for: that is every image of the training "
+                     "split that calibration did not use")
+    missing = data.get("stages_not_in_cache") or []
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        notes.append(f"no per-pass rows for {missing[0]}{more}: the pass cache holds no output of them (cleared, "
+                     "another --cache-dir, or a run with --no-cache); run the recipe again to fill it")
+    return notes
+
+
 def engine_handles(engines: list[Any], *, threads: int, only: set[str] | None = None) -> list[EngineHandle]:
     """Handles for built engines (and for engines built elsewhere, e.g. TensorRT: their proxy)."""
     handles = []
@@ -594,7 +610,9 @@ def cached_stages(pipeline: Any, source: ModelArtifact, data: Any) -> tuple[list
 
     def walk(passes: list[Any], art: ModelArtifact | None) -> ModelArtifact | None:
         for p in passes:
-            hit = pipeline.cache.get(pipeline.cache.key(p, art, data)) if (art is not None and pipeline.cache) else None
+            hit = None
+            if art is not None and pipeline.cache:  # the run's key: with the device (reduce_range: auto) and source
+                hit = pipeline.cache.get(pipeline.cache.key(p, art, data, source, pipeline.device))
             if hit is None:
                 missing.append(p.step)
                 art = None

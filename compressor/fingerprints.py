@@ -31,6 +31,27 @@ def file_fingerprint(path: Path) -> str | None:
     return h.hexdigest()[:32]
 
 
+def files_fingerprint(paths: Iterable[Path]) -> str:
+    """sha256 (32 hex digits) of several files' names and bytes, in the order given: two engines
+    whose model files are the same bytes get the same value."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).name.encode() + b"\0")
+        update_with_file(h, Path(p))
+    return h.hexdigest()[:32]
+
+
+def first_difference(recorded: dict[str, Any], current: dict[str, Any],
+                     keys: Iterable[str]) -> tuple[str, Any, Any] | None:
+    """The first of ``keys`` whose fingerprint differs between two reports' ``fingerprints`` (or what
+    is at hand now): (key, recorded, current); None when all agree. A run is comparable with another,
+    or explainable with a model and data, only where the source model and images are the same."""
+    for key in keys:
+        if recorded.get(key) != current.get(key):
+            return key, recorded.get(key), current.get(key)
+    return None
+
+
 def json_fingerprint(value: Any) -> str:
     """sha256 (32 hex digits) of a JSON value, keys sorted."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:32]

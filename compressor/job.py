@@ -27,6 +27,7 @@ from .training import world
 from .recipe import Recipe, check_device_targets
 from .compare import save_samples
 from .explain import EXPLAIN_FILES
+from .fingerprints import file_fingerprint, first_difference
 from .report import build_report, write_report
 from .staging import (OutputError, check_writable, describe_os_error, run_tempdir, staged_dir, sweep_stale,
                       write_failure)
@@ -262,6 +263,17 @@ def load_inputs(plan: JobPlan) -> tuple[Any, DataBundle | None]:
     return artifact, open_once()
 
 
+def run_options(plan: JobPlan) -> dict[str, Any]:
+    """What a run took from its command line (or resolved) besides the recipe that compress explain
+    needs to load the same model and data again: a state dict's architecture and class count, the
+    data root (absolute) and the evaluation limit."""
+    o, m = plan.options, plan.recipe.model
+    recorded = {"arch": o.arch or m.arch, "num_classes": o.num_classes or m.num_classes,
+                "data_root": str(Path(o.data_root).resolve()) if o.data_root is not None else None,
+                "eval_limit": o.eval_limit}
+    return {k: v for k, v in recorded.items() if v is not None}
+
+
 def run_and_write(plan: JobPlan, artifact: Any, data: DataBundle | None) -> JobResult:
     """Run the pipeline into a staging directory, write the report there, and swap it into place."""
     out_dir, options = plan.out_dir, plan.options
@@ -288,6 +300,7 @@ def run_and_write(plan: JobPlan, artifact: Any, data: DataBundle | None) -> JobR
             )
             if plan.recipe_path is not None:
                 report["recipe_path"] = str(plan.recipe_path)  # compress explain resolves the data from there
+            report["run_options"] = run_options(plan)  # compress explain loads the same model and data
             from .report import plot_training
 
             if plot_training(report, staging / "training.png"):
@@ -370,6 +383,34 @@ def engines_of_run(run_dir: Path, report: dict[str, Any]) -> list[Any]:
     return engines
 
 
+def _with_run_options(options: JobOptions, recorded: dict[str, Any]) -> JobOptions:
+    """``options`` with what the run recorded (run_options) where the command line gives nothing:
+    the architecture of a state dict (with its class count), the data root, the evaluation limit."""
+    from dataclasses import replace
+
+    arch, num_classes = options.arch, options.num_classes
+    if arch is None:
+        arch, num_classes = recorded.get("arch"), num_classes or recorded.get("num_classes")
+    return replace(options, arch=arch, num_classes=num_classes,
+                   data_root=options.data_root or recorded.get("data_root"),
+                   eval_limit=options.eval_limit or recorded.get("eval_limit"))
+
+
+_INPUTS = {"model": "model file", "calibration": "calibration (training split) images",
+           "evaluation_set": "evaluation images"}
+
+
+def _refuse_other_inputs(recorded: dict[str, Any], current: dict[str, Any], what: str) -> None:
+    """Explaining a run's engines against another model or other images than the run's would blame the
+    wrong layers: refuse when a fingerprint at hand differs from the one the run recorded."""
+    diff = first_difference(recorded, current, [k for k in current if recorded.get(k) is not None])
+    if diff is not None:
+        key, theirs, ours = diff
+        raise ConfigError(f"the {what} is not the run's: its {_INPUTS[key]} fingerprint is {ours}, the run's "
+                          f"{theirs}; explain compares the engines with the model and images they were made from "
+                          "(give the run's own with --model / --data)")
+
+
 def explain_run_dir(run_dir: Path, options: JobOptions, cfg: Any, *, model: Path | None = None,
                     say: Any = None) -> tuple[Any, list[Path]]:
     """``compress explain RUN_DIR``: reload the run's source model, data and engines, take every
@@ -390,6 +431,9 @@ def explain_run_dir(run_dir: Path, options: JobOptions, cfg: Any, *, model: Path
     model_path = Path(model or report.get("model", ""))
     if not model_path.is_file():
         raise ConfigError(f"the run's model {model_path} is not found from here; give it with --model PATH")
+    recorded = report.get("fingerprints") or {}
+    _refuse_other_inputs(recorded, {"model": file_fingerprint(model_path)}, f"model {model_path}")
+    options = _with_run_options(options, report.get("run_options") or {})
     recipe_path = Path(report["recipe_path"]) if report.get("recipe_path") else None
     cache_root = options.cache_dir or PassCache.default_root()
     pipeline = Pipeline(recipe.build_passes(), recipe.build_targets(), baselines=recipe.build_targets("baselines"),
@@ -403,6 +447,9 @@ def explain_run_dir(run_dir: Path, options: JobOptions, cfg: Any, *, model: Path
     artifact, data = load_inputs(plan)
     if data is None:
         raise ConfigError("explain needs images: the run's recipe names no data (give --data DIR)")
+    _refuse_other_inputs(recorded, {"calibration": data.fingerprint("calibration"),
+                                    "evaluation_set": data.evaluation_fingerprint()},
+                         f"data {data.config.root or data.config.source}")
     engines = engines_of_run(run_dir, report)
     from .environment import default_threads
 

@@ -167,23 +167,34 @@ def tune_recipe(candidates: list[Candidate], device: Device, data: dict[str, Any
 
 
 def tuned_recipe(c: Candidate, device: Device, data: dict[str, Any], max_drop: float,
-                 model: str, threads: int | None = None) -> dict[str, Any]:
+                 model: str, threads: int | None = None, model_section: dict[str, Any] | None = None,
+                 evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The recipe that rebuilds candidate ``c``: ``data`` as the tune opened it (with its root, so that
+    ``compress MODEL --recipe tuned.yaml`` needs nothing else), ``model_section`` a state dict's
+    architecture and class count, ``evaluation`` the tune's timing settings (--quick) and
+    ``threads`` the thread count it chose."""
     recipe = {
         "name": f"tuned_{c.name}", "description": f"compress tune's choice for {model} on {device.name}: {c.what}",
+        **({"model": model_section} if model_section else {}),
         "device": device.name, "data": data, "passes": c.chain(), "targets": [c.target_step],
         "acceptance": {"max_top1_drop": max_drop},
     }
-    if threads is not None:
-        recipe["evaluation"] = {"threads": threads}
+    evaluation = {**(evaluation or {}), **({"threads": threads} if threads is not None else {})}
+    if evaluation:
+        recipe["evaluation"] = evaluation
     return recipe
 
 
 class Screen:
-    """Pipeline.screen: every engine's top-1 on validation images against the source's; rows that
-    lose more than ``max_drop`` points are dropped before any timing."""
+    """Pipeline.screen: an engine whose model files are the same bytes as an earlier candidate's is
+    dropped (timing it twice would only measure noise); every other engine's top-1 on validation
+    images is compared with the source's, and rows that lose more than ``max_drop`` points are
+    dropped before any timing. ``images`` is what was asked for, ``used`` what the training split
+    gave (at most the images calibration did not use)."""
 
     def __init__(self, max_drop: float, images: int, data_ref: list[Any]) -> None:
         self.max_drop, self.images, self.data_ref = max_drop, images, data_ref
+        self.used: int | None = None
         self.rows: list[dict[str, Any]] = []
         self.source_top1: float | None = None
 
@@ -191,8 +202,12 @@ class Screen:
         from .explain import held_out_images
 
         x, labels, _ = held_out_images(result.source, self.data_ref[0], self.images)
+        self.used = len(labels)
+        if self.used < self.images:
+            log.warning("tune: %d validation images asked for, but the training split holds only %d besides the "
+                        "calibration images: the budget is judged on %d", self.images, self.used, self.used)
         kept = []
-        for row in rows:
+        for row in self._unique(rows, result):
             started = time.perf_counter()
             top1 = accuracy(row.runner, x, labels, VALIDATION_BATCH, None)[0]
             if row.name == "source":
@@ -209,6 +224,26 @@ class Screen:
             if ok:
                 kept.append(row)
         return kept
+
+    def _unique(self, rows: list[ResultRow], result: Any) -> list[ResultRow]:
+        """``rows`` without those whose engine's model files are byte-identical to an earlier row's
+        (each dropped one recorded with ``duplicate_of``)."""
+        from .fingerprints import files_fingerprint
+
+        files = {str(e.path): e.files for e in result.engines}
+        seen: dict[str, str] = {}
+        unique = []
+        for row in rows:
+            engine_files = files.get(row.engine) if row.name != "source" else None
+            if engine_files:
+                key = files_fingerprint(sorted(engine_files, key=lambda f: Path(f).name))
+                if key in seen:
+                    self.rows.append({"name": row.name, "kept": False, "duplicate_of": seen[key]})
+                    log.info("tune: %s is byte-identical to %s: dropped", row.name, seen[key])
+                    continue
+                seen[key] = row.name
+            unique.append(row)
+        return unique
 
 
 def pareto(points: list[tuple[str, float, float]]) -> list[str]:
@@ -248,7 +283,7 @@ def summarise(report: dict[str, Any], candidates: list[Candidate], left_out: lis
                                "engine": engine}
         r = results.get(engine) if engine else None
         s = screened.get(engine) if engine else None
-        if s:
+        if s and "duplicate_of" not in s:
             row.update(validation_top1=s["validation_top1"], validation_drop=s["drop"])
         if r is not None:
             row.update(test_top1=r["top1"], p50_ms=r["latency_ms"]["p50"], speedup=r.get("speedup"),
@@ -266,6 +301,10 @@ def summarise(report: dict[str, Any], candidates: list[Candidate], left_out: lis
         elif r is not None:
             row["verdict"] = (f"slower: p50 {r['latency_ms']['p50']:.3f} ms against the chosen "
                               f"{chosen['latency_ms']['p50']:.3f} ms")  # type: ignore[index]
+        elif s is not None and "duplicate_of" in s:
+            same = by_engine[s["duplicate_of"]].name if s["duplicate_of"] in by_engine else s["duplicate_of"]
+            row.update(duplicate_of=same, verdict=f"dropped: its engine is byte-identical to {same}'s "
+                       f"({s['duplicate_of']}), which stands for both")
         elif s is not None and not s["kept"]:
             row["verdict"] = f"over budget: validation top-1 {s['drop']:.2f} points below the source (> {max_drop})"
         elif c.name in report.get("skipped_branches", []):
@@ -279,8 +318,10 @@ def summarise(report: dict[str, Any], candidates: list[Candidate], left_out: lis
     load = report.get("timing_load") or {}
     return {
         "device": report.get("device"), "max_drop": max_drop, "seconds": round(seconds, 1),
-        "validation": {"images": screen.images, "source_top1": screen.source_top1,
-                       "from": "training split, not calibration images"},
+        "validation": {"images": screen.images if screen.used is None else screen.used, "requested": screen.images,
+                       "source_top1": screen.source_top1, "from": "training split, not calibration images"},
+        "duplicates": [{"candidate": r["candidate"], "engine": r["engine"], "same_bytes_as": r["duplicate_of"]}
+                       for r in rows if r.get("duplicate_of")],
         "source": {"top1": source["top1"], "p50_ms": source["latency_ms"]["p50"]},
         "chosen": None if chosen is None else {
             "engine": chosen["name"], "test_top1": chosen["top1"], "test_drop": round(source["top1"] - chosen["top1"], 2),
@@ -294,10 +335,13 @@ def summarise(report: dict[str, Any], candidates: list[Candidate], left_out: lis
 def render(summary: dict[str, Any], command: str) -> str:
     ch = summary["chosen"]
     dev = summary["device"] or {}
-    vsrc = summary["validation"]["source_top1"]
+    val = summary["validation"]
+    vsrc = val["source_top1"]
+    asked = f" (asked for {val['requested']}: all the training split has besides calibration's)" \
+        if val.get("requested", val["images"]) > val["images"] else ""
     lines = ["# compress tune", "",
              f"- device: {dev.get('name')} (built and timed on {dev.get('host')}); budget: top-1 within "
-             f"{summary['max_drop']} points of the source on {summary['validation']['images']} validation images "
+             f"{summary['max_drop']} points of the source on {val['images']} validation images{asked} "
              f"(source {'-' if vsrc is None else format(vsrc, '.2f')}%), then measured on the test split",
              f"- command: `{command}`", f"- seconds: {summary['seconds']}", ""]
     if summary["timing_under_load"]:
@@ -483,7 +527,9 @@ def run_tune(model_path: Path, options: Any, *, max_drop: float, device_name: st
                                           thread_counts(default_threads()))
         summary["seconds"] = round(time.monotonic() - started, 1)
     chosen = chosen_candidate(summary, candidates)
-    tuned = None if chosen is None else tuned_recipe(chosen, device, data, max_drop, Path(model_path).name,
-                                                     summary["chosen"].get("threads"))
+    section = {k: v for k, v in (("arch", options.arch), ("num_classes", options.num_classes)) if v is not None}
+    tuned = None if chosen is None else tuned_recipe(chosen, device, {**data, "root": bundle.config.root}, max_drop,
+                                                     Path(model_path).name, summary["chosen"].get("threads"), section,
+                                                     evaluation)
     write_outputs(job.out_dir, summary, tuned, command)
     return summary, job.out_dir, 0 if chosen is not None else 1
