@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from .conftest import PREP, SHAPE, one_error_line, write_recipe
+from .conftest import PREP, SHAPE, cli, one_error_line, write_recipe
 from .test_bad_input import FAST_RECIPE, _leftovers, _run
 
 
@@ -227,3 +227,24 @@ def test_non_finite_weights_are_refused_at_intake(tmp_path, capsys, trained_tiny
     line = one_error_line(*_run(capsys, model, fast_recipe, out))  # was: "AssertionError: scale issue" in PTQ
     assert "the model's weights are not finite" in line and says in line, line
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ build-engine on a finished engine
+
+
+@pytest.mark.parametrize("target, config, form", [
+    ("openvino", {}, "pickle"), ("tflite", {"quantization": "none"}, "pickle"), ("onnxruntime", {}, "onnx")])
+def test_build_engine_on_a_built_engine(tmp_path, capsys, model_files, target, config, form):
+    from compressor.intake import load_model
+    from compressor.registry import get_target
+
+    kind = get_target(target)
+    if not kind.availability().ok:
+        pytest.skip(f"{target} cannot build here: {kind.availability().reason}")
+    engine = kind(config, step=target).build(load_model(model_files[form], trust=True), tmp_path / "engines")
+    before = {p.name: p.read_bytes() for p in engine.path.parent.iterdir()}
+    capsys.readouterr()  # what the build printed
+    line = one_error_line(*cli(capsys, "build-engine", engine.path.parent))  # was: model file not found: model.onnx
+    assert f"holds a built {target} engine: nothing to build" in line
+    assert "build-engine builds an engine that compress wrote but could not build" in line
+    assert {p.name: p.read_bytes() for p in engine.path.parent.iterdir()} == before
