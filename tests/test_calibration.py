@@ -3,9 +3,12 @@ data.calibration.samples as a list (a sweep: validation top-1 per size, never on
 
 from __future__ import annotations
 
+import hashlib
 import json
 
-from .conftest import cli, one_error_line, write_recipe
+import torch
+
+from .conftest import SHAPE, cli, digits_tensors, one_error_line, write_recipe
 
 SWEEP = """
 name: sweep
@@ -47,3 +50,60 @@ def test_a_calibration_size_list_must_hold_positive_integers(model_files, tmp_pa
                                "--out", tmp_path / "out"))
     assert "samples" in line and "positive integers" in line
     assert not (tmp_path / "out").exists()
+
+
+class _Outlier(torch.nn.Module):
+    """A conv whose output holds one planted outlier (1000 at one position, its other values within a
+    few units) before a ReLU: minmax must take the outlier into the range, entropy clips it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        bump = torch.zeros(1, 8, 16, 16)
+        bump[0, 0, 0, 0] = 1000.0
+        self.register_buffer("bump", bump)
+        self.head = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                        torch.nn.Linear(8, 10))
+
+    def forward(self, x):
+        return self.head(self.conv(x) + self.bump)
+
+
+def _activation_scales(path) -> dict[str, float]:
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    return {n.input[0]: float(inits[n.input[1]]) for n in proto.graph.node
+            if n.op_type == "QuantizeLinear" and inits[n.input[1]].size == 1}
+
+
+def test_onnxruntime_entropy_calibration_is_not_minmax(tmp_path):
+    """ORT's entropy calibrator with quantize_static's default bins (128 and 128) has one candidate
+    threshold, the whole range: its engine was byte-identical to minmax's (issue 21)."""
+    from compressor.artifact import Form, InputSpec, ModelArtifact
+    from compressor.passes._ptq import onnxruntime_static
+    from compressor.passes.quantize_ptq import QuantizePTQConfig
+
+    torch.manual_seed(0)
+    source = tmp_path / "outlier.onnx"
+    torch.onnx.export(_Outlier().eval(), (torch.zeros(SHAPE),), str(source), dynamo=False, input_names=["input"],
+                      dynamic_axes={"input": {0: "batch"}}, opset_version=17)
+    x = digits_tensors("train")[0][:32].numpy()
+    engines, metrics = {}, {}
+    for method in ("minmax", "entropy"):
+        work = tmp_path / method
+        work.mkdir()
+        config = QuantizePTQConfig(backend="onnxruntime", calibration=method, reduce_range=False)
+        res = onnxruntime_static.quantize(ModelArtifact(Form.ONNX, path=source, input_spec=InputSpec(shape=SHAPE)),
+                                          x, config, work, "quantize_ptq")
+        engines[method], metrics[method] = res.artifact.path, res.metrics
+        assert sorted(p.name for p in work.iterdir()) == ["model.onnx"]  # no calibration cache left
+    digest = {m: hashlib.sha256(p.read_bytes()).hexdigest() for m, p in engines.items()}
+    assert digest["minmax"] != digest["entropy"]
+    minmax, entropy = _activation_scales(engines["minmax"]), _activation_scales(engines["entropy"])
+    outlier = max(minmax, key=minmax.get)  # the tensor that holds the planted 1000
+    assert minmax[outlier] > 0.9 * 1000 / 255  # minmax spans the outlier
+    assert entropy[outlier] < minmax[outlier] / 2  # entropy clips it (0.98 against 3.92 where written)
+    assert metrics["entropy"]["entropy_bins"] == {"histogram": 2048, "quantized": 256}

@@ -53,14 +53,9 @@ def _foreign(out: str, err: str) -> list[str]:
     return [line for line in (out + err).splitlines() if LIBRARY_TEXT.search(line) or not _own_line(line)]
 
 
-ORT_UNWRAPPED = pytest.mark.xfail(strict=True, reason="ONNX Runtime's calibrators print() in onnxruntime_static."
-                                  "_quantize_static: its quantize_static(...) call is to run inside "
-                                  "hooks.library_output('ONNX Runtime')")
-
-
 @pytest.mark.parametrize("recipe_text, engine", [
     pytest.param(NNCF_RECIPE, "openvino-int8", id="nncf"),
-    pytest.param(ORT_RECIPE, "onnxruntime-int8", id="onnxruntime-entropy", marks=ORT_UNWRAPPED),
+    pytest.param(ORT_RECIPE, "onnxruntime-int8", id="onnxruntime-entropy"),
 ])
 def test_quiet_run_prints_only_its_own_lines(tmp_path, model_files, capfd, recipe_text, engine):
     """-q: the results table, 'wrote ...' and the tool's log records; no NNCF progress bar, no ONNX
