@@ -450,7 +450,7 @@ def select_output(model: Any, form: Form, output: int | str | None, shape: list[
     from .output_select import SelectOutput, describe, resolve
 
     if output is None:
-        example = next(iter(out), "logits") if isinstance(out, dict) else 0
+        example = ("logits" if "logits" in out else next(iter(out), "logits")) if isinstance(out, dict) else 0
         raise ModelLoadError(
             f"the model returns {describe(out)}; compressor needs one logits tensor (batch, classes): say which "
             f"output holds the logits with model.output in the recipe (e.g. model.output: {example}), or save a "

@@ -152,7 +152,9 @@ def _recipe_with(tmp_path: Path, model_section: str) -> Path:
 @pytest.mark.parametrize("kind, form, says", [
     ("pair", "pickle", "returns a tuple of 2 outputs (0: tensor [1, 10], 1: tensor [1, 4])"),  # was a TypeError
     ("tuple", "pickle", "returns a tuple of 2 outputs (0: tensor [1, 4], 1: tensor [1, 10])"),
-    ("dict", "pickle", "returns a dict (aux: tensor [1, 4], logits: tensor [1, 10])"),
+    ("dict", "pickle", "returns a dict (aux: tensor [1, 4], logits: tensor [1, 10]); compressor needs one logits "
+                       "tensor (batch, classes): say which output holds the logits with model.output in the recipe "
+                       "(e.g. model.output: logits)"),
     ("tuple", "torchscript", "returns a tuple of 2 outputs"),
 ])
 def test_model_with_several_outputs_is_refused_at_intake(tmp_path, capsys, fast_recipe, kind, form, says):
