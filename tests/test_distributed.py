@@ -70,7 +70,7 @@ CASES = {  # name: TrainConfig fields (the global batch split 32/32, and unevenl
 }
 
 
-def _train_tiny(case: str) -> tuple[dict, dict]:
+def _train_tiny(case: str, **override) -> tuple[dict, dict]:
     """A tiny conv net with batch norm (no dropout: each process draws its own masks; no bias before a
     batch norm: its gradient is rounding noise, which AdamW turns into steps of the learning rate's size)
     trained for a few steps with augmentation on: (state dict, figures of the run)."""
@@ -89,7 +89,7 @@ def _train_tiny(case: str) -> tuple[dict, dict]:
                      y_val=src.labels[600:800], mean=np.full(3, 0.5, np.float32), std=np.full(3, 0.5, np.float32),
                      scale=1 / 255)
     cfg = TrainConfig(max_steps=8, optimizer="sgd", lr=0.05, schedule="cosine", warmup_fraction=0.25, augment=True,
-                      bf16="off", channels_last="off", evals_per_epoch=4, **CASES[case])
+                      bf16="off", channels_last="off", evals_per_epoch=4, **{**CASES[case], **override})
     result = train(model, data, cfg, description=f"ddp-{case}")
     figures = {"steps": result.steps, "world_size": result.world_size,
                "history": [{k: h[k] for k in ("step", "train_loss", "train_top1", "val_top1")} for h in result.history]}
@@ -122,6 +122,9 @@ def test_ddp_training_takes_the_steps_of_one_process(tmp_path):
                 torch.testing.assert_close(ddp_state[name], s, rtol=1e-3, atol=1e-4, msg=f"{case} {name}")
             else:
                 assert torch.equal(ddp_state[name], s), (case, name)
+    # a global batch smaller than the process count is refused before any step (it was split unevenly)
+    assert (out / "refused.txt").read_text() == "train.batch_size 1 (600 training images) is less than one image " \
+                                                 "for each of the 2 processes"
 
 
 if __name__ == "__main__":  # one process of the torchrun job above
@@ -133,3 +136,10 @@ if __name__ == "__main__":  # one process of the torchrun job above
             dest.mkdir(parents=True, exist_ok=True)
             torch.save(weights, dest / f"{name}.pt")
             (dest / f"{name}.json").write_text(json.dumps(figs))
+    from compressor.errors import ConfigError
+
+    try:
+        _train_tiny("even", batch_size=1)
+    except ConfigError as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            (dest / "refused.txt").write_text(str(exc))
