@@ -180,9 +180,9 @@ def test_bad_preprocessing_in_model_json_is_named_with_its_field(tmp_path, capsy
 
 
 CORE_IMPORTS = {"torch", "torchvision", "onnx", "onnxscript", "onnxslim", "onnxruntime", "openvino", "nncf",
-                "torch_pruning", "numpy", "PIL", "sklearn", "pydantic", "yaml", "click", "rich"}
+                "torch_pruning", "numpy", "PIL", "sklearn", "pydantic", "yaml", "click", "rich", "matplotlib"}
 # import name -> what the bench extra must bring (directly or through the extras it names)
-BENCH_IMPORTS = {"matplotlib": "matplotlib", "torchao": "torchao"}
+BENCH_IMPORTS = {"torchao": "torchao"}
 
 
 def _benchmark_imports() -> set[str]:
