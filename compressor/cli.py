@@ -254,11 +254,11 @@ def explain(run_dir: Path, model: Path | None, arch: str | None, num_classes: in
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--data", "data_root", required=True, help="image folder with train/ and test/ (validation and "
               "calibration images come from train/, the final figures from test/)")
-@click.option("--max-drop", type=click.FloatRange(0, 100), required=True,
+@click.option("--max-drop", type=_FiniteFloatRange(0, 100), required=True,
               help="top-1 points a candidate may lose against the source on validation images")
-@click.option("--device", type=click.Choice(DEVICE_NAMES), default="host", show_default=True,
-              help="the device the engines are for; it decides the search space")
-@click.option("--budget-min", type=click.FloatRange(min=0, min_open=True),
+@click.option("--device", type=click.Choice(DEVICE_NAMES), multiple=True, callback=_once,
+              help="the device the engines are for; it decides the search space [host]")
+@click.option("--budget-min", type=_FiniteFloatRange(min=0, min_open=True),
               help="start no new candidate after this many minutes")
 @click.option("--targets", "only", help="comma-separated targets to consider [all the device runs]")
 @click.option("--validation-images", type=click.IntRange(50, 20_000),
@@ -275,7 +275,7 @@ def explain(run_dir: Path, model: Path | None, arch: str | None, num_classes: in
 @click.option("--quick", is_flag=True, help="short timing (0.2 s a row) for a first look; noisier figures")
 @click.option("--quiet", "-q", is_flag=True, help="no progress display")
 @click.option("--verbose", "-v", count=True)
-def tune(model: Path, data_root: str, max_drop: float, device: str, budget_min: float | None, only: str | None,
+def tune(model: Path, data_root: str, max_drop: float, device: str | None, budget_min: float | None, only: str | None,
          validation_images: int | None, out: Path | None, overwrite: bool, arch: str | None, num_classes: int | None,
          trust_model: bool, threads: int | None, eval_limit: int | None, no_cache: bool, cache_dir: Path | None,
          quick: bool, quiet: bool, verbose: int) -> int:
@@ -285,6 +285,7 @@ def tune(model: Path, data_root: str, max_drop: float, device: str, budget_min: 
     from .tune import QUICK, TARGETS, run_tune
 
     _setup_logging(verbose)
+    device = device or "host"
     chosen = tuple(t.strip() for t in only.split(",")) if only else None
     unknown = [t for t in chosen or () if t not in TARGETS]
     if unknown:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import CompressorError
+from .fingerprints import first_difference
 from .staging import json_text, staged_dir
 
 if TYPE_CHECKING:
@@ -396,12 +397,12 @@ def compare_runs(cur: Run, base: Run, th: Thresholds) -> dict[str, Any]:
     - ``size``: current bytes / baseline bytes; a regression above ``max_size_growth``.
     """
     cf, bf = cur.fingerprints, base.fingerprints
-    if cf.get("evaluation_set") != bf.get("evaluation_set"):
-        raise CompareError(f"the run and the baseline were evaluated on different image sets (evaluation_set "
-                           f"fingerprint {cf.get('evaluation_set')} vs {bf.get('evaluation_set')}): not comparable")
-    if cf.get("model") != bf.get("model"):
-        raise CompareError(f"the run and the baseline compress different source models (model fingerprint "
-                           f"{cf.get('model')} vs {bf.get('model')}): not comparable")
+    differs = first_difference(bf, cf, ("evaluation_set", "model"))
+    if differs is not None:
+        key, was, now = differs
+        what = {"evaluation_set": "were evaluated on different image sets",
+                "model": "compress different source models"}[key]
+        raise CompareError(f"the run and the baseline {what} ({key} fingerprint {now} vs {was}): not comparable")
     if cur.labels.shape != base.labels.shape or not np.array_equal(cur.labels, base.labels):
         raise CompareError("the run and the baseline saved different labels for the same evaluation set fingerprint")
     notes = []

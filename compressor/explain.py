@@ -517,10 +517,10 @@ def plot(data: dict[str, Any], path: Path) -> bool:
 
 
 def write_outputs(exp: Explanation, out_dir: Path) -> list[Path]:
-    from .staging import atomic_write
+    from .staging import atomic_write, json_text
 
     written = [out_dir / "explain.json", out_dir / "explain.md"]
-    atomic_write(written[0], json.dumps(exp.data, indent=1))
+    atomic_write(written[0], json_text(exp.data))
     atomic_write(written[1], "# compressor explain\n\n" + render_markdown(exp.data))
     if plot(exp.data, out_dir / "explain.png"):
         written.append(out_dir / "explain.png")

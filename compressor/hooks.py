@@ -46,6 +46,10 @@ class HookList(Hook):
             return call
         return object.__getattribute__(self, name)
 
+    def shows_progress(self) -> bool:
+        """Whether a progress display is on (-q runs with none): passes show their own bars only then."""
+        return any(isinstance(h, ProgressHook) for h in object.__getattribute__(self, "hooks"))
+
 
 class TimingHook(Hook):
     """Wall-clock seconds of every stage: pass, engine build and measurement."""

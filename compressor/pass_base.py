@@ -44,6 +44,7 @@ class PassContext:
     cache_dir: Path | None = None  # the pass cache's root, for stores a pass shares across runs (teacher outputs)
     source: ModelArtifact | None = None  # the pipeline's input model (a teacher a later pass may distil from again)
     device: Device | None = None  # the device the engines are for (devices.py); None: this machine's profile
+    progress: bool = True  # training bars on the console (off under -q: no ProgressHook in the run)
 
     def target_device(self) -> Device:
         from .devices import or_host

@@ -20,7 +20,7 @@ from .environment import default_threads, library_versions
 from .evaluate import EvaluationConfig, ResultRow, TorchRunner, measure_all
 from .hooks import Hook, HookList
 from .load import LoadMonitor
-from .staging import OutputError, run_scratch, staged_dir, write_failure
+from .staging import OutputError, json_text, run_scratch, staged_dir, write_failure
 from .config import require_data
 from .pass_base import Pass, PassContext
 from .records import PassRecord, RunResult, TargetFailure
@@ -180,7 +180,7 @@ class PassCache:
         try:
             with staged_dir(final, replace=True, what="pass cache entry") as tmp:
                 artifact.save(tmp)
-                (tmp / "metrics.json").write_text(json.dumps(metrics, default=str))
+                (tmp / "metrics.json").write_text(json_text(metrics, indent=None))
         except OutputError as exc:
             raise OutputError(f"{exc.one_line()} ({hint})") from exc
         except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
@@ -369,7 +369,7 @@ class Pipeline:
             work.mkdir(parents=True, exist_ok=True)
             ctx = PassContext(work_dir=work, data=data, seed=self.seed, threads=threads,
                               cache_dir=self.cache.root if self.cache else None, source=result.source,
-                              device=self.device)
+                              device=self.device, progress=self.hooks.shows_progress())
             res = p(artifact, ctx)
             out, metrics, cached = res.artifact, res.metrics, False
             out.lineage = artifact.lineage + [

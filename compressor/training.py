@@ -460,6 +460,7 @@ def train(
     description: str = "training",
     augment_fn: Callable[[Any, np.ndarray, int], Any] | None = None,
     initial_val: float | None = None,
+    progress: bool = True,
 ) -> TrainResult:
     """Train ``model`` in place; it ends with the best validation checkpoint loaded. ``initial_val``:
     the model's validation top-1 before training, which makes the starting point a checkpoint too
@@ -518,13 +519,13 @@ def train(
         best_top1, best_state = initial_val, copy.deepcopy(model.state_dict())
     started = time.perf_counter()
     step, epoch = 0, 0
-    progress = _progress(rank == 0)
+    bar_display = _progress(progress and rank == 0)
     running_loss, running_correct, running_seen = 0.0, 0, 0
     skipped, nonfinite_run = 0, 0
     # a step whose loss is not finite must leave the model as it was, batch-norm statistics included
     buffers = dict(model.named_buffers())
     last_good = {k: b.detach().clone() for k, b in buffers.items()}
-    with progress as bar, synchronized_batch_norm(model, size):
+    with bar_display as bar, synchronized_batch_norm(model, size):
         task = bar.add_task(description, total=total, loss=float("nan"), acc=float("nan"))
         while step < total:
             # every process: the same permutation and global batches as one process; each takes every

@@ -35,7 +35,7 @@ import yaml
 from .devices import Device
 from .evaluate import ResultRow, accuracy
 from .registry import get_target
-from .staging import atomic_write
+from .staging import atomic_write, json_text
 
 log = logging.getLogger(__name__)
 
@@ -461,7 +461,7 @@ def thread_sweep(engines: list[Any], summary: dict[str, Any], one: np.ndarray, c
 
 
 def write_outputs(out_dir: Path, summary: dict[str, Any], tuned: dict[str, Any] | None, command: str) -> list[str]:
-    atomic_write(out_dir / "tune.json", json.dumps(summary, indent=1, default=str) + "\n")
+    atomic_write(out_dir / "tune.json", json_text(summary))
     atomic_write(out_dir / "tune.md", render(summary, command))
     written = ["tune.json", "tune.md"]
     if tuned is not None:

@@ -275,3 +275,30 @@ def test_tune_drops_and_names_a_candidate_whose_engine_bytes_equal_anothers(mode
     row = next(r for r in summary["candidates"] if r["candidate"] == "b")
     assert row["verdict"].startswith("dropped: its engine is byte-identical to a's")
     assert "byte-identical to a's" in render(summary, "compress tune")
+
+
+def _strict(text: str):
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in a JSON file"))
+
+
+def test_explain_json_and_tune_json_are_strict_json(sd_run, sd_tune, tmp_path, capsys):
+    """An SQNR of identical outputs is infinite: explain.json and tune.json write it as null, as
+    report.json does, so that jq and other languages' parsers read them."""
+    from compressor.explain import Explanation, write_outputs as write_explain
+    from compressor.tune import write_outputs as write_tune
+
+    code, _, tuned_out, _, _ = sd_tune
+    assert code == 0
+    code, _, err = _explain(capsys, sd_run, "--images", 8, "--no-sensitivity", "--overwrite")
+    assert code == 0, err[-2000:]
+    data = _strict((sd_run["out"] / "explain.json").read_text())
+    _strict((tuned_out / "tune.json").read_text())
+    data["planted"] = {"sqnr_db": float("inf"), "drop": float("nan")}
+    (tmp_path / "e").mkdir()
+    write_explain(Explanation(data), tmp_path / "e")
+    assert _strict((tmp_path / "e" / "explain.json").read_text())["planted"] == {"sqnr_db": None, "drop": None}
+    summary = _strict((tuned_out / "tune.json").read_text())
+    summary["planted"] = float("inf")
+    (tmp_path / "t").mkdir()
+    write_tune(tmp_path / "t", summary, None, "compress tune")
+    assert _strict((tmp_path / "t" / "tune.json").read_text())["planted"] is None

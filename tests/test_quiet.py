@@ -30,9 +30,17 @@ passes: [export_onnx, {quantize_ptq: {backend: onnxruntime, calibration: entropy
 targets: [onnxruntime]
 """ + EVALUATION
 
+QAT_RECIPE = """
+name: quiet
+data: {source: digits, calibration: {samples: 64}, evaluation: {limit: 100}}
+passes: [{quantize_qat: {train: {epochs: 0.1, batch_size: 64, val_samples: 50}}}]
+targets: [openvino]
+""" + EVALUATION
+
 # what the libraries print when nobody stops them (NNCF's rich bars, ORT's histogram calibrators, tqdm)
 LIBRARY_TEXT = re.compile(r"Statistics collection|Bias correction|Collecting tensor data|optimal threshold|"
-                          r"Number of (tensors|histogram bins|quantized bins)|it/s\]|(INFO|WARNING|ERROR):nncf")
+                          r"Number of (tensors|histogram bins|quantized bins)|it/s\]|(INFO|WARNING|ERROR):nncf|"
+                          r"loss [\d.n]+ acc")  # the last: the tool's own training bar, a display -q turns off
 
 
 def _own_line(line: str) -> bool:
@@ -56,6 +64,7 @@ def _foreign(out: str, err: str) -> list[str]:
 @pytest.mark.parametrize("recipe_text, engine", [
     pytest.param(NNCF_RECIPE, "openvino-int8", id="nncf"),
     pytest.param(ORT_RECIPE, "onnxruntime-int8", id="onnxruntime-entropy"),
+    pytest.param(QAT_RECIPE, "openvino-int8", id="qat-training-bar-and-nncf-init"),
 ])
 def test_quiet_run_prints_only_its_own_lines(tmp_path, model_files, capfd, recipe_text, engine):
     """-q: the results table, 'wrote ...' and the tool's log records; no NNCF progress bar, no ONNX

@@ -175,3 +175,17 @@ def test_unknown_target_is_one_line(model_files, digits_folder, tmp_path, capsys
     code, out, err = cli(capsys, "tune", model_files["pickle"], "--data", digits_folder, "--max-drop", "1",
                          "--targets", "coreml", "--out", tmp_path / "o")
     assert "coreml" in one_error_line(code, out, err) and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--max-drop", "1", "--device", "x86-amx", "--device", "x86-avx2"),
+     "given 2 times (x86-amx, x86-avx2); give it once"),
+    (("--max-drop", "nan"), "'nan' is not a finite number"),
+    (("--max-drop", "1", "--budget-min", "inf"), "'inf' is not a finite number"),
+])
+def test_tune_refuses_a_device_given_twice_and_numbers_that_are_not_finite(model_files, digits_folder, tmp_path,
+                                                                            capsys, args, says):
+    """tune took the last of two --device, and click's FloatRange lets nan through every bound."""
+    code, out, err = cli(capsys, "tune", model_files["pickle"], "--data", digits_folder, *args,
+                         "--out", tmp_path / "o")
+    assert says in one_error_line(code, out, err) and not (tmp_path / "o").exists()

@@ -315,7 +315,7 @@ class Distill(Pass):
 
         # the projector trains with the student (one module, so DDP synchronises it too)
         result = train(_WithProjector(student, projector), tdata, cfg.train, loss_fn=loss_fn, description="distill",
-                       augment_fn=augment_fn)
+                       augment_fn=augment_fn, progress=ctx.progress)
         for hook in (t_feat, s_feat):
             if hook is not None:
                 hook.remove()

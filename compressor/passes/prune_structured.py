@@ -287,6 +287,7 @@ class PruneStructured(Pass):
                     teacher.offset = step * math.ceil(tcfg.epochs)
                     loss_fn, augment_fn = teacher.loss, teacher.augment_fn
                 result = train(model, tdata, tcfg, description=f"fine-tune after pruning step {step + 1}",
+                               progress=ctx.progress,
                                loss_fn=loss_fn, augment_fn=augment_fn)
                 record["finetune"] = result.to_json()
                 record["val_top1_finetuned"] = evaluate_top1(model, tdata.x_val, tdata.y_val, tdata)

@@ -139,7 +139,8 @@ class PruneUnstructured(Pass):
                     "max_steps": -(-cfg.finetune.max_steps // n) if cfg.finetune.max_steps else None,
                     "seed": cfg.finetune.seed + t - 1,
                 })
-                result = train(model, tdata, ft, description=f"fine-tune after pruning step {t}/{n}")
+                result = train(model, tdata, ft, description=f"fine-tune after pruning step {t}/{n}",
+                               progress=ctx.progress)
                 record["finetune"] = result.to_json()
             steps.append(record)
             log.info("prune_unstructured step %d/%d: %s", t, len(targets),

@@ -33,6 +33,7 @@ from ..data import preprocess
 from ..errors import ConfigError
 from ..pass_base import Pass, PassContext, PassResult
 from ..registry import register_pass
+from ..hooks import library_output
 from ..training import TrainConfig, evaluate_top1, train, training_data
 from ._nncf import NNCFQuantizationConfig, nncf_quantize_arguments, resolve_overflow_fix
 
@@ -103,7 +104,8 @@ class QuantizeQAT(Pass):
         ptq_top1 = _val_top1(qmodel, tdata)
 
         # the PTQ start is a checkpoint too: QAT that does not beat it on validation keeps it
-        result = train(qmodel, tdata, cfg.train, description="quantize_qat", initial_val=ptq_top1)
+        result = train(qmodel, tdata, cfg.train, description="quantize_qat", initial_val=ptq_top1,
+                       progress=ctx.progress)
         qmodel.eval()
         qat_top1 = _val_top1(qmodel, tdata)
 
@@ -144,7 +146,8 @@ class QuantizeQAT(Pass):
         _ensure_kernels()
         batches = [torch.from_numpy(x[i : i + 1]) for i in range(len(x))]
         cfg = resolve_overflow_fix(self.config, ctx.target_device())
-        return nncf.quantize(model.eval(), nncf.Dataset(batches), **nncf_quantize_arguments(cfg, len(batches)))
+        with library_output("NNCF"):  # its progress bars: only with -v
+            return nncf.quantize(model.eval(), nncf.Dataset(batches), **nncf_quantize_arguments(cfg, len(batches)))
 
 
 def _check_module(model: Any) -> None:
