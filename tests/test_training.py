@@ -69,23 +69,40 @@ def test_a_starting_point_that_training_does_not_beat_is_kept():
 # ---------------------------------------------------------------------- bf16 and channels-last, measured
 
 
+class _Clock:
+    """A clock that only the loss moves: the probe's choice is then a function of the planted step
+    times, not of what else this machine runs (time.sleep on a loaded CI machine was flaky)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+_CLOCK = _Clock()
+
+
 def _timed_loss(seconds):
-    """A loss whose step takes ``seconds(bf16, channels_last)``: the probe must pick by its clock."""
+    """A loss whose step takes ``seconds(bf16, channels_last)`` on the probe's clock."""
     ce = cross_entropy_loss()
 
     def loss(model, x, y, idx):
-        import time
-
         bf16 = torch.is_autocast_enabled("cpu")
         cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        time.sleep(seconds(bf16, cl))
+        _CLOCK.now += seconds(bf16, cl)
         return ce(model, x, y, idx)
 
     return loss
 
 
 def _probe(loss, options):
-    from compressor.training import probe_step
+    import types
+
+    import compressor.training as training
+
+    probe_step = training.probe_step
+    clock = types.SimpleNamespace(perf_counter=_CLOCK.perf_counter)
 
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -93,7 +110,11 @@ def _probe(loss, options):
     rng = torch.get_rng_state()
     x = data.normalise(torch.from_numpy(data.x_train[:16])).contiguous()
     y = torch.from_numpy(data.y_train[:16])
-    chosen, probe = probe_step(model, loss, x, y, torch.arange(16), torch.device("cpu"), options, steps=2)
+    real_time, training.time = training.time, clock
+    try:
+        chosen, probe = probe_step(model, loss, x, y, torch.arange(16), torch.device("cpu"), options, steps=2)
+    finally:
+        training.time = real_time
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and batch-norm statistics as they were
     assert torch.equal(rng, torch.get_rng_state()) and all(p.grad is None for p in model.parameters())
@@ -119,9 +140,7 @@ def test_an_option_the_model_cannot_train_under_is_left_out_and_a_short_step_is_
     ce = cross_entropy_loss()
 
     def no_bf16(model, x, y, idx):
-        import time
-
-        time.sleep(0.06)
+        _CLOCK.now += 0.06
         if torch.is_autocast_enabled("cpu"):
             raise RuntimeError("no bf16 kernel for this op")
         return ce(model, x, y, idx)
