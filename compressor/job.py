@@ -414,7 +414,15 @@ def _refuse_other_inputs(recorded: dict[str, Any], current: dict[str, Any], what
 def explain_run_dir(run_dir: Path, options: JobOptions, cfg: Any, *, model: Path | None = None,
                     say: Any = None) -> tuple[Any, list[Path]]:
     """``compress explain RUN_DIR``: reload the run's source model, data and engines, take every
-    pass's output from the pass cache, explain, and write explain.json / .md / .png into RUN_DIR."""
+    pass's output from the pass cache, explain, and write explain.json / .md / .png into RUN_DIR.
+    What the libraries put in TMPDIR goes into a temporary directory of its own, removed after (as
+    a run's: :func:`staging.run_tempdir`)."""
+    with run_tempdir():
+        return _explain_run_dir(run_dir, options, cfg, model=model, say=say)
+
+
+def _explain_run_dir(run_dir: Path, options: JobOptions, cfg: Any, *, model: Path | None,
+                     say: Any) -> tuple[Any, list[Path]]:
     from .explain import cached_stages, engine_handles, evaluation_sample, explain, held_out_images
     from .explain import write_outputs
     from .recipe import parse_recipe

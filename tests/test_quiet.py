@@ -104,6 +104,31 @@ targets: [onnxruntime]
     assert sorted(p.name for p in fresh.iterdir()) == []
 
 
+def test_explain_leaves_tmpdir_as_it_found_it(tmp_path, model_files):
+    """compress explain runs ONNX Runtime, NNCF and OpenVINO again: what they put in TMPDIR (the
+    .ses telemetry file, ORT's optimized models) goes with it, as a run's does."""
+    recipe = write_recipe(tmp_path / "r.yaml", """
+name: clean
+data: {source: digits, calibration: {samples: 16}, evaluation: {limit: 50}}
+passes: [export_onnx, {quantize_ptq: {backend: onnxruntime}}]
+targets: [onnxruntime]
+""" + EVALUATION)
+    out = tmp_path / "out"
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    run = [sys.executable, "-m", "compressor", str(model_files["pickle"]), "--recipe", str(recipe), "--out", str(out),
+           "-q", "--trust-model", *cache]
+    proc = subprocess.run(run, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fresh = tmp_path / "tmpdir"
+    fresh.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "compressor", "explain", str(out), "--images", "16",
+                           "--trust-model", *cache], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "TMPDIR": str(fresh)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "explain.json").is_file()
+    assert sorted(p.name for p in fresh.iterdir()) == []
+
+
 def test_tidy_keeps_what_this_process_did_not_make(tmp_path, monkeypatch):
     """torchrun's worker directories go, the last worker out taking the tree; a directory holding a
     file stays, and so does a .ses older than this process (another program's)."""
