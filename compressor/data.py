@@ -323,6 +323,11 @@ class DataBundle:
         pool = ImageSource(name=src.name, classes=src.classes, labels=src.labels[rest])
         return rest[pool.balanced_indices(count, cfg.seed + 1)]
 
+    def validation_available(self, *, calibrated: int | None = None) -> int:
+        """How many images of the training split calibration with ``calibrated`` images (default:
+        data.calibration.samples) leaves for :meth:`validation_indices`."""
+        return len(self.calibration_source) - self.calibration_count(calibrated)
+
     def validation_set(self, size: tuple[int, int], color: str, count: int, *,
                        calibrated: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """uint8 images and labels of :meth:`validation_indices`."""

@@ -3,7 +3,8 @@ images held out of the training split. A planted model, the tiny digits CNN with
 channel at the second conv's input (the first conv's BN output scaled by 500, the second conv's
 weights for that channel divided by 500, so FP32 is unchanged), loses most of its top-1 to plain
 per-tensor INT8 activations on every backend; with ``max_drop`` the budget holds keeping at most two
-layers in float. A second outlier (at the classifier's input) with ``max_kept_layers: 1`` makes the
+layers in float, judged by the upper confidence bound of the drop (compressor.bound) on as many
+validation images as the bound asks for (at least 500). A second outlier (at the classifier's input) with ``max_kept_layers: 1`` makes the
 budget impossible: the pass returns the best model with ``met: false``."""
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from .conftest import PREP, SHAPE
 from .test_quantize_ptq import BACKENDS, run_int8
 
 CALIBRATION = 48
-VALIDATION = 200
+VALIDATION = 200  # what test_validation_images_are_not_calibration_or_test_images draws
+BUDGET = 2.0
+"""points: 500 validation images prove it with up to 3 net losses (bound 1.74), so the verdict does
+not hang on an image or two that INT8 kernels of another CPU round differently"""
 SCALE = 500.0
 OUTLIERS = {"single": [(1, 4, 0)], "double": [(1, 4, 0), (5, 10, 3)]}  # (BatchNorm, next layer, channel)
 
@@ -74,7 +78,7 @@ def quantize(backend, source, digits, tmp_path, **config):
     art = source["torch"] if backend == "openvino" else source["onnx"]
     work = tmp_path / backend
     work.mkdir()
-    p = get_pass("quantize_ptq")({"backend": backend, "validation_samples": VALIDATION, **config})
+    p = get_pass("quantize_ptq")({"backend": backend, **config})
     return p(art, PassContext(work_dir=work, data=digits, threads=2))
 
 
@@ -98,13 +102,15 @@ def test_plain_ptq_loses_most_of_top1(backend, planted, digits, test_split, tmp_
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_max_drop_holds_with_at_most_two_layers_in_float(backend, planted, digits, test_split, tmp_path):
-    res = quantize(backend, planted["single"], digits, tmp_path, max_drop=1.0)
+    res = quantize(backend, planted["single"], digits, tmp_path, max_drop=BUDGET)
     art, budget = res.artifact, res.metrics["accuracy_budget"]
     assert art.precision == "int8"
     assert budget["met"] is True, budget
-    assert budget["validation_images"] == VALIDATION and budget["max_drop"] == 1.0
+    assert budget["validation_images"] >= 500 and budget["max_drop"] == BUDGET and budget["confidence"] == 0.95
     assert budget["drop_plain"] > 50 and budget["int8_top1_plain"] < budget["float_top1"] - 50
-    assert budget["drop"] == pytest.approx(budget["float_top1"] - budget["int8_top1"]) and budget["drop"] <= 1.0
+    assert budget["drop"] == pytest.approx(budget["float_top1"] - budget["int8_top1"])
+    assert budget["drop"] <= budget["drop_bound"] <= BUDGET  # met by the bound, not the point estimate
+    assert budget["drop"] == pytest.approx(100 * (budget["lost"] - budget["gained"]) / budget["validation_images"])
     assert 1 <= len(budget["kept_in_float"]) <= 2, budget["kept_in_float"]
     assert budget["tries"], budget
     first = budget["kept_layers"][0]

@@ -272,7 +272,7 @@ name: planted
 data: {source: digits, calibration: {samples: 64}, evaluation: {limit: 100}}
 passes: [fuse]
 targets:
-  - tflite: {quantization: int8, max_drop: 1.0, validation_samples: 200, kept_layer_latency: false}
+  - tflite: {quantization: int8, max_drop: 2.0, kept_layer_latency: false}
 evaluation: {batch_size: 64, warmup: 1, latency_runs: 10, latency_min_seconds: 0, latency_rounds: 1,
              throughput_batch: 4, throughput_seconds: 0.01, threads: 2}
 """)

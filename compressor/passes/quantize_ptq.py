@@ -16,7 +16,8 @@ Three backends, each the library made for it, each in its own module under ``_pt
 
 With ``max_drop`` (an accuracy budget in top-1 points on validation images of the training split),
 each backend keeps the most sensitive layers in float until the budget holds
-(:mod:`._ptq.accuracy_budget`); the pass metrics then carry an ``accuracy_budget`` block whose
+(:mod:`._ptq.accuracy_budget`): until the upper confidence bound of the drop (:mod:`compressor.bound`,
+at ``confidence``) is within it; the pass metrics then carry an ``accuracy_budget`` block whose
 ``met`` says whether it did.
 
 This module keeps the config, the registration and the dispatch.
@@ -37,7 +38,8 @@ from ..pass_base import Pass, PassContext, PassResult
 from ..registry import register_pass
 from ._nncf import NNCFQuantizationConfig, resolve_overflow_fix
 from ._ptq import modelopt_qdq, onnxruntime_static, openvino_nncf
-from ._ptq.accuracy_budget import Budget
+from ..bound import DEFAULT_CONFIDENCE, fixed_count_problem
+from ._ptq.accuracy_budget import LEAST_IMAGES, Budget, make_budget
 
 if TYPE_CHECKING:
     from ..devices import Device
@@ -81,8 +83,12 @@ class QuantizePTQConfig(NNCFQuantizationConfig):
     never the test split); where plain PTQ loses more, the most sensitive layers stay in float
     until it holds (openvino: NNCF quantize_with_accuracy_control; onnxruntime, tensorrt: ranked
     layers in the quantizer's excluded nodes). None: plain PTQ"""
-    validation_samples: int = Field(default=500, ge=10)
-    """max_drop: class-balanced validation images of the training split that calibration does not use"""
+    validation_samples: int | None = Field(default=None, ge=10)
+    """max_drop: class-balanced validation images of the training split that calibration does not use;
+    None: what the confidence bound needs (at least 500, grown where a setting's bound misses for lack
+    of images, up to 10,000 and what the split holds)"""
+    confidence: float = Field(default=DEFAULT_CONFIDENCE, ge=0.5, lt=1)
+    """max_drop: met when the one-sided upper confidence bound of the drop, at this confidence, is within it"""
     max_kept_layers: int = Field(default=8, ge=1)
     """max_drop: most layers kept in float before the search gives up (the pass then reports
     accuracy_budget.met false with the best model found)"""
@@ -97,6 +103,13 @@ class QuantizePTQConfig(NNCFQuantizationConfig):
                 f"calibration {self.calibration!r} is not available with backend {self.backend} "
                 f"(choose: {', '.join(allowed)})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _validation_can_prove_the_budget(self) -> QuantizePTQConfig:
+        problem = fixed_count_problem(self.max_drop, self.validation_samples, self.confidence)
+        if problem:
+            raise ValueError(problem)
         return self
 
 
@@ -165,8 +178,8 @@ class QuantizePTQ(Pass):
 
         threads = ctx.threads or default_threads()
         size = tuple(artifact.input_spec.sample_shape[1:])
-        images, labels = ctx.data.validation_set(size, artifact.preprocessing.color, self.config.validation_samples,  # type: ignore[arg-type]
-                                                 calibrated=max(sizes))
+        images, labels = ctx.data.validation_set(size, artifact.preprocessing.color,  # type: ignore[arg-type]
+                                                 self.config.validation_samples or LEAST_IMAGES, calibrated=max(sizes))
         xv = preprocess(images, artifact.preprocessing)
 
         def top1(art: ModelArtifact) -> float:
@@ -198,12 +211,10 @@ class QuantizePTQ(Pass):
         if cfg.max_drop is None:
             return None
         assert ctx.data is not None
-        size = tuple(artifact.input_spec.sample_shape[1:])
-        images, labels = ctx.data.validation_set(size, artifact.preprocessing.color, cfg.validation_samples,  # type: ignore[arg-type]
-                                                 calibrated=cfg.samples)
-        return Budget(max_drop=cfg.max_drop, x=preprocess(images, artifact.preprocessing), labels=labels,
-                      max_kept_layers=cfg.max_kept_layers, threads=ctx.threads or default_threads(),
-                      layer_latency=cfg.kept_layer_latency)
+        return make_budget(ctx.data, artifact, max_drop=cfg.max_drop, confidence=cfg.confidence,
+                           validation_samples=cfg.validation_samples, calibrated=cfg.samples,
+                           max_kept_layers=cfg.max_kept_layers, threads=ctx.threads or default_threads(),
+                           layer_latency=cfg.kept_layer_latency, what=self.step)
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> PassResult:
         device = ctx.target_device()

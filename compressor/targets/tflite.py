@@ -41,6 +41,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from ..artifact import Form, ModelArtifact, eval_mode, plain_graph_module
+from ..bound import DEFAULT_CONFIDENCE, fixed_count_problem
 from ..data import preprocess
 from ..environment import installed_version
 from ..errors import TargetError, first_line
@@ -75,8 +76,11 @@ class TFLiteConfig(TargetConfig):
     """int8 (pt2e): accuracy budget, most top-1 points lost on validation images of the training
     split that calibration does not use (never the test split); where plain INT8 loses more, the
     layers that lose most (per-layer taps against the float model) stay in float, one more per try"""
-    validation_samples: int = Field(default=500, ge=10)
-    """max_drop: class-balanced validation images"""
+    validation_samples: int | None = Field(default=None, ge=10)
+    """max_drop: class-balanced validation images; None: what the confidence bound needs (at least 500,
+    grown where a setting's bound misses for lack of images, up to 10,000 and what the split holds)"""
+    confidence: float = Field(default=DEFAULT_CONFIDENCE, ge=0.5, lt=1)
+    """max_drop: met when the one-sided upper confidence bound of the drop, at this confidence, is within it"""
     max_kept_layers: int = Field(default=8, ge=1)
     """max_drop: most layers kept in float before giving up (accuracy_budget.met false, best kept)"""
     kept_layer_latency: bool = True
@@ -97,6 +101,13 @@ class TFLiteConfig(TargetConfig):
         if self.int8_method != "pt2e":
             raise ValueError(f"max_drop applies to int8_method pt2e only (it keeps layers in float inside the "
                              f"PT2E quantizer); int8_method {self.int8_method} cannot: remove max_drop or use pt2e")
+        return self
+
+    @model_validator(mode="after")
+    def _validation_can_prove_the_budget(self) -> TFLiteConfig:
+        problem = fixed_count_problem(self.max_drop, self.validation_samples, self.confidence)
+        if problem:
+            raise ValueError(problem)
         return self
 
 
@@ -247,16 +258,14 @@ class TFLiteTarget(Target):
         they run in float, until the validation drop holds. The metrics go to engine.json's
         ``accuracy_budget`` (the run fails its acceptance when ``met`` is false)."""
         from ..environment import default_threads
-        from ..passes._ptq.accuracy_budget import Budget, latency_costs, metrics_block
+        from ..passes._ptq.accuracy_budget import latency_costs, make_budget, metrics_block, try_row
         from ..taps import TFLiteTapper, TorchTapper
 
         cfg = self.config
-        size = tuple(artifact.input_spec.sample_shape[1:])
-        images, labels = data.validation_set(size, artifact.preprocessing.color, cfg.validation_samples,
-                                             calibrated=cfg.samples)
-        budget = Budget(max_drop=cfg.max_drop, x=preprocess(images, artifact.preprocessing), labels=labels,
-                        max_kept_layers=cfg.max_kept_layers, threads=default_threads(),
-                        layer_latency=cfg.kept_layer_latency)
+        budget = make_budget(data, artifact, max_drop=cfg.max_drop, confidence=cfg.confidence,
+                             validation_samples=cfg.validation_samples, calibrated=cfg.samples,
+                             max_kept_layers=cfg.max_kept_layers, threads=default_threads(),
+                             layer_latency=cfg.kept_layer_latency, what=self.step)
         work = tmp_dir / ".budget"
         work.mkdir()
 
@@ -265,22 +274,29 @@ class TFLiteTarget(Target):
             path.write_bytes(blob)
             return path
 
-        def top1(blob: bytes, tag: str) -> float:
-            runner = TFLiteRunner(saved(blob, tag), threads=budget.threads)
-            try:
-                return budget.top1(np.concatenate([runner(budget.x[i : i + 64]) for i in range(0, len(budget.x), 64)]))
-            finally:
-                runner.close()
+        def runs(blob: bytes, tag: str) -> Any:
+            path = saved(blob, tag)
+
+            def run(x: np.ndarray) -> np.ndarray:
+                runner = TFLiteRunner(path, threads=budget.threads)
+                try:
+                    return np.concatenate([runner(x[i : i + 64]) for i in range(0, len(x), 64)])
+                finally:
+                    runner.close()
+
+            return run
 
         import torch
 
-        with torch.inference_mode():
-            float_top1 = budget.top1(np.concatenate([module(torch.from_numpy(budget.x[i : i + 64])).numpy()
-                                                     for i in range(0, len(budget.x), 64)]))
-        plain = top1(content, "plain")
-        best, best_top1, kept, tries = content, plain, [], []
+        def float_logits(x: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return np.concatenate([module(torch.from_numpy(x[i : i + 64])).numpy() for i in range(0, len(x), 64)])
+
+        budget.set_reference(float_logits)
+        plain = budget.verdict(runs(content, "plain"))
+        best, best_verdict, kept, tries = content, plain, [], []
         ranking: list[dict[str, Any]] = []
-        if not budget.holds(float_top1, plain):
+        if not budget.holds(plain):
             ref = TorchTapper(module)
             tap = TFLiteTapper(saved(content, "plain"), ref.layers, threads=budget.threads)
             xs = budget.x[:64]
@@ -303,13 +319,15 @@ class TFLiteTarget(Target):
                 layers = [r["layer"] for r in ranking[:k]]
                 keep = tuple(m for layer in layers for m in modules.get(layer, (layer,)))
                 blob = self._convert_pt2e(module, sample, x, {}, artifact, keep_float=keep)
-                t = top1(blob, f"keep{k}")
-                tries.append({"kept": layers, "int8_top1": t, "met": budget.holds(float_top1, t)})
-                if t > best_top1 or (t == best_top1 and not kept):
-                    best, best_top1, kept = blob, t, layers
-                if budget.holds(float_top1, t):
-                    best, best_top1, kept = blob, t, layers
+                found = budget.verdict(runs(blob, f"keep{k}"))
+                tries.append(try_row(found, kept=layers, int8_top1=budget.reference_top1 - found.point))
+                if found.point < best_verdict.point or (found.point == best_verdict.point and not kept) \
+                        or budget.holds(found):
+                    best, best_verdict, kept = blob, found, layers
+                if budget.holds(found):
                     break
+        plain, best_verdict = budget.current(plain, runs(content, "plain")), budget.current(best_verdict,
+                                                                                           runs(best, "best"))
         rows = [{"node": layer, "source_module": layer, "op_type": "CONV_2D/FULLY_CONNECTED", "latency_cost_ms": None}
                 for layer in kept]
         extra: dict[str, Any] = {"ranking": ranking}
@@ -326,8 +344,8 @@ class TFLiteTarget(Target):
             extra["latency_ms"] = {"budgeted": round(final_p50, 4), "runtime": "tflite (XNNPACK)",
                                    "threads": budget.threads}
         info["accuracy_budget"] = metrics_block(budget, method="per-layer SQNR loss ranking, layers left "
-                                                "unannotated in PT2E", float_top1=float_top1, plain_top1=plain,
-                                                top1=best_top1, kept=rows, tries=tries, **extra)
+                                                "unannotated in PT2E", plain=plain, final=best_verdict, kept=rows,
+                                                tries=tries, **extra)
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
