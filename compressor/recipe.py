@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .artifact import Form, Preprocessing
+from .bound import DEFAULT_CONFIDENCE
 from .config import non_finite
 from .data import DataConfig
 from .errors import ConfigError, validation_message
@@ -55,7 +56,10 @@ class AcceptanceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    max_top1_drop: float | None = Field(default=None, ge=0, description="points of top-1 below the source model")
+    max_top1_drop: float | None = Field(default=None, ge=0, description="points of top-1 below the source model: "
+                                        "met when the drop's upper confidence bound (at confidence) is within it")
+    confidence: float = Field(default=DEFAULT_CONFIDENCE, ge=0.5, lt=1,
+                              description="one-sided confidence of the bound max_top1_drop judges (compressor.bound)")
     min_agreement: float | None = Field(default=None, ge=0, le=100, description="% top-1 agreement with the source")
     max_latency_ms: float | None = Field(default=None, gt=0, description="batch-1 p50 budget")
     min_speedup: float | None = Field(default=None, gt=0, description="source p50 / engine p50")
