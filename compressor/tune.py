@@ -7,8 +7,10 @@
    keeps each quantization, so an interrupted tune resumes where it stopped); ``--budget-min``
    stops starting new candidates once the time is spent.
 3. Before any timing, each engine's top-1 on validation images held out of the training split
-   (never the test split, never calibration images) is compared with the source's; candidates
-   that lose more than ``--max-drop`` points there are dropped.
+   (never the test split, never calibration images) is compared with the source's, image by image;
+   only candidates whose drop has an upper confidence bound (:mod:`compressor.bound`, 95 %) within
+   ``--max-drop`` are kept (see :class:`Screen`: a first slice ranks them and drops those over the
+   budget with high confidence; the count of images follows the budget and the disagreement seen).
 4. The survivors and the source are measured in one interleaved session on the test split (the
    run's report.md); tune.md gives the Pareto front of top-1 against batch-1 p50, the chosen
    engine (the fastest survivor; survivors within TIE_MARGIN of it tie, and the higher validation
@@ -32,6 +34,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from .bound import (DEFAULT_CONFIDENCE, IMAGES_CAP, DropBound, fixed_count_problem, images_cap, images_needed,
+                    paired, too_few_line)
 from .devices import Device
 from .evaluate import ResultRow, accuracy
 from .registry import get_target
@@ -43,6 +47,9 @@ TUNE_FILES = ("tune.json", "tune.md", "pareto.png", "tuned.yaml")
 TARGETS = ("openvino", "onnxruntime", "tflite", "tensorrt")
 """the targets a tune considers (--targets picks among them)"""
 VALIDATION_BATCH = 100
+SLICE_IMAGES = 256
+"""the validation images every candidate runs on first: they rank the candidates and drop those over
+the budget with high confidence (the lower bound of the drop); the survivors run on all of them"""
 TIE_MARGIN = 0.03
 """batch-1 p50s within 3 % of the fastest survivor's are a tie: two copies of one engine file read
 0.3 % (ResNet-50) and 4.5 % (MobileNetV2) apart in one session (benchmarks/results/tune_peers_*). A
@@ -185,45 +192,135 @@ def tuned_recipe(c: Candidate, device: Device, data: dict[str, Any], max_drop: f
     return recipe
 
 
+def _sqnr(db: float | None) -> float:
+    return float("inf") if db is None else db  # None: identical outputs
+
+
 class Screen:
     """Pipeline.screen: an engine whose model files are the same bytes as an earlier candidate's is
-    dropped (timing it twice would only measure noise); every other engine's top-1 on validation
-    images is compared with the source's, and rows that lose more than ``max_drop`` points are
-    dropped before any timing. ``images`` is what was asked for, ``used`` what the training split
-    gave (at most the images calibration did not use)."""
+    dropped (timing it twice would only measure noise); every other engine's drop against the source
+    on validation images (training split, not calibration images) is judged by its upper confidence
+    bound at ``confidence`` (:mod:`compressor.bound`): only an engine whose bound is within
+    ``max_drop`` is kept for timing.
 
-    def __init__(self, max_drop: float, images: int, data_ref: list[Any]) -> None:
-        self.max_drop, self.images, self.data_ref = max_drop, images, data_ref
+    In two stages. First a slice of SLICE_IMAGES validation images: each engine's disagreement with
+    the source and output SQNR there rank the engines, and one whose *lower* confidence bound there is
+    already over ``max_drop`` is dropped (over the budget with high confidence; the guarantee of a
+    kept engine is untouched). Then the survivors, in rank order, run on the whole validation set.
+    ``images``: a fixed count asked for, or None: what the bound needs at the disagreement the slice
+    saw (at least what it needs with none, at least 500, at most 10,000). ``used`` is what the
+    training split gave (at most the images calibration did not use)."""
+
+    def __init__(self, max_drop: float, images: int | None, data_ref: list[Any],
+                 confidence: float = DEFAULT_CONFIDENCE) -> None:
+        self.max_drop, self.images, self.data_ref, self.confidence = max_drop, images, data_ref, confidence
+        self.fixed = images is not None
         self.used: int | None = None
         self.rows: list[dict[str, Any]] = []
         self.source_top1: float | None = None
 
     def __call__(self, rows: list[ResultRow], result: Any) -> list[ResultRow]:
+        data = self.data_ref[0]
+        if self.images is None:
+            self.images = validation_images_default(self.max_drop, self.confidence)
+        x, labels = self._load(result.source, data, self.images)
+        unique = self._unique(rows, result)
+        source = next(r for r in unique if r.name == "source")
+        reference = self._logits(source, x)
+        pick = np.random.default_rng(0).permutation(len(labels))[:SLICE_IMAGES]
+        ranked = sorted((self._slice(row, x[pick], labels[pick], reference[pick]) for row in unique
+                         if row.name != "source"), key=lambda t: (t[1]["disagreement"], -_sqnr(t[1]["sqnr_db"])))
+        survivors = [(row, first) for row, first in ranked if first["kept"]]
+        wanted = self._wanted(survivors, x)
+        if wanted > len(labels):
+            x, labels = self._load(result.source, data, wanted)
+            reference = self._logits(source, x)
+        self.used = len(labels)
+        self.source_top1 = 100.0 * float((reference.argmax(1) == labels).mean())
+        kept = [source]
+        for rank, (row, first) in enumerate(ranked):
+            if first["kept"]:
+                kept += [row] if self._full(row, x, labels, reference, first, rank) else []
+            else:
+                self._record(row, first, rank, None, first["top1"])
+        order = {id(r): i for i, r in enumerate(rows)}
+        return sorted(kept, key=lambda r: order[id(r)])
+
+    def _load(self, source: Any, data: Any, count: int) -> tuple[np.ndarray, np.ndarray]:
         from .explain import held_out_images
 
-        x, labels, _ = held_out_images(result.source, self.data_ref[0], self.images)
-        self.used = len(labels)
-        if self.used < self.images:
+        x, labels, _ = held_out_images(source, data, count)
+        if len(labels) < count:
             log.warning("tune: %d validation images asked for, but the training split holds only %d besides the "
-                        "calibration images: the budget is judged on %d", self.images, self.used, self.used)
-        kept = []
-        for row in self._unique(rows, result):
-            started = time.perf_counter()
-            top1 = accuracy(row.runner, x, labels, VALIDATION_BATCH, None)[0]
-            if row.name == "source":
-                self.source_top1 = top1
-                kept.append(row)
-                continue
-            assert self.source_top1 is not None
-            drop = self.source_top1 - top1
-            ok = drop <= self.max_drop + 1e-9
-            self.rows.append({"name": row.name, "validation_top1": round(top1, 2), "drop": round(drop, 2),
-                              "kept": ok, "seconds": round(time.perf_counter() - started, 2)})
-            log.info("tune: %s validation top-1 %.2f%% (drop %.2f): %s", row.name, top1, drop,
-                     "kept" if ok else "dropped")
-            if ok:
-                kept.append(row)
-        return kept
+                        "calibration images: the budget is judged on %d", count, len(labels), len(labels))
+        line = too_few_line("tune", self.max_drop, self.confidence, len(labels))
+        if line:
+            log.warning("%s", line)
+        return x, labels
+
+    @staticmethod
+    def _logits(row: ResultRow, x: np.ndarray) -> np.ndarray:
+        return accuracy(row.runner, x, np.zeros(len(x), np.int64), VALIDATION_BATCH, None)[4]
+
+    def _slice(self, row: ResultRow, x: np.ndarray, labels: np.ndarray,
+               reference: np.ndarray) -> tuple[ResultRow, dict[str, Any]]:
+        """The first stage: disagreement with the source, output SQNR and the bounds of the drop on the slice."""
+        from .bound import lower_bound
+        from .evaluate import sqnr_db
+
+        started = time.perf_counter()
+        logits = self._logits(row, x)
+        found = paired(reference.argmax(1) == labels, logits.argmax(1) == labels, confidence=self.confidence)
+        low = lower_bound(found.images, found.lost, found.gained, self.confidence)
+        sqnr = sqnr_db(reference, logits)
+        differ = float((logits.argmax(1) != reference.argmax(1)).mean())
+        first = {"images": found.images, "disagreement": round(differ, 4), "sqnr_db": None if sqnr is None else round(sqnr, 2), "drop": round(found.point, 2),
+                 "drop_lower_bound": round(low, 4), "verdict": found, "kept": low <= self.max_drop,
+                 "top1": 100.0 * float((logits.argmax(1) == labels).mean()),
+                 "seconds": time.perf_counter() - started}
+        if not first["kept"]:
+            log.info("tune: %s over budget on the first %d images: %s, lower bound %.2f > %.2f", row.name,
+                     found.images, found.describe(), low, self.max_drop)
+        return row, first
+
+    def _wanted(self, survivors: list[tuple[ResultRow, dict[str, Any]]], x: np.ndarray) -> int:
+        """How many validation images the survivors need: the asked count, or what the bound needs at
+        the largest disagreement the slice saw among survivors that more images could prove (at most
+        IMAGES_CAP, and what fits in memory)."""
+        have = len(x)
+        if self.fixed or not survivors:
+            return have
+        needs = [needed for _, first in survivors if (needed := self._needs(first["verdict"])) is not None]
+        self.images = int(min(max([have, *needs]), images_cap(x[0].nbytes)))
+        return self.images
+
+    def _needs(self, found: DropBound) -> int | None:
+        return images_needed(self.max_drop, self.confidence, (found.lost + found.gained) / max(found.images, 1),
+                             max(found.point, 0.0))
+
+    def _full(self, row: ResultRow, x: np.ndarray, labels: np.ndarray, reference: np.ndarray, first: dict[str, Any],
+              rank: int) -> bool:
+        """The second stage: the drop on every validation image, kept when its bound meets the budget."""
+        started = time.perf_counter()
+        logits = self._logits(row, x)
+        found = paired(reference.argmax(1) == labels, logits.argmax(1) == labels, confidence=self.confidence,
+                       budget=self.max_drop)
+        first["seconds"] += time.perf_counter() - started
+        self._record(row, first, rank, found, 100.0 * float((logits.argmax(1) == labels).mean()))
+        log.info("tune: %s validation %s: %s", row.name, found.describe(), "kept" if found.met else "dropped")
+        return bool(found.met)
+
+    def _record(self, row: ResultRow, first: dict[str, Any], rank: int, found: DropBound | None, top1: float) -> None:
+        """A row of tune.json's screen: the verdict on every image (or on the slice, where it stopped there)."""
+        final = found or first["verdict"]
+        self.rows.append({
+            "name": row.name, "validation_top1": round(top1, 2), "drop": round(final.point, 2),
+            "drop_bound": round(final.bound, 4),
+            "images": final.images, "lost": final.lost, "gained": final.gained, "confidence": self.confidence,
+            "kept": bool(found is not None and found.met), "stage": "all" if found is not None else "slice",
+            "slice": {k: first[k] for k in ("images", "disagreement", "sqnr_db", "drop", "drop_lower_bound")},
+            "rank": rank + 1, "seconds": round(first["seconds"], 2),
+            **({"images_needed": found.needed()} if found is not None and found.short_of_images() else {})})
 
     def _unique(self, rows: list[ResultRow], result: Any) -> list[ResultRow]:
         """``rows`` without those whose engine's model files are byte-identical to an earlier row's
@@ -244,6 +341,30 @@ class Screen:
                 seen[key] = row.name
             unique.append(row)
         return unique
+
+
+def screen_verdict(s: dict[str, Any], max_drop: float) -> str:
+    """Why the screen dropped a candidate: over the budget on the first slice (its lower bound), over
+    it on every image, or not proven (its upper bound over the budget; how many images would do)."""
+    if s.get("stage") == "slice":
+        return (f"over budget: validation drop {s['drop']:.2f} on the first {s['images']} images, lower confidence "
+                f"bound {s['slice']['drop_lower_bound']:.2f} > {max_drop}")
+    if "drop_bound" not in s:  # a screen row without the bound
+        return f"over budget: validation top-1 {s['drop']:.2f} points below the source (> {max_drop})"
+    more = f"; {s['images_needed']} images would prove it at this disagreement" if s.get("images_needed") else ""
+    return (f"not proven within the budget: validation drop {s['drop']:.2f}, upper bound {s['drop_bound']:.2f} > "
+            f"{max_drop} at {s['confidence']:.0%} on {s['images']} images{more}")
+
+
+def proven_line(summary: dict[str, Any]) -> str:
+    """What the chosen engine's validation says: its upper confidence bound, within the budget."""
+    row = next((r for r in summary["candidates"] if r.get("engine") == (summary["chosen"] or {}).get("engine")), {})
+    if row.get("validation_drop_bound") is None:
+        return ""
+    return (f" Proven on held-out validation images: drop {row['validation_drop']:.2f}, upper bound "
+            f"{row['validation_drop_bound']:.2f} <= {summary['max_drop']} at "
+            f"{summary['validation'].get('confidence', DEFAULT_CONFIDENCE):.0%} confidence "
+            f"({row['validation_images']} images).")
 
 
 def pareto(points: list[tuple[str, float, float]]) -> list[str]:
@@ -284,7 +405,8 @@ def summarise(report: dict[str, Any], candidates: list[Candidate], left_out: lis
         r = results.get(engine) if engine else None
         s = screened.get(engine) if engine else None
         if s and "duplicate_of" not in s:
-            row.update(validation_top1=s["validation_top1"], validation_drop=s["drop"])
+            row.update(validation_top1=s["validation_top1"], validation_drop=s["drop"],
+                       validation_drop_bound=s.get("drop_bound"), validation_images=s.get("images"))
         if r is not None:
             row.update(test_top1=r["top1"], p50_ms=r["latency_ms"]["p50"], speedup=r.get("speedup"),
                        pareto=r["name"] in front, speedup_reliable=r.get("speedup_reliable", True))
@@ -306,7 +428,7 @@ def summarise(report: dict[str, Any], candidates: list[Candidate], left_out: lis
             row.update(duplicate_of=same, verdict=f"dropped: its engine is byte-identical to {same}'s "
                        f"({s['duplicate_of']}), which stands for both")
         elif s is not None and not s["kept"]:
-            row["verdict"] = f"over budget: validation top-1 {s['drop']:.2f} points below the source (> {max_drop})"
+            row["verdict"] = screen_verdict(s, max_drop)
         elif c.name in report.get("skipped_branches", []):
             row["verdict"] = "not tried: --budget-min spent"
         else:
@@ -319,7 +441,8 @@ def summarise(report: dict[str, Any], candidates: list[Candidate], left_out: lis
     return {
         "device": report.get("device"), "max_drop": max_drop, "seconds": round(seconds, 1),
         "validation": {"images": screen.images if screen.used is None else screen.used, "requested": screen.images,
-                       "source_top1": screen.source_top1, "from": "training split, not calibration images"},
+                       "source_top1": screen.source_top1, "from": "training split, not calibration images",
+                       "confidence": screen.confidence, "slice_images": SLICE_IMAGES},
         "duplicates": [{"candidate": r["candidate"], "engine": r["engine"], "same_bytes_as": r["duplicate_of"]}
                        for r in rows if r.get("duplicate_of")],
         "source": {"top1": source["top1"], "p50_ms": source["latency_ms"]["p50"]},
@@ -338,10 +461,11 @@ def render(summary: dict[str, Any], command: str) -> str:
     val = summary["validation"]
     vsrc = val["source_top1"]
     asked = f" (asked for {val['requested']}: all the training split has besides calibration's)" \
-        if val.get("requested", val["images"]) > val["images"] else ""
+        if (val.get("requested") or 0) > (val["images"] or 0) else ""
     lines = ["# compress tune", "",
              f"- device: {dev.get('name')} (built and timed on {dev.get('host')}); budget: top-1 within "
-             f"{summary['max_drop']} points of the source on {val['images']} validation images{asked} "
+             f"{summary['max_drop']} points of the source, met where the upper confidence bound of the drop at "
+             f"{val.get('confidence', DEFAULT_CONFIDENCE):.0%} is, on {val['images']} validation images{asked} "
              f"(source {'-' if vsrc is None else format(vsrc, '.2f')}%), then measured on the test split",
              f"- command: `{command}`", f"- seconds: {summary['seconds']}", ""]
     if summary["timing_under_load"]:
@@ -351,15 +475,15 @@ def render(summary: dict[str, Any], command: str) -> str:
         side = "below" if ch["test_drop"] >= 0 else "above"
         lines += [f"**Chosen: `{ch['engine']}`**: test top-1 {ch['test_top1']:.2f}% ({abs(ch['test_drop']):.2f} points "
                   f"{side} the source's {summary['source']['top1']:.2f}%), batch-1 p50 {ch['p50_ms']:.3f} ms, "
-                  f"{ch['speedup']:.2f}x the source; rebuilt exactly by `tuned.yaml`.", ""]
+                  f"{ch['speedup']:.2f}x the source; rebuilt exactly by `tuned.yaml`." + proven_line(summary), ""]
     else:
         lines += ["**No candidate kept the budget.**", ""]
-    lines += ["| candidate | what | validation top-1 % | drop | test top-1 % | p50 ms | speedup | Pareto | verdict |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| candidate | what | validation top-1 % | drop | bound | images | test top-1 % | p50 ms | speedup | "
+              "Pareto | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(summary["candidates"], key=lambda r: (r.get("p50_ms") is None, r.get("p50_ms") or 0)):
         f = (lambda k, d=2: "-" if r.get(k) is None else f"{r[k]:.{d}f}")
         lines.append(f"| {r['candidate']} | {r['what']} | {f('validation_top1')} | {f('validation_drop')} | "
-                     f"{f('test_top1')} | {f('p50_ms', 3)} | {f('speedup')}x | {'yes' if r.get('pareto') else ''} | "
+                     f"{f('validation_drop_bound')} | {r.get('validation_images') or '-'} | {f('test_top1')} | {f('p50_ms', 3)} | {f('speedup')}x | {'yes' if r.get('pareto') else ''} | "
                      f"{r['verdict']} |")
     sweep = summary.get("threads")
     if sweep and sweep.get("rows"):
@@ -479,9 +603,11 @@ def chosen_candidate(summary: dict[str, Any], candidates: list[Candidate]) -> Ca
     return next(c for c in candidates if c.name == summary["chosen"]["candidate"])
 
 
-def validation_images_default(max_drop: float) -> int:
-    """Enough held-out images that one image is well under the budget (0.5 points: 1000 images, 0.1 each)."""
-    return int(np.clip(round(500 / max(max_drop, 0.05)), 500, 2000))
+def validation_images_default(max_drop: float, confidence: float = DEFAULT_CONFIDENCE) -> int:
+    """The validation images a tune starts from: what the bound needs to prove ``max_drop`` with no
+    disagreement (0.5 points at 95 %: 736), at least 500, at most IMAGES_CAP; the screen adds what the
+    disagreement it sees on its first slice needs."""
+    return int(np.clip(images_needed(max_drop, confidence) or IMAGES_CAP, 500, IMAGES_CAP))
 
 
 def run_tune(model_path: Path, options: Any, *, max_drop: float, device_name: str | None, budget_min: float | None,
@@ -497,6 +623,10 @@ def run_tune(model_path: Path, options: Any, *, max_drop: float, device_name: st
     from .recipe import parse_recipe
     from .staging import run_tempdir
 
+    problem = fixed_count_problem(max_drop, validation_images, DEFAULT_CONFIDENCE, count="--validation-images",
+                                  limit="--max-drop")
+    if problem:
+        raise ConfigError(f"compress tune: {problem}")
     started = time.monotonic()
     device = resolve(device_name)
     form = "onnx" if guess_form(model_path) is Form.ONNX else "torch"
@@ -508,7 +638,7 @@ def run_tune(model_path: Path, options: Any, *, max_drop: float, device_name: st
     recipe = parse_recipe(tune_recipe(candidates, device, data, evaluation or {}), source="compress tune")
     plan = plan_job(model_path, recipe, None, options)
     opened: list[Any] = []
-    screen = Screen(max_drop, validation_images or validation_images_default(max_drop), opened)
+    screen = Screen(max_drop, validation_images, opened)
     plan.pipeline.screen = screen
     if budget_min is not None:
         plan.pipeline.deadline = started + 60 * budget_min

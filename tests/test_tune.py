@@ -99,8 +99,10 @@ def test_thread_counts_go_from_one_to_every_core():
 
 
 def test_validation_images_follow_the_budget():
-    """One image is well under the budget: 0.5 points -> 1000 images (0.1 point each), as --help says."""
-    assert [validation_images_default(d) for d in (0.1, 0.5, 1.0, 5.0)] == [2000, 1000, 500, 500]
+    """What the confidence bound needs to prove the budget with no disagreement (0.5 points: 736 images,
+    ln(0.025) / ln(0.995)), at least 500; the screen adds what the disagreement it sees needs."""
+    assert [validation_images_default(d) for d in (0.1, 0.5, 1.0, 5.0)] == [3688, 736, 500, 500]
+    assert validation_images_default(0.5, 0.99) == 1058
 
 
 def test_pareto_front():
@@ -112,16 +114,19 @@ def test_tune_chooses_the_fastest_survivor_and_tuned_yaml_rebuilds_it(model_file
     out = tmp_path / "tune"
     code, stdout, err = cli(capsys, "tune", model_files["pickle"], "--data", digits_folder, "--max-drop", "1.0",
                             "--targets", "onnxruntime", "--device", "x86-avx2", "--trust-model", "--out", out,
-                            "--validation-images", "300", "--quick", "-q")
+                            "--quick", "-q")
     assert code == 0, err[-3000:]
     summary = json.loads((out / "tune.json").read_text())
     rows = summary["candidates"]
     assert {r["candidate"] for r in rows} >= {"ort_fp32", "ort_int8_minmax_pc", "ort_int8_budget"}
-    for r in rows:  # what was timed kept the budget on validation images; what was dropped did not
+    for r in rows:  # what was timed proved the budget on validation images (the bound); what was dropped did not
         if r.get("p50_ms") is not None:
-            assert r["validation_drop"] <= 1.0
+            assert r["validation_drop"] <= r["validation_drop_bound"] <= 1.0 and r["validation_images"] >= 500
         elif r.get("validation_drop") is not None:
-            assert r["validation_drop"] > 1.0 and r["verdict"].startswith("over budget")
+            assert r["validation_drop_bound"] > 1.0
+            assert r["verdict"].startswith(("over budget", "not proven within the budget")), r["verdict"]
+    assert summary["validation"]["confidence"] == 0.95
+    assert "upper confidence bound of the drop at 95%" in (out / "tune.md").read_text()
     timed = [r for r in rows if r.get("p50_ms") is not None]
     chosen = summary["chosen"]
     fastest = min(r["p50_ms"] for r in timed)  # within TIE_MARGIN of the fastest, the best on validation images
