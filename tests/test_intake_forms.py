@@ -175,6 +175,7 @@ def _check(name: str, form: str, models: dict[str, Path], tmp_path: Path, capsys
     return problems
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [Path(n).stem for n in shipped_recipes()])
 def test_shipped_recipe_on_every_intake_form(name, bare_models, tmp_path, capsys):
     """One recipe, every form: runs (exit 0, a report, every buildable engine built and measured,

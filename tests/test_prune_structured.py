@@ -80,6 +80,7 @@ def test_whole_layer_removal_is_refused():
         _check_layers(model, "passes[0].prune_structured")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", [0.3, 0.5])
 def test_macs_reduction_is_met_within_two_points_on_mobilenet_v2(target, tmp_path):
     """One channel ratio for every layer moves MobileNetV2's MACs in steps (round_to 8): 0.3 asked
@@ -189,6 +190,7 @@ def torchvision_model(tmp_path_factory):
     return make
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
 @pytest.mark.parametrize("arch", MATRIX_OK)
 def test_torchvision_architectures_prune_run_and_export(arch, fused, torchvision_model, tmp_path):
