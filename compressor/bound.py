@@ -31,7 +31,10 @@ is over the budget (over it with high confidence).
 What the bound does not cover: a search that tries several settings and keeps the first one whose
 bound meets the budget tests several times on the same images; each verdict holds at
 ``confidence`` on its own, the choice among them is not corrected for (the settings of one search
-are nested and their outcomes close to each other).
+are nested and their outcomes close to each other). Nor is the count of images: where a budget
+grows its validation set because a setting's bound missed for lack of images, or tune sizes it from
+the disagreement its first slice saw, the bound is then computed on a set that includes the images
+that decided its size (a mild optional stop; a bound on fresh images only would cost the slice).
 """
 
 from __future__ import annotations
