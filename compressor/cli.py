@@ -276,12 +276,15 @@ def explain(run_dir: Path, model: Path | None, arch: str | None, num_classes: in
 @click.option("--no-cache", is_flag=True, help="recompute every quantization (default: resume from the pass cache)")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="pass cache [~/.cache/compressor/passes]")
 @click.option("--quick", is_flag=True, help="short timing (0.2 s a row) for a first look; noisier figures")
+@click.option("--latency-figure", type=click.Choice(["loop", "paced"]), default="loop", show_default=True,
+              help="the batch-1 p50 to optimise: back-to-back calls (loop) or requests 30 per second with the cores "
+                   "idle between them (paced); tuned.yaml keeps it as evaluation.latency_figure")
 @click.option("--quiet", "-q", is_flag=True, help="no progress display")
 @click.option("--verbose", "-v", count=True)
 def tune(model: Path, data_root: str, max_drop: float, device: str | None, budget_min: float | None, only: str | None,
          validation_images: int | None, out: Path | None, overwrite: bool, arch: str | None, num_classes: int | None,
          trust_model: bool, threads: int | None, eval_limit: int | None, no_cache: bool, cache_dir: Path | None,
-         quick: bool, quiet: bool, verbose: int) -> int:
+         quick: bool, latency_figure: str, quiet: bool, verbose: int) -> int:
     """The fastest engine for MODEL that keeps top-1 within --max-drop: built, screened, timed, proven."""
     from .hooks import ProgressHook
     from .job import JobOptions
@@ -302,7 +305,9 @@ def tune(model: Path, data_root: str, max_drop: float, device: str | None, budge
     command = "compress tune " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["tune"] else "compress tune"
     summary, out_dir, code = run_tune(model, options, max_drop=max_drop, device_name=device, budget_min=budget_min,
                                       validation_images=validation_images, only=chosen, command=command,
-                                      evaluation=QUICK if quick else None)
+                                      evaluation={**(QUICK if quick else {}),
+                                                  **({"latency_figure": latency_figure}
+                                                     if latency_figure != "loop" else {})} or None)
     ch = summary["chosen"]
     if ch:
         click.echo(f"chosen: {ch['engine']}: test top-1 {ch['test_top1']:.2f}% ({ch['test_drop']:+.2f} points), "

@@ -7,10 +7,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .artifact import eval_mode
 from .load import LoadMonitor
@@ -41,12 +41,32 @@ class EvaluationConfig(BaseModel):
     warmup: int = Field(default=20, ge=0, description="batch-1 runs before timing")
     latency_runs: int = Field(default=300, ge=10, description="timed batch-1 runs (at least)")
     latency_min_seconds: float = Field(default=2.0, ge=0, description="keep timing batch-1 runs at least this long")
-    latency_rounds: int = Field(default=10, ge=1, description="interleaved rounds over all engines for batch-1 timing")
+    latency_rounds: int = Field(default=20, ge=1,
+                                description="rounds of batch-1 timing: each visits every engine once, in an order "
+                                            "shuffled anew each round, and times a warm block of consecutive calls")
+    latency_warm_ms: float = Field(default=20.0, ge=0,
+                                   description="untimed calls before each timed block, for at least this long: the "
+                                               "engine timed before goes quiet, this one's cores and caches warm up")
+    latency_seed: int = Field(default=0, description="seed of the order the engines are visited in each round")
+    paced_rate_hz: float | None = Field(
+        default=30.0, gt=0, le=1000,
+        description="also time batch-1 requests arriving at this rate, the cores idle between them (a camera: 30); "
+                    "null: no paced figure")
+    paced_runs: int = Field(default=30, ge=3, description="paced requests per engine (at most latency_runs)")
+    latency_figure: Literal["loop", "paced"] = Field(
+        default="loop", description="the figure speedups, acceptance's latency limits and tune judge: back-to-back "
+                                    "calls (loop) or requests at paced_rate_hz (paced)")
     throughput_batch: int = Field(default=64, ge=1)
     throughput_seconds: float = Field(default=3.0, gt=0)
     stages: bool = Field(default=False, description="also measure every intermediate torch model (eager)")
     explain: bool | ExplainConfig = Field(
         default=False, description="where accuracy is lost: per layer, per pass, sensitivity (explain.json/.md/.png)")
+
+    @model_validator(mode="after")
+    def _paced_figure_needs_a_rate(self) -> EvaluationConfig:
+        if self.latency_figure == "paced" and self.paced_rate_hz is None:
+            raise ValueError("latency_figure paced needs paced_rate_hz (requests per second), not null")
+        return self
 
     def explain_config(self) -> ExplainConfig | None:
         if self.explain is False:
@@ -72,6 +92,7 @@ class Measurement:
     engine: str | None = None
     runtime: dict[str, Any] = field(default_factory=dict)
     latency_samples_ms: list[float] = field(default_factory=list, repr=False)
+    paced_latency_ms: dict[str, float] | None = None  # requests at EvaluationConfig.paced_rate_hz
     predictions: np.ndarray | None = field(default=None, repr=False)
     output_sqnr_db: float | None = None  # logits against the source row's; None for the source itself or exact
     logits: np.ndarray | None = field(default=None, repr=False)
@@ -86,6 +107,7 @@ class Measurement:
             "agreement": self.agreement,
             "output_sqnr_db": self.output_sqnr_db,
             "latency_ms": self.latency_ms,
+            "paced_latency_ms": self.paced_latency_ms,
             "throughput_ips": self.throughput_ips,
             "throughput_batch": self.throughput_batch,
             "size_bytes": self.size_bytes,
@@ -177,13 +199,20 @@ def latency_stats(samples: list[float]) -> dict[str, float]:
 
 def latency(runners: list[Runner], sample: np.ndarray, cfg: EvaluationConfig,
             progress: Callable[[str], None] | None = None) -> list[list[float]]:
-    """Batch-1 latency samples (ms) of every runner, timed in interleaved rounds.
+    """Batch-1 latency samples (ms) of every runner, timed in warm blocks of consecutive calls.
 
-    Each runner gets ``warmup`` runs, then ``latency_rounds`` rounds go over all runners (in
-    alternating order), each runner doing its share of ``latency_runs`` and ``latency_min_seconds``
-    per round. A slow spell of a noisy machine then falls on every runner alike, so ratios between
-    rows measured in one run are fair.
+    Each runner gets ``warmup`` runs; then ``latency_rounds`` rounds each visit every runner once,
+    in an order shuffled anew every other round (seeded by ``latency_seed``) and mirrored in the
+    round after (so a linear drift of the machine falls on every runner alike). At each visit the runner
+    first runs untimed for ``latency_warm_ms`` (and at least 3 calls): the runner timed before it
+    has its thread pool go quiet (ONNX Runtime's spinning workers, OpenVINO's TBB and XNNPACK's
+    pthreadpool spin for a while after a call), and this runner's cores and caches are warm. Then a
+    timed block of its share of ``latency_runs`` calls and ``latency_min_seconds``. A figure then
+    depends neither on which engines share the session nor on where its row sits in the round, and
+    a slow spell of a noisy machine falls on every runner alike.
     """
+    import random
+
     one = np.ascontiguousarray(sample[:1])
     for r in runners:
         r.prepare(1)
@@ -192,16 +221,24 @@ def latency(runners: list[Runner], sample: np.ndarray, cfg: EvaluationConfig,
     rounds = cfg.latency_rounds
     runs = -(-cfg.latency_runs // rounds)
     seconds = cfg.latency_min_seconds / rounds
+    warm = cfg.latency_warm_ms / 1e3
     samples: list[list[float]] = [[] for _ in runners]
     clock = time.perf_counter
+    shuffle = random.Random(cfg.latency_seed).shuffle
     order = list(range(len(runners)))
     for rnd in range(rounds):
         if progress:
             progress(f"batch-1 latency, round {rnd + 1}/{rounds}")
-        for i in order if rnd % 2 == 0 else order[::-1]:
+        if rnd % 2 == 0:
+            shuffle(order)
+        else:  # the mirror of the round before: a machine drifting while timing slows every engine alike
+            order.reverse()
+        for i in order:
             r, got = runners[i], samples[i]
-            for _ in range(min(cfg.warmup, 3)):  # let the previous runtime's worker threads go idle
+            calls, start = 0, clock()
+            while calls < 3 or clock() - start < warm:
                 r(one)
+                calls += 1
             n0, start = len(got), clock()
             while len(got) - n0 < runs or clock() - start < seconds:
                 t0 = clock()
@@ -210,6 +247,68 @@ def latency(runners: list[Runner], sample: np.ndarray, cfg: EvaluationConfig,
                 if len(got) - n0 >= 20 * runs:
                     break
     return samples
+
+
+def paced_latency(runners: list[Runner], sample: np.ndarray, cfg: EvaluationConfig,
+                  progress: Callable[[str], None] | None = None) -> list[list[float]]:
+    """Batch-1 latency samples (ms) when requests arrive at ``paced_rate_hz`` and the cores idle in
+    between, as a deployed engine fed by a camera sees them: each call starts one period after the
+    previous one started (at once where a call outlasts the period). Blocks of calls per runner, in
+    rounds shuffled as :func:`latency`'s; each block starts one period after the previous runner's
+    last call, so no pool of another runtime is still spinning. ``runners`` are prepared for batch 1."""
+    import random
+
+    assert cfg.paced_rate_hz is not None
+    one = np.ascontiguousarray(sample[:1])
+    period = 1.0 / cfg.paced_rate_hz
+    total = min(cfg.paced_runs, cfg.latency_runs)
+    rounds = min(cfg.latency_rounds, total)
+    per_block = -(-total // rounds)
+    samples: list[list[float]] = [[] for _ in runners]
+    clock = time.perf_counter
+    shuffle = random.Random(cfg.latency_seed + 1).shuffle
+    order = list(range(len(runners)))
+    due = clock() + period
+    for rnd in range(rounds):
+        if progress:
+            progress(f"paced batch-1 latency ({cfg.paced_rate_hz:g}/s), round {rnd + 1}/{rounds}")
+        shuffle(order)
+        for i in order:
+            r, got = runners[i], samples[i]
+            for _ in range(min(per_block, total - len(got))):
+                wait = due - clock()
+                if wait > 0:
+                    time.sleep(wait)
+                t0 = clock()
+                r(one)
+                got.append((clock() - t0) * 1e3)
+                due = max(t0 + period, clock())
+    return samples
+
+
+def paced_stats(samples: list[float], rate_hz: float) -> dict[str, float]:
+    """latency_stats of paced samples, with the rate and whether it was kept up (p90 within a period)."""
+    stats = latency_stats(samples)
+    return {**stats, "rate_hz": rate_hz, "sustained": bool(stats["p90"] <= 1e3 / rate_hz)}
+
+
+def timing_method(cfg: EvaluationConfig) -> dict[str, Any]:
+    """How batch-1 latency is timed under ``cfg`` (report.json ``timing``)."""
+    return {
+        "figure": cfg.latency_figure,
+        "loop": f"warm blocks of back-to-back calls, {cfg.latency_rounds} rounds, every engine once per round in "
+                f"an order shuffled each round (seed {cfg.latency_seed}), {cfg.latency_warm_ms:g} ms of untimed "
+                f"calls before each block",
+        "paced_rate_hz": cfg.paced_rate_hz,
+        "paced_runs": None if cfg.paced_rate_hz is None else min(cfg.paced_runs, cfg.latency_runs),
+    }
+
+
+def figure_ms(row: dict[str, Any], which: str = "loop") -> float:
+    """A report row's batch-1 p50 (ms) by ``evaluation.latency_figure``: back-to-back calls or paced
+    requests (the loop figure where the row has no paced one)."""
+    paced = row.get("paced_latency_ms")
+    return float(paced["p50"]) if which == "paced" and paced else float(row["latency_ms"]["p50"])
 
 
 def throughput(runner: Runner, x: np.ndarray, cfg: EvaluationConfig) -> float:
@@ -254,7 +353,8 @@ def measure_all(
     load: LoadMonitor | None = None,
 ) -> list[Measurement]:
     """Accuracy of every row (agreement against the first one's predictions), then batch-1
-    latency interleaved across all of them, then throughput. Closes every runner. ``load``
+    latency in shuffled warm blocks across all of them (:func:`latency`), then the paced figure
+    (:func:`paced_latency`, where ``paced_rate_hz`` is set), then throughput. Closes every runner. ``load``
     records how busy the machine was just before and during the latency rounds (load.py).
 
     A row whose runner fails on the accuracy pass is dropped and handed to ``on_error`` (the
@@ -288,6 +388,9 @@ def measure_all(
             load.during()
         for m, samples in zip(results, timed):
             m.latency_ms, m.latency_samples_ms = latency_stats(samples), samples
+        if cfg.paced_rate_hz is not None:
+            for m, samples in zip(results, paced_latency([s.runner for s in kept], x, cfg, say)):
+                m.paced_latency_ms = paced_stats(samples, cfg.paced_rate_hz)
         for m, s in zip(results, kept):
             say(f"{s.name}: throughput at batch {cfg.throughput_batch}")
             m.throughput_ips = throughput(s.runner, x, cfg)

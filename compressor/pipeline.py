@@ -17,7 +17,7 @@ from .data import DataBundle, preprocess
 from .devices import Device, or_host
 from .errors import CompressorError, DataError, PassError, PipelineOrderError, TargetError, TargetUnavailable, first_line
 from .environment import default_threads, library_versions
-from .evaluate import EvaluationConfig, ResultRow, TorchRunner, measure_all
+from .evaluate import EvaluationConfig, ResultRow, TorchRunner, measure_all, timing_method
 from .hooks import Hook, HookList
 from .load import LoadMonitor
 from .staging import OutputError, json_text, run_scratch, staged_dir, write_failure
@@ -484,6 +484,7 @@ class Pipeline:
         measured = measure_all(rows, x=x, labels=labels, cfg=cfg, threads=threads,
                                progress=self.hooks.on_message, on_error=failed, load=monitor)
         result.timing_load = monitor.summary()
+        result.timing = timing_method(cfg)
         if result.timing_load["under_load"]:
             log.warning("timing ran under load: %s", "; ".join(result.timing_load["reasons"]))
         for m in measured:

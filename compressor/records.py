@@ -52,6 +52,7 @@ class RunResult:
     measurements: list[Measurement] = field(default_factory=list)
     threads: int = 1
     timing_load: dict[str, Any] | None = None  # load.LoadMonitor.summary() of the timing rounds
+    timing: dict[str, Any] | None = None  # evaluate.timing_method(): how batch-1 latency was timed
     skipped_branches: list[str] = field(default_factory=list)  # not started: Pipeline.deadline passed
     _tmp: Any = field(default=None, repr=False)
 

@@ -37,7 +37,7 @@ import yaml
 from .bound import (DEFAULT_CONFIDENCE, IMAGES_CAP, DropBound, fixed_count_problem, images_cap, images_needed,
                     paired, too_few_line)
 from .devices import Device
-from .evaluate import ResultRow, accuracy
+from .evaluate import ResultRow, accuracy, figure_ms
 from .registry import get_target
 from .staging import atomic_write, json_text
 
@@ -51,9 +51,11 @@ SLICE_IMAGES = 256
 """the validation images every candidate runs on first: they rank the candidates and drop those over
 the budget with high confidence (the lower bound of the drop); the survivors run on all of them"""
 TIE_MARGIN = 0.03
-"""batch-1 p50s within 3 % of the fastest survivor's are a tie: two copies of one engine file read
-0.3 % (ResNet-50) and 4.5 % (MobileNetV2) apart in one session (benchmarks/results/tune_peers_*). A
-tie goes to the higher validation top-1, then to the cheaper candidate (search_space's order)."""
+"""batch-1 p50s within 3 % of the fastest survivor's are a tie: with the warm blocks of
+evaluate.latency, two copies of the real MobileNetV2's TFLite INT8 file read at most 2.3 % apart over
+5 sessions (benchmarks/results/timing_mobilenetv2; ONNX Runtime copies can still differ more, from an
+instance's own state). A tie goes to the higher validation top-1, then to the cheaper candidate
+(search_space's order)."""
 QUICK = {"warmup": 3, "latency_runs": 30, "latency_min_seconds": 0.2, "latency_rounds": 3, "throughput_batch": 16,
          "throughput_seconds": 0.2}
 """--quick: short timing for a first look (noisier figures)"""
@@ -378,6 +380,11 @@ def pareto(points: list[tuple[str, float, float]]) -> list[str]:
 
 def summarise(report: dict[str, Any], candidates: list[Candidate], left_out: list[dict[str, str]], screen: Screen,
               device: Device, max_drop: float, seconds: float) -> dict[str, Any]:
+    figure = (report.get("timing") or {}).get("figure", "loop")
+
+    def p50(r: dict[str, Any]) -> float:  # the figure evaluation.latency_figure names: loop or paced
+        return figure_ms(r, figure)
+
     by_engine = {}
     main = main_candidate(candidates)
     for e in report["engines"]:
@@ -387,16 +394,16 @@ def summarise(report: dict[str, Any], candidates: list[Candidate], left_out: lis
     source = results["source"]
     measured = [r for n, r in results.items() if n != "source" and n in by_engine]
     screened = {s["name"]: s for s in screen.rows}
-    fastest = min(measured, key=lambda r: r["latency_ms"]["p50"]) if measured else None
+    fastest = min(measured, key=lambda r: p50(r)) if measured else None
     ties = [] if fastest is None else [r for r in measured
-                                       if r["latency_ms"]["p50"] <= (1 + TIE_MARGIN) * fastest["latency_ms"]["p50"]]
+                                       if p50(r) <= (1 + TIE_MARGIN) * p50(fastest)]
     order = {c.name: i for i, c in enumerate(candidates)}
 
     def val_top1(r: dict[str, Any]) -> float:
         return float((screened.get(r["name"]) or {}).get("validation_top1") or 0.0)
 
     chosen = max(ties, key=lambda r: (val_top1(r), -order[by_engine[r["name"]].name])) if ties else None
-    front = pareto([(r["name"], r["top1"], r["latency_ms"]["p50"]) for r in [source, *measured]])
+    front = pareto([(r["name"], r["top1"], p50(r)) for r in [source, *measured]])
     rows = []
     for c in candidates:
         engine = next((n for n, cc in by_engine.items() if cc is c), None)
@@ -408,21 +415,21 @@ def summarise(report: dict[str, Any], candidates: list[Candidate], left_out: lis
             row.update(validation_top1=s["validation_top1"], validation_drop=s["drop"],
                        validation_drop_bound=s.get("drop_bound"), validation_images=s.get("images"))
         if r is not None:
-            row.update(test_top1=r["top1"], p50_ms=r["latency_ms"]["p50"], speedup=r.get("speedup"),
+            row.update(test_top1=r["top1"], p50_ms=p50(r), speedup=r.get("speedup"),
                        pareto=r["name"] in front, speedup_reliable=r.get("speedup_reliable", True))
         if chosen is not None and r is chosen:
             row["verdict"] = "chosen: the fastest within the budget" if r is fastest else (
                 f"chosen: within {TIE_MARGIN:.0%} of the fastest ({fastest['name']}, p50 "  # type: ignore[index]
-                f"{fastest['latency_ms']['p50']:.3f} ms), the highest validation top-1 of those")  # type: ignore[index]
+                f"{p50(fastest):.3f} ms), the highest validation top-1 of those")  # type: ignore[index]
         elif r is not None and any(r is t for t in ties):
             lost = (f"but validation top-1 {val_top1(r):.2f} % against the chosen's {val_top1(chosen):.2f} %"  # type: ignore[arg-type]
                     if val_top1(r) < val_top1(chosen) else  # type: ignore[arg-type]
                     "same validation top-1; the chosen candidate comes first in the search order")
-            row["verdict"] = (f"tied: p50 {r['latency_ms']['p50']:.3f} ms, within {TIE_MARGIN:.0%} of the fastest, "
+            row["verdict"] = (f"tied: p50 {p50(r):.3f} ms, within {TIE_MARGIN:.0%} of the fastest, "
                               f"{lost}")
         elif r is not None:
-            row["verdict"] = (f"slower: p50 {r['latency_ms']['p50']:.3f} ms against the chosen "
-                              f"{chosen['latency_ms']['p50']:.3f} ms")  # type: ignore[index]
+            row["verdict"] = (f"slower: p50 {p50(r):.3f} ms against the chosen "
+                              f"{p50(chosen):.3f} ms")  # type: ignore[index]
         elif s is not None and "duplicate_of" in s:
             same = by_engine[s["duplicate_of"]].name if s["duplicate_of"] in by_engine else s["duplicate_of"]
             row.update(duplicate_of=same, verdict=f"dropped: its engine is byte-identical to {same}'s "
@@ -445,12 +452,13 @@ def summarise(report: dict[str, Any], candidates: list[Candidate], left_out: lis
                        "confidence": screen.confidence, "slice_images": SLICE_IMAGES},
         "duplicates": [{"candidate": r["candidate"], "engine": r["engine"], "same_bytes_as": r["duplicate_of"]}
                        for r in rows if r.get("duplicate_of")],
-        "source": {"top1": source["top1"], "p50_ms": source["latency_ms"]["p50"]},
+        "source": {"top1": source["top1"], "p50_ms": p50(source)},
         "chosen": None if chosen is None else {
             "engine": chosen["name"], "test_top1": chosen["top1"], "test_drop": round(source["top1"] - chosen["top1"], 2),
-            "p50_ms": chosen["latency_ms"]["p50"], "speedup": chosen.get("speedup"),
+            "p50_ms": p50(chosen), "speedup": chosen.get("speedup"),
             "candidate": by_engine[chosen["name"]].name},
         "pareto": front, "candidates": rows, "left_out": left_out,
+        "latency_figure": figure, "paced_rate_hz": (report.get("timing") or {}).get("paced_rate_hz"),
         "timing_under_load": bool(load.get("under_load")), "load_reasons": load.get("reasons", []),
     }
 
@@ -468,6 +476,9 @@ def render(summary: dict[str, Any], command: str) -> str:
              f"{val.get('confidence', DEFAULT_CONFIDENCE):.0%} is, on {val['images']} validation images{asked} "
              f"(source {'-' if vsrc is None else format(vsrc, '.2f')}%), then measured on the test split",
              f"- command: `{command}`", f"- seconds: {summary['seconds']}", ""]
+    figure = (f"requests {summary.get('paced_rate_hz') or 0:g} per second, the cores idle between them (paced)"
+              if summary.get("latency_figure") == "paced" else "back-to-back calls (loop)")
+    lines[-2:-2] = [f"- latency optimised: batch-1 p50 of {figure} (`evaluation.latency_figure`, `--latency-figure`)"]
     if summary["timing_under_load"]:
         lines += ["**Timing ran under load**: " + "; ".join(summary["load_reasons"]) + ". The choice may not hold "
                   "on a quiet machine.", ""]

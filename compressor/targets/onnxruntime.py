@@ -73,6 +73,10 @@ class OrtRunner(Runner):
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # the workers spin while a run is on, and stop when it returns: a pool still spinning after
+        # its run would take the cores from whatever runs next (another engine timed in the session,
+        # or the application's own work between requests)
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
         opts.graph_optimization_level = {
             "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -105,6 +109,7 @@ class OrtRunner(Runner):
             "runtime": f"onnxruntime {ort.__version__}",
             "providers": self.session.get_providers(),
             "threads": self.threads,
+            "spinning": "during a run only (session.force_spinning_stop)",
             "graph_optimization": self.graph_optimization,
             "fixed_batch": self.fixed_batch,
             "kernels": dict(kernels.most_common()),
