@@ -96,6 +96,11 @@ class Target(ABC):
         self.device: Device | None = None
         """the device the engine is for (the pipeline sets it; None: this machine's profile)"""
 
+    def load_settings(self) -> dict[str, Any]:
+        """The settings :meth:`load` runs an engine with beyond its files (e.g. OpenVINO's inference
+        precision): two engines are the same only where their files and these are."""
+        return {}
+
     def target_device(self) -> Device:
         from .devices import or_host
 

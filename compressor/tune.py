@@ -239,12 +239,26 @@ class Screen:
             reference = self._logits(source, x)
         self.used = len(labels)
         self.source_top1 = 100.0 * float((reference.argmax(1) == labels).mean())
-        kept = [source]
+        judged: dict[int, tuple[int, ResultRow, dict[str, Any], DropBound]] = {}
         for rank, (row, first) in enumerate(ranked):
             if first["kept"]:
-                kept += [row] if self._full(row, x, labels, reference, first, rank) else []
+                judged[id(row)] = (rank, row, first, self._full(row, x, labels, reference, first, rank))
             else:
                 self._record(row, first, rank, None, first["top1"])
+        short = [k for k, (_, _, _, found) in judged.items() if found.short_of_images()]
+        grow = min(max((judged[k][3].needed() or 0 for k in short), default=0), images_cap(x[0].nbytes))
+        if short and not self.fixed and grow > len(labels):
+            # not proven only for lack of images: judged again on as many as the bound needs
+            x, labels = self._load(result.source, data, grow)
+            if len(labels) > self.used:
+                reference = self._logits(source, x)
+                self.images = self.used = len(labels)
+                self.source_top1 = 100.0 * float((reference.argmax(1) == labels).mean())
+                for k in short:
+                    rank, row, first, _ = judged[k]
+                    self.rows = [r for r in self.rows if r["name"] != row.name]
+                    judged[k] = (rank, row, first, self._full(row, x, labels, reference, first, rank))
+        kept = [source, *(row for _, row, _, found in judged.values() if found.met)]
         order = {id(r): i for i, r in enumerate(rows)}
         return sorted(kept, key=lambda r: order[id(r)])
 
@@ -301,8 +315,8 @@ class Screen:
                              max(found.point, 0.0))
 
     def _full(self, row: ResultRow, x: np.ndarray, labels: np.ndarray, reference: np.ndarray, first: dict[str, Any],
-              rank: int) -> bool:
-        """The second stage: the drop on every validation image, kept when its bound meets the budget."""
+              rank: int) -> DropBound:
+        """The second stage: the drop on every validation image (kept when its bound meets the budget)."""
         started = time.perf_counter()
         logits = self._logits(row, x)
         found = paired(reference.argmax(1) == labels, logits.argmax(1) == labels, confidence=self.confidence,
@@ -310,7 +324,7 @@ class Screen:
         first["seconds"] += time.perf_counter() - started
         self._record(row, first, rank, found, 100.0 * float((logits.argmax(1) == labels).mean()))
         log.info("tune: %s validation %s: %s", row.name, found.describe(), "kept" if found.met else "dropped")
-        return bool(found.met)
+        return found
 
     def _record(self, row: ResultRow, first: dict[str, Any], rank: int, found: DropBound | None, top1: float) -> None:
         """A row of tune.json's screen: the verdict on every image (or on the slice, where it stopped there)."""
@@ -325,17 +339,20 @@ class Screen:
             **({"images_needed": found.needed()} if found is not None and found.short_of_images() else {})})
 
     def _unique(self, rows: list[ResultRow], result: Any) -> list[ResultRow]:
-        """``rows`` without those whose engine's model files are byte-identical to an earlier row's
-        (each dropped one recorded with ``duplicate_of``)."""
-        from .fingerprints import files_fingerprint
+        """``rows`` without those whose engine's model files are byte-identical to an earlier row's and
+        that its target loads alike (OpenVINO's bf16 inference precision runs the FP32 files
+        differently); each dropped one recorded with ``duplicate_of``."""
+        from .fingerprints import files_fingerprint, json_fingerprint
 
-        files = {str(e.path): e.files for e in result.engines}
+        engines = {str(e.path): e for e in result.engines}
         seen: dict[str, str] = {}
         unique = []
         for row in rows:
-            engine_files = files.get(row.engine) if row.name != "source" else None
-            if engine_files:
-                key = files_fingerprint(sorted(engine_files, key=lambda f: Path(f).name))
+            engine = engines.get(row.engine) if row.name != "source" else None
+            if engine is not None and engine.files:
+                settings = engine.builder.load_settings() if engine.builder is not None else {}
+                key = files_fingerprint(sorted(engine.files, key=lambda f: Path(f).name)) + json_fingerprint(
+                    {"target": engine.target, **settings})
                 if key in seen:
                     self.rows.append({"name": row.name, "kept": False, "duplicate_of": seen[key]})
                     log.info("tune: %s is byte-identical to %s: dropped", row.name, seen[key])

@@ -241,7 +241,9 @@ def test_tuned_yaml_runs_as_the_readme_writes_it(sd_tune, weights, capsys):
 
 def test_tune_drops_and_names_a_candidate_whose_engine_bytes_equal_anothers(model_files, tmp_path):
     """Two ONNX Runtime engines of the same bytes and an OpenVINO one: the screen drops the second
-    ONNX Runtime one before validation and timing, and tune.json / tune.md name it and its twin."""
+    ONNX Runtime one before validation and timing, and tune.json / tune.md name it and its twin. A
+    third copy of the bytes that its target loads with other settings (as OpenVINO's bf16 inference
+    precision runs FP32 files) is not a twin."""
     from compressor import get_target
     from compressor.data import DataConfig, open_data
     from compressor.devices import resolve
@@ -253,9 +255,10 @@ def test_tune_drops_and_names_a_candidate_whose_engine_bytes_equal_anothers(mode
 
     art = load_model(model_files["onnx"])
     ort, ov = get_target("onnxruntime")(), get_target("openvino")()
+    basic = get_target("onnxruntime")(graph_optimization="basic")  # the same bytes, run otherwise
     engines = [ort.build(art, tmp_path, name="onnxruntime-fp32"), ort.build(art, tmp_path, name="b-onnxruntime-fp32"),
-               ov.build(art, tmp_path, name="c-openvino-fp32")]
-    assert engines[0].path.read_bytes() == engines[1].path.read_bytes()
+               ov.build(art, tmp_path, name="c-openvino-fp32"), basic.build(art, tmp_path, name="d-onnxruntime-fp32")]
+    assert engines[0].path.read_bytes() == engines[1].path.read_bytes() == engines[3].path.read_bytes()
     rows = [ResultRow("source", "onnx", "fp32", source_runner(art, 1), 0)]
     rows += [ResultRow(e.name, e.target, e.precision, e.builder.load(e, threads=1), e.size_bytes, engine=str(e.path))
              for e in engines]
@@ -264,11 +267,12 @@ def test_tune_drops_and_names_a_candidate_whose_engine_bytes_equal_anothers(mode
     kept = screen(rows, RunResult(source=art, artifacts=[art], records=[], engines=engines))
     for r in rows:
         r.runner.close()
-    assert [r.name for r in kept] == ["source", "onnxruntime-fp32", "c-openvino-fp32"]
+    # d's files are a's bytes, but its runtime loads them with other settings: not a twin
+    assert [r.name for r in kept] == ["source", "onnxruntime-fp32", "c-openvino-fp32", "d-onnxruntime-fp32"]
     assert {"name": "b-onnxruntime-fp32", "kept": False, "duplicate_of": "onnxruntime-fp32"} in screen.rows
     cands = [Candidate("a", "onnxruntime", "fp32", "A"), Candidate("b", "onnxruntime", "fp32", "B"),
              Candidate("c", "openvino", "fp32", "C")]
-    report = {"engines": [{"name": e.name} for e in engines],
+    report = {"engines": [{"name": e.name} for e in engines[:3]],
               "results": [{"name": n, "top1": 90.0, "latency_ms": {"p50": p}, "speedup": 1 / p} for n, p in
                           (("source", 1.0), ("onnxruntime-fp32", 0.5), ("c-openvino-fp32", 0.4))]}
     summary = summarise(report, cands, [], screen, resolve("x86-avx2"), 5.0, 1.0)

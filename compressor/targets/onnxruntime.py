@@ -52,6 +52,9 @@ class OnnxRuntimeTarget(Target):
             files.append(tmp_dir / f.name)
         return files, info
 
+    def load_settings(self) -> dict[str, Any]:
+        return {"graph_optimization": self.config.graph_optimization}
+
     def load(self, engine: Engine, *, threads: int) -> Runner:
         return OrtRunner(engine.path, threads=threads, graph_optimization=self.config.graph_optimization)
 

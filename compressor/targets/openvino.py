@@ -95,6 +95,9 @@ class OpenVINOTarget(Target):
         }
         return [xml, xml.with_suffix(".bin")], info
 
+    def load_settings(self) -> dict[str, Any]:
+        return {"device": self.config.device, "precision_hint": self.config.precision_hint}
+
     def load(self, engine: Engine, *, threads: int) -> Runner:
         return OVRunner(engine.path, threads=threads, device=self.config.device, precision_hint=self.config.precision_hint)
 
