@@ -42,8 +42,9 @@ class EvaluationConfig(BaseModel):
     latency_runs: int = Field(default=300, ge=10, description="timed batch-1 runs (at least)")
     latency_min_seconds: float = Field(default=2.0, ge=0, description="keep timing batch-1 runs at least this long")
     latency_rounds: int = Field(default=20, ge=1,
-                                description="rounds of batch-1 timing: each visits every engine once, in an order "
-                                            "shuffled anew each round, and times a warm block of consecutive calls")
+                                description="rounds of batch-1 timing: each visits every engine once (an order "
+                                            "shuffled every other round, mirrored in the next) and times a warm "
+                                            "block of consecutive calls")
     latency_warm_ms: float = Field(default=20.0, ge=0,
                                    description="untimed calls before each timed block, for at least this long: the "
                                                "engine timed before goes quiet, this one's cores and caches warm up")
@@ -297,8 +298,8 @@ def timing_method(cfg: EvaluationConfig) -> dict[str, Any]:
     return {
         "figure": cfg.latency_figure,
         "loop": f"warm blocks of back-to-back calls, {cfg.latency_rounds} rounds, every engine once per round in "
-                f"an order shuffled each round (seed {cfg.latency_seed}), {cfg.latency_warm_ms:g} ms of untimed "
-                f"calls before each block",
+                f"an order shuffled every other round and mirrored in the next (seed {cfg.latency_seed}), "
+                f"{cfg.latency_warm_ms:g} ms of untimed calls before each block",
         "paced_rate_hz": cfg.paced_rate_hz,
         "paced_runs": None if cfg.paced_rate_hz is None else min(cfg.paced_runs, cfg.latency_runs),
     }
