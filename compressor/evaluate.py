@@ -4,10 +4,12 @@ thread count, recorded in the result."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -49,6 +51,11 @@ class EvaluationConfig(BaseModel):
                                    description="untimed calls before each timed block, for at least this long: the "
                                                "engine timed before goes quiet, this one's cores and caches warm up")
     latency_seed: int = Field(default=0, description="seed of the order the engines are visited in each round")
+    latency_pin: bool = Field(
+        default=True,
+        description="pin the calling thread to one core while timing (the runtime's workers get the others), as a "
+                    "serving thread is: left free, the scheduler puts it now beside, now on top of the engine's "
+                    "worker, and a 2-thread engine flips between two speeds from block to block")
     paced_rate_hz: float | None = Field(
         default=30.0, gt=0, le=1000,
         description="also time batch-1 requests arriving at this rate, the cores idle between them (a camera: 30); "
@@ -198,6 +205,28 @@ def latency_stats(samples: list[float]) -> dict[str, float]:
     }
 
 
+@contextlib.contextmanager
+def pinned(enabled: bool = True) -> Iterator[int | None]:
+    """Pin the calling thread (only it: Linux's affinity is per thread) to the first core it may run on,
+    and give it back its cores after. Yields that core, or None where there is nothing to pin (one core,
+    no ``sched_setaffinity``, or ``enabled`` false). Runtimes' workers made before keep their cores."""
+    getaff, setaff = getattr(os, "sched_getaffinity", None), getattr(os, "sched_setaffinity", None)
+    cores = getaff(0) if enabled and getaff and setaff else set()
+    if len(cores) < 2:
+        yield None
+        return
+    core = min(cores)
+    try:
+        setaff(0, {core})
+    except OSError:  # a container may refuse it: time unpinned
+        yield None
+        return
+    try:
+        yield core
+    finally:
+        setaff(0, cores)
+
+
 def latency(runners: list[Runner], sample: np.ndarray, cfg: EvaluationConfig,
             progress: Callable[[str], None] | None = None) -> list[list[float]]:
     """Batch-1 latency samples (ms) of every runner, timed in warm blocks of consecutive calls.
@@ -227,26 +256,27 @@ def latency(runners: list[Runner], sample: np.ndarray, cfg: EvaluationConfig,
     clock = time.perf_counter
     shuffle = random.Random(cfg.latency_seed).shuffle
     order = list(range(len(runners)))
-    for rnd in range(rounds):
-        if progress:
-            progress(f"batch-1 latency, round {rnd + 1}/{rounds}")
-        if rnd % 2 == 0:
-            shuffle(order)
-        else:  # the mirror of the round before: a machine drifting while timing slows every engine alike
-            order.reverse()
-        for i in order:
-            r, got = runners[i], samples[i]
-            calls, start = 0, clock()
-            while calls < 3 or clock() - start < warm:
-                r(one)
-                calls += 1
-            n0, start = len(got), clock()
-            while len(got) - n0 < runs or clock() - start < seconds:
-                t0 = clock()
-                r(one)
-                got.append((clock() - t0) * 1e3)
-                if len(got) - n0 >= 20 * runs:
-                    break
+    with pinned(cfg.latency_pin):
+        for rnd in range(rounds):
+            if progress:
+                progress(f"batch-1 latency, round {rnd + 1}/{rounds}")
+            if rnd % 2 == 0:
+                shuffle(order)
+            else:  # the mirror of the round before: a machine drifting while timing slows every engine alike
+                order.reverse()
+            for i in order:
+                r, got = runners[i], samples[i]
+                calls, start = 0, clock()
+                while calls < 3 or clock() - start < warm:
+                    r(one)
+                    calls += 1
+                n0, start = len(got), clock()
+                while len(got) - n0 < runs or clock() - start < seconds:
+                    t0 = clock()
+                    r(one)
+                    got.append((clock() - t0) * 1e3)
+                    if len(got) - n0 >= 20 * runs:
+                        break
     return samples
 
 
@@ -270,20 +300,21 @@ def paced_latency(runners: list[Runner], sample: np.ndarray, cfg: EvaluationConf
     shuffle = random.Random(cfg.latency_seed + 1).shuffle
     order = list(range(len(runners)))
     due = clock() + period
-    for rnd in range(rounds):
-        if progress:
-            progress(f"paced batch-1 latency ({cfg.paced_rate_hz:g}/s), round {rnd + 1}/{rounds}")
-        shuffle(order)
-        for i in order:
-            r, got = runners[i], samples[i]
-            for _ in range(min(per_block, total - len(got))):
-                wait = due - clock()
-                if wait > 0:
-                    time.sleep(wait)
-                t0 = clock()
-                r(one)
-                got.append((clock() - t0) * 1e3)
-                due = max(t0 + period, clock())
+    with pinned(cfg.latency_pin):
+        for rnd in range(rounds):
+            if progress:
+                progress(f"paced batch-1 latency ({cfg.paced_rate_hz:g}/s), round {rnd + 1}/{rounds}")
+            shuffle(order)
+            for i in order:
+                r, got = runners[i], samples[i]
+                for _ in range(min(per_block, total - len(got))):
+                    wait = due - clock()
+                    if wait > 0:
+                        time.sleep(wait)
+                    t0 = clock()
+                    r(one)
+                    got.append((clock() - t0) * 1e3)
+                    due = max(t0 + period, clock())
     return samples
 
 
@@ -299,7 +330,8 @@ def timing_method(cfg: EvaluationConfig) -> dict[str, Any]:
         "figure": cfg.latency_figure,
         "loop": f"warm blocks of back-to-back calls, {cfg.latency_rounds} rounds, every engine once per round in "
                 f"an order shuffled every other round and mirrored in the next (seed {cfg.latency_seed}), "
-                f"{cfg.latency_warm_ms:g} ms of untimed calls before each block",
+                f"{cfg.latency_warm_ms:g} ms of untimed calls before each block"
+                + (", the calling thread pinned to one core" if cfg.latency_pin else ""),
         "paced_rate_hz": cfg.paced_rate_hz,
         "paced_runs": None if cfg.paced_rate_hz is None else min(cfg.paced_runs, cfg.latency_runs),
     }

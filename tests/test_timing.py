@@ -4,6 +4,7 @@ the cores idle between them; evaluation.latency_figure picks the figure speedups
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -119,3 +120,42 @@ def test_latency_figure_picks_the_figure_speedups_and_limits_judge():
     assert not acceptance_checks(rows, limits, "paced")[0]["passed"]
     with pytest.raises(ValueError, match="paced_rate_hz"):
         EvaluationConfig(latency_figure="paced", paced_rate_hz=None)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs a thread affinity call and at least two cores")
+def test_pinned_pins_the_calling_thread_and_gives_its_cores_back():
+    from compressor.evaluate import pinned
+
+    cores = os.sched_getaffinity(0)
+    with pinned() as core:
+        assert core == min(cores)
+        assert os.sched_getaffinity(0) == {core}
+    assert os.sched_getaffinity(0) == cores
+    with pinned(False) as core:
+        assert core is None and os.sched_getaffinity(0) == cores
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs a thread affinity call and at least two cores")
+def test_a_worker_thread_made_before_the_pin_keeps_its_cores():
+    import threading
+
+    from compressor.evaluate import pinned
+
+    cores = os.sched_getaffinity(0)
+    go, done = threading.Event(), threading.Event()
+    seen: list[set[int]] = []
+
+    def worker():
+        go.wait()
+        seen.append(os.sched_getaffinity(0))
+        done.set()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    with pinned():
+        go.set()
+        done.wait(10)
+    t.join()
+    assert seen == [cores]
