@@ -719,9 +719,9 @@ def run_model(key: str, args: argparse.Namespace) -> dict:
     data = open_data(DataConfig(source="cifar10", root=str(SHARED / "datasets" / "cifar10"), calibration=CAL,
                                 evaluation={"split": "test", "limit": args.eval_limit}))
     size = tuple(artifact.input_spec.sample_shape[1:])
-    images, labels = data.evaluation_set(size, artifact.preprocessing.color)
+    images, labels = data.evaluation_set(size, artifact.preprocessing)
     x = preprocess(images, artifact.preprocessing)
-    calib = preprocess(data.calibration_images(size, artifact.preprocessing.color), artifact.preprocessing)
+    calib = preprocess(data.calibration_images(size, artifact.preprocessing), artifact.preprocessing)
 
     out_name = args.out_name.format(model=key)
     work = HERE / "work" / out_name

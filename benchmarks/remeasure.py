@@ -26,7 +26,7 @@ report = json.loads((work / "report.json").read_text())
 data = open_data(DataConfig(source="cifar10", root=str(SHARED / "datasets" / "cifar10")))
 
 source = load_model(Path(report["model"]), trust=True)
-images, labels = data.evaluation_set(tuple(source.input_spec.sample_shape[1:]), source.preprocessing.color)
+images, labels = data.evaluation_set(tuple(source.input_spec.sample_shape[1:]), source.preprocessing)
 x = preprocess(images, source.preprocessing)
 subjects = []
 for e in report["engines"]:

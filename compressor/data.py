@@ -25,6 +25,21 @@ from .staging import OutputError, staged_file
 
 log = logging.getLogger(__name__)
 
+# A "view" says how images are decoded for a model: its Preprocessing (the colour, and the geometry
+# that turns a photo into the input size), or only a colour name ("RGB", "L"): resized straight to the size.
+
+
+def as_preprocessing(view: Preprocessing | str) -> Preprocessing:
+    """``view`` as a Preprocessing: a colour name becomes the default preprocessing in that colour."""
+    return view if isinstance(view, Preprocessing) else Preprocessing(color=view)
+
+
+def view_key(view: Preprocessing | str) -> str:
+    """What in ``view`` decides the decoded uint8 image (cache keys): the colour and the geometry."""
+    prep = as_preprocessing(view)
+    return prep.color
+
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 
 
@@ -116,8 +131,9 @@ class ImageSource:
                 raise DataError(f"cannot read image {self.paths[int(i)]}: {exc}") from exc
         return sizes
 
-    def load_images(self, indices: np.ndarray, size: tuple[int, int], color: str) -> np.ndarray:
-        """uint8 images (N, H, W, C) resized to ``size`` (height, width)."""
+    def load_images(self, indices: np.ndarray, size: tuple[int, int], view: Preprocessing | str) -> np.ndarray:
+        """uint8 images (N, H, W, C) at ``size`` (height, width), decoded as ``view`` says."""
+        color = as_preprocessing(view).color
         if self.arrays is not None:
             return _resize_stack(self.arrays[indices], size, color)
         from PIL import Image
@@ -290,16 +306,16 @@ class DataBundle:
         the calibration split's size (:meth:`ImageSource.balanced_indices` takes every image then)."""
         return min(count or self.config.calibration.samples, len(self.calibration_source))
 
-    def calibration_images(self, size: tuple[int, int], color: str, count: int | None = None) -> np.ndarray:
+    def calibration_images(self, size: tuple[int, int], view: Preprocessing | str, count: int | None = None) -> np.ndarray:
         cfg = self.config.calibration
         n = count or cfg.samples
-        key = ("cal", size, color, n)
+        key = ("cal", size, view_key(view), n)
         if key not in self._cache:
             if n > len(self.calibration_source) and n != cfg.samples:  # cfg.samples: warned by open_data
                 log.warning("%d calibration images asked for, but split %r has only %d: calibrating on %d",
                             n, cfg.split, len(self.calibration_source), len(self.calibration_source))
             idx = self.calibration_source.balanced_indices(n, cfg.seed)
-            self._cache[key] = self.calibration_source.load_images(idx, size, color)
+            self._cache[key] = self.calibration_source.load_images(idx, size, view)
         return self._cache[key]
 
     def calibration_per_class(self, count: int | None = None) -> dict[str, int]:
@@ -328,26 +344,26 @@ class DataBundle:
         data.calibration.samples) leaves for :meth:`validation_indices`."""
         return len(self.calibration_source) - self.calibration_count(calibrated)
 
-    def validation_set(self, size: tuple[int, int], color: str, count: int, *,
+    def validation_set(self, size: tuple[int, int], view: Preprocessing | str, count: int, *,
                        calibrated: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """uint8 images and labels of :meth:`validation_indices`."""
-        key = ("val", size, color, count, calibrated)
+        key = ("val", size, view_key(view), count, calibrated)
         if key not in self._cache:
             idx = self.validation_indices(count, calibrated=calibrated)
             src = self.calibration_source
-            self._cache[key] = (src.load_images(idx, size, color), src.labels[idx])
+            self._cache[key] = (src.load_images(idx, size, view), src.labels[idx])
         return self._cache[key]
 
-    def split_images(self, which: str, size: tuple[int, int], color: str) -> np.ndarray:
+    def split_images(self, which: str, size: tuple[int, int], view: Preprocessing | str) -> np.ndarray:
         """Every image of the training (calibration) or evaluation split, decoded once.
 
         Decoded arrays of file-based splits are kept on disk in the data cache, keyed by the
         split's fingerprint, so the next run skips JPEG decoding.
         """
         src = self.calibration_source if which == "train" else self.evaluation_source
-        key = ("split", which, size, color)
+        key = ("split", which, size, view_key(view))
         if key not in self._cache:
-            self._cache[key] = _decoded(src, size, color)
+            self._cache[key] = _decoded(src, size, view)
         return self._cache[key]
 
     def evaluation_indices(self) -> np.ndarray:
@@ -356,12 +372,12 @@ class DataBundle:
         src = self.evaluation_source
         return np.arange(len(src)) if cfg.limit is None else src.balanced_indices(cfg.limit, cfg.seed)
 
-    def evaluation_set(self, size: tuple[int, int], color: str) -> tuple[np.ndarray, np.ndarray]:
-        key = ("eval", size, color)
+    def evaluation_set(self, size: tuple[int, int], view: Preprocessing | str) -> tuple[np.ndarray, np.ndarray]:
+        key = ("eval", size, view_key(view))
         if key not in self._cache:
             src = self.evaluation_source
             idx = self.evaluation_indices()
-            self._cache[key] = (src.load_images(idx, size, color), src.labels[idx])
+            self._cache[key] = (src.load_images(idx, size, view), src.labels[idx])
         return self._cache[key]
 
     def evaluation_labels(self) -> np.ndarray:
@@ -408,10 +424,11 @@ class DataBundle:
         return sizes.pop()
 
 
-def _decoded(src: ImageSource, size: tuple[int, int], color: str) -> np.ndarray:
+def _decoded(src: ImageSource, size: tuple[int, int], view: Preprocessing | str) -> np.ndarray:
     if src.arrays is not None:
-        return src.load_images(np.arange(len(src)), size, color)
-    path = _cache_root() / "decoded" / f"{src.fingerprint}-{size[0]}x{size[1]}-{color}.npy"
+        return src.load_images(np.arange(len(src)), size, view)
+    key = hashlib.sha256(view_key(view).encode()).hexdigest()[:12]
+    path = _cache_root() / "decoded" / f"{src.fingerprint}-{size[0]}x{size[1]}-{key}.npy"
     if path.is_file():
         try:
             arr = np.load(path, mmap_mode=None)
@@ -419,7 +436,7 @@ def _decoded(src: ImageSource, size: tuple[int, int], color: str) -> np.ndarray:
                 return arr
         except (OSError, ValueError):
             pass
-    arr = src.load_images(np.arange(len(src)), size, color)
+    arr = src.load_images(np.arange(len(src)), size, view)
     try:
         with staged_file(path, what="decoded-image cache") as tmp, open(tmp, "wb") as fh:
             np.save(fh, arr)

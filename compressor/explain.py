@@ -574,7 +574,7 @@ def held_out_images(source: ModelArtifact, data: Any, count: int) -> tuple[np.nd
     from .data import preprocess
 
     size = tuple(source.input_spec.sample_shape[1:])
-    images, labels = data.validation_set(size, source.preprocessing.color, count)
+    images, labels = data.validation_set(size, source.preprocessing, count)
     cal = data.config.calibration
     where = (f"of split {cal.split!r} held out of calibration (not its {data.calibration_count()} calibration "
              f"images; never the test split)")
@@ -597,7 +597,7 @@ def evaluation_sample(source: ModelArtifact, data: Any, count: int) -> tuple[np.
     from .data import preprocess
 
     size = tuple(source.input_spec.sample_shape[1:])
-    images, _ = data.evaluation_set(size, source.preprocessing.color)
+    images, _ = data.evaluation_set(size, source.preprocessing)
     pick = np.linspace(0, len(images) - 1, num=min(count, len(images))).astype(int) if len(images) else []
     return preprocess(images[pick], source.preprocessing), f"of the evaluation split {data.config.evaluation.split!r}"
 

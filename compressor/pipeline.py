@@ -431,7 +431,7 @@ class Pipeline:
         and the engines; batch-1 latency is timed in rounds interleaved over all of them."""
         source = result.source
         size = tuple(source.input_spec.sample_shape[1:])
-        images, labels = data.evaluation_set(size, source.preprocessing.color)  # type: ignore[arg-type]
+        images, labels = data.evaluation_set(size, source.preprocessing)  # type: ignore[arg-type]
         x = preprocess(images, source.preprocessing)
         rows = [ResultRow(
             name="source",

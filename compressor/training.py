@@ -360,7 +360,6 @@ class TrainData:
 def training_data(artifact: ModelArtifact, data: DataBundle, cfg: TrainConfig) -> TrainData:
     src = data.calibration_source  # the training split
     size = tuple(artifact.input_spec.sample_shape[1:])
-    color = artifact.preprocessing.color
     all_idx = np.arange(len(src))
     n_val = min(cfg.val_samples, len(src) // 5)  # never more than a fifth of the split
     val_idx = src.balanced_indices(n_val, seed=cfg.seed + 1) if n_val else np.array([], int)
@@ -370,7 +369,7 @@ def training_data(artifact: ModelArtifact, data: DataBundle, cfg: TrainConfig) -
         train_idx = train_idx[sub.balanced_indices(cfg.train_samples, seed=cfg.seed)]
     if len(train_idx) == 0:
         raise ConfigError("train.val_samples leaves no training images")
-    images = data.split_images("train", size, color)  # type: ignore[arg-type]
+    images = data.split_images("train", size, artifact.preprocessing)  # type: ignore[arg-type]
     prep = artifact.preprocessing
     channels = images.shape[-1]
     return TrainData(

@@ -397,7 +397,7 @@ def _WithProjector(student: Any, projector: Any) -> Any:  # noqa: N802 - reads a
 def _evaluation_images(artifact: ModelArtifact, ctx: PassContext) -> tuple[np.ndarray, np.ndarray]:
     assert ctx.data is not None
     size = tuple(artifact.input_spec.sample_shape[1:])
-    return ctx.data.evaluation_set(size, artifact.preprocessing.color)  # type: ignore[arg-type]
+    return ctx.data.evaluation_set(size, artifact.preprocessing)  # type: ignore[arg-type]
 
 
 def _teacher_outputs(teacher: Any, feats: _Features | None, data: TrainData, batch: int = 256) -> tuple[Any, Any]:

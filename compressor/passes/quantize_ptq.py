@@ -162,7 +162,7 @@ class QuantizePTQ(Pass):
     def _calibration(self, artifact: ModelArtifact, ctx: PassContext, count: int | None = None) -> np.ndarray:
         assert ctx.data is not None
         size = tuple(artifact.input_spec.sample_shape[1:])
-        images = ctx.data.calibration_images(size, artifact.preprocessing.color, count or self.config.samples)  # type: ignore[arg-type]
+        images = ctx.data.calibration_images(size, artifact.preprocessing, count or self.config.samples)  # type: ignore[arg-type]
         return preprocess(images, artifact.preprocessing)
 
     def _sweep(self, artifact: ModelArtifact, ctx: PassContext, built: PassResult, used: int,
@@ -178,7 +178,7 @@ class QuantizePTQ(Pass):
 
         threads = ctx.threads or default_threads()
         size = tuple(artifact.input_spec.sample_shape[1:])
-        images, labels = ctx.data.validation_set(size, artifact.preprocessing.color,  # type: ignore[arg-type]
+        images, labels = ctx.data.validation_set(size, artifact.preprocessing,  # type: ignore[arg-type]
                                                  self.config.validation_samples or LEAST_IMAGES, calibrated=max(sizes))
         xv = preprocess(images, artifact.preprocessing)
 

@@ -92,7 +92,7 @@ class QuantizeQAT(Pass):
         assert ctx.data is not None
         _check_module(artifact.model)
         size = tuple(artifact.input_spec.sample_shape[1:])
-        images = ctx.data.calibration_images(size, artifact.preprocessing.color, cfg.calibration_samples)  # type: ignore[arg-type]
+        images = ctx.data.calibration_images(size, artifact.preprocessing, cfg.calibration_samples)  # type: ignore[arg-type]
         x_cal = preprocess(images, artifact.preprocessing)
         tdata = training_data(artifact, ctx.data, cfg.train)
 
@@ -133,7 +133,7 @@ class QuantizeQAT(Pass):
         import torch
 
         size = tuple(before.input_spec.sample_shape[1:])
-        images = ctx.data.calibration_images(size, before.preprocessing.color, self.config.calibration_samples)  # type: ignore[union-attr,arg-type]
+        images = ctx.data.calibration_images(size, before.preprocessing, self.config.calibration_samples)  # type: ignore[union-attr,arg-type]
         with torch.no_grad():
             probe = result.artifact.model(torch.from_numpy(preprocess(images[:2], before.preprocessing)))
         if not torch.isfinite(probe).all():

@@ -203,7 +203,7 @@ class TFLiteTarget(Target):
             raise TargetError(f"{self.step}: target 'tflite' with quantization int8 needs calibration data; "
                               "add a data section or --data")
         size = tuple(artifact.input_spec.sample_shape[1:])
-        images = data.calibration_images(size, artifact.preprocessing.color, self.config.samples)
+        images = data.calibration_images(size, artifact.preprocessing, self.config.samples)
         return preprocess(images, artifact.preprocessing)
 
     def _convert(self, module: Any, sample: Any, artifact: ModelArtifact, **kwargs: Any) -> bytes:

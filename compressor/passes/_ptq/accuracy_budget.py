@@ -140,7 +140,7 @@ def make_budget(data: Any, artifact: Any, *, max_drop: float, confidence: float,
     available = data.validation_available(calibrated=calibrated)
 
     def load(count: int) -> tuple[np.ndarray, np.ndarray]:
-        images, labels = data.validation_set(size, artifact.preprocessing.color, count, calibrated=calibrated)
+        images, labels = data.validation_set(size, artifact.preprocessing, count, calibrated=calibrated)
         return preprocess(images, artifact.preprocessing), labels
 
     cap = images_cap(4 * int(np.prod(artifact.input_spec.sample_shape)))  # float32 images
