@@ -145,6 +145,13 @@ def _accuracy_control(model: Any, dataset: Any, budget: Budget, config: Quantize
         intermediate_model_dir=str(work))
     nncf_log = _NNCFLog()
     logger = logging.getLogger("nncf")
+    # NNCF's INFO records are what _NNCFLog reads: let them through the logger even where it was quieted
+    # (-q, or an earlier run), and keep its own handlers at the level they would have printed at
+    was, shown = logger.level, logger.getEffectiveLevel()
+    others = [(h, h.level) for h in logger.handlers]
+    for h, level in others:
+        h.setLevel(max(level, shown))
+    logger.setLevel(logging.INFO)
     logger.addHandler(nncf_log)
     try:
         quantized = nncf.quantize_with_accuracy_control(
@@ -158,6 +165,9 @@ def _accuracy_control(model: Any, dataset: Any, budget: Budget, config: Quantize
         )
     finally:
         logger.removeHandler(nncf_log)
+        logger.setLevel(was)
+        for h, level in others:
+            h.setLevel(level)
     return quantized, nncf_log.tries
 
 
