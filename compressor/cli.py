@@ -250,6 +250,70 @@ def explain(run_dir: Path, model: Path | None, arch: str | None, num_classes: in
     return 0
 
 
+def _counts(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    """``1,2,4`` as [1, 2, 4] (positive ints, at most 1024)."""
+    if value is None:
+        return None
+    try:
+        counts = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"give comma-separated positive integers, e.g. 1,2,4; got {value!r}") from None
+    if not counts or any(c < 1 or c > 1024 for c in counts):
+        raise click.BadParameter(f"give comma-separated integers from 1 to 1024, e.g. 1,2,4; got {value!r}")
+    return counts
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--images", type=click.IntRange(1, 10_000), help="evaluation images served, cyclically [the recipe's "
+              "evaluation.serving_images, else 64]")
+@click.option("--threads", type=click.IntRange(1, 1024), help="threads per engine [the run's, else all cores]")
+@click.option("--in-flight", "in_flight", callback=_counts,
+              help="requests in flight to try, e.g. 1,2,4 (OpenVINO adds its optimal count) [1,2,4]")
+@click.option("--batches", callback=_counts, help="batch sizes dynamic batching tries [1,2,4,8,16]")
+@click.option("--latency-ms", type=_FiniteFloatRange(min=0, min_open=True),
+              help="dynamic batching keeps p99 latency within this [100]")
+@click.option("--seconds", type=_FiniteFloatRange(min=0, max=600, min_open=True),
+              help="timed seconds per figure [2]")
+@click.option("--no-memory", is_flag=True, help="skip the peak-RSS process per engine")
+@click.option("--no-referee", is_flag=True, help="skip OpenVINO's benchmark_app")
+@click.option("--model", type=click.Path(path_type=Path), help="the run's model file, if not where the run found it")
+@click.option("--arch", help="architecture of a state dict, e.g. torchvision:resnet50 [the run's]")
+@click.option("--num-classes", type=click.IntRange(1), help="class count for --arch [the run's]")
+@click.option("--trust-model", is_flag=True, help="allow loading a pickled nn.Module (runs code from the file)")
+@click.option("--data", "data_root", help="data directory, if not where the run found it")
+@click.option("--overwrite", is_flag=True, help="replace previous serving figures in RUN_DIR")
+@click.option("--verbose", "-v", count=True)
+def serve(run_dir: Path, images: int | None, threads: int | None, in_flight: list[int] | None,
+          batches: list[int] | None, latency_ms: float | None, seconds: float | None, no_memory: bool,
+          no_referee: bool, model: Path | None, arch: str | None, num_classes: int | None, trust_model: bool,
+          data_root: str | None, overwrite: bool, verbose: int) -> int:
+    """Serve RUN_DIR's engines from image bytes to class index: synchronous, N requests in flight,
+    preprocessing folded in, dynamic batching, memory, benchmark_app (serving.json / serving.md)."""
+    from .job import JobOptions
+    from .serving import serve_run_dir
+
+    _setup_logging(verbose)
+    options = JobOptions(arch=arch, num_classes=num_classes, trust_model=trust_model, data_root=data_root,
+                         threads=threads, overwrite=overwrite)
+    say = (lambda m: click.echo(m, err=True)) if verbose else None
+    section, written = serve_run_dir(run_dir, options, model=model, say=say, images=images, in_flight=in_flight,
+                                     batches=batches, latency_ms=latency_ms, seconds=seconds,
+                                     memory=False if no_memory else None, referee=False if no_referee else None)
+    for r in section["engines"]:
+        if "error" in r:
+            click.echo(f"{r['engine']}: failed: {r['error']}")
+            continue
+        a, sync = r["async"], r["sync"]["host"]
+        click.echo(f"{r['engine']:<28} sync {sync['fps']:8.1f} fps (p99 {sync['latency_ms']['p99']:.2f} ms)  "
+                   f"async N={a['best_in_flight']} {a['fps']:8.1f} fps (p99 {a['latency_ms']['p99']:.2f} ms)  "
+                   f"inference-only {a['inference_only_fps']:8.1f} fps")
+    for s in section["skipped"]:
+        click.echo(f"{s['engine']}: {s['reason']}")
+    click.echo(f"wrote {', '.join(str(p) for p in written)} ({section['seconds']:.0f} s)")
+    return 0
+
+
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--data", "data_root", required=True, help="image folder with train/ and test/ (validation and "

@@ -9,7 +9,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Literal
+from typing import Annotated, Any, Callable, Iterator, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -69,6 +69,20 @@ class EvaluationConfig(BaseModel):
     stages: bool = Field(default=False, description="also measure every intermediate torch model (eager)")
     explain: bool | ExplainConfig = Field(
         default=False, description="where accuracy is lost: per layer, per pass, sensitivity (explain.json/.md/.png)")
+    serving: bool = Field(
+        default=False, description="after the rows, serve every engine from image bytes to class index (synchronous, "
+                                   "N requests in flight, preprocessing folded in, dynamic batching, memory, "
+                                   "benchmark_app): the report's serving section (compressor/serving.py)")
+    serving_images: int = Field(default=64, ge=1, le=10_000, description="serving: evaluation images served, cyclically")
+    serving_in_flight: list[Annotated[int, Field(ge=1, le=64)]] = Field(
+        default_factory=lambda: [1, 2, 4], min_length=1,
+        description="serving: requests in flight to try (OpenVINO adds its optimal count); the best is reported")
+    serving_seconds: float = Field(default=2.0, gt=0, le=600, description="serving: timed seconds per figure")
+    serving_latency_ms: float = Field(default=100.0, gt=0,
+                                      description="serving: dynamic batching takes the batch size with the highest "
+                                                  "throughput whose p99 latency stays within this")
+    serving_batches: list[Annotated[int, Field(ge=1, le=1024)]] = Field(
+        default_factory=lambda: [1, 2, 4, 8, 16], min_length=1, description="serving: batch sizes dynamic batching tries")
 
     @model_validator(mode="after")
     def _paced_figure_needs_a_rate(self) -> EvaluationConfig:

@@ -122,9 +122,11 @@ def preflight_out_dir(out_dir: Path, *, overwrite: bool, protected: list[tuple[s
             if report is None:
                 raise OutputError(f"{where} holds files that are not a compressor run ({_names(entries)}): "
                                   "not writing there; give a new or empty directory")
+            from .serving import SERVING_FILES
             from .tune import TUNE_FILES
 
-            known = set(report.get("outputs") or RUN_OUTPUTS) | set(EXPLAIN_FILES) | set(TUNE_FILES)
+            known = (set(report.get("outputs") or RUN_OUTPUTS) | set(EXPLAIN_FILES) | set(TUNE_FILES)
+                     | set(SERVING_FILES))
             foreign = [e for e in entries if e not in known]
             if foreign:
                 raise OutputError(f"{where} holds a previous run and other files ({_names(foreign)}): not "
@@ -306,6 +308,10 @@ def run_and_write(plan: JobPlan, artifact: Any, data: DataBundle | None) -> JobR
             if plot_training(report, staging / "training.png"):
                 report["outputs"] = sorted({*report.get("outputs", []), "training.png"})
             explained = _explain_in_run(plan, result, data, report, staging)
+            if plan.evaluation.serving:  # after the rows: every engine served from image bytes to class index
+                from .serving import serve_in_run
+
+                serve_in_run(plan.evaluation, result, data, report, say=plan.pipeline.hooks.on_message)
             write_report(report, staging, explain=explained)
         except (CompressorError, OSError, RuntimeError) as exc:  # name where the file was to go, not the staging
             if isinstance(exc, RuntimeError) and write_failure(exc) is None:  # a library's failed write only
@@ -411,6 +417,20 @@ def _refuse_other_inputs(recorded: dict[str, Any], current: dict[str, Any], what
                           "(give the run's own with --model / --data)")
 
 
+def run_dir_report(run_dir: Path, writes: tuple[str, ...], what: str, *, overwrite: bool) -> dict[str, Any]:
+    """The report of the run in ``run_dir``, which a command is about to add ``writes`` (``what``) to:
+    refused where it is no run, where those files are there already without ``overwrite``, or where
+    the directory cannot be written."""
+    report = previous_run(run_dir)
+    if report is None:
+        raise ConfigError(f"{run_dir} is not a compressor run directory (no readable report.json)")
+    there = [f for f in writes if (run_dir / f).exists()]
+    if there and not overwrite:
+        raise OutputError(f"{run_dir} already holds {there[0]}: pass --overwrite to replace {what}")
+    check_writable(run_dir, "run directory")
+    return report
+
+
 def explain_run_dir(run_dir: Path, options: JobOptions, cfg: Any, *, model: Path | None = None,
                     say: Any = None) -> tuple[Any, list[Path]]:
     """``compress explain RUN_DIR``: reload the run's source model, data and engines, take every
@@ -428,13 +448,7 @@ def _explain_run_dir(run_dir: Path, options: JobOptions, cfg: Any, *, model: Pat
     from .recipe import parse_recipe
 
     run_dir = Path(run_dir)
-    report = previous_run(run_dir)
-    if report is None:
-        raise ConfigError(f"{run_dir} is not a compressor run directory (no readable report.json)")
-    there = [f for f in EXPLAIN_FILES if (run_dir / f).exists()]
-    if there and not options.overwrite:
-        raise OutputError(f"{run_dir} already holds {there[0]}: pass --overwrite to replace the explanation")
-    check_writable(run_dir, "run directory")
+    report = run_dir_report(run_dir, EXPLAIN_FILES, "the explanation", overwrite=options.overwrite)
     recipe = parse_recipe(report.get("recipe_config") or {}, source=f"{run_dir}/report.json")
     model_path = Path(model or report.get("model", ""))
     if not model_path.is_file():

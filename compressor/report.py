@@ -351,6 +351,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         if r["runtime"].get("kernels"):
             top = list(r["runtime"]["kernels"].items())[:6]
             lines.append("  - kernels: " + ", ".join(f"{k} ×{n}" for k, n in top))
+    if report.get("serving"):  # evaluation.serving: from image bytes to class index (compressor/serving.py)
+        from .serving import render_markdown as serving_markdown
+
+        lines += serving_markdown(report["serving"])
     checks = report["acceptance"]["checks"]
     if checks:
         verdict = "passed" if report["acceptance"]["passed"] else "FAILED"
