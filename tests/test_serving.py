@@ -203,7 +203,7 @@ def test_double_buffering_overlaps_decoding_and_inference():
         e2e = stream([b"x"] * 4, decode, pool, seconds=0.6, warm=0.05, decoders=1, depth=1)
     finally:
         pool.close()
-    assert 170 < e2e["fps"] < 260, e2e
+    assert 150 < e2e["fps"] < 260, e2e  # well above 125 even where a loaded machine wakes threads late
     assert e2e["latency_ms"]["p99"] >= e2e["latency_ms"]["p50"] >= 7.5  # decode + inference, at least
     sync, classes = measure_sync([b"x"] * 2, [("decode", decode), ("infer", infer), ("argmax", lambda y: 0)],
                                  seconds=0.2, warm=0.01)
