@@ -24,10 +24,27 @@ def to_openvino_model(artifact: ModelArtifact) -> Any:
 
         source = artifact.model
         example = torch.zeros(artifact.input_spec.with_batch(1))
-        model = ov.convert_model(source, example_input=example)
+        try:
+            model = ov.convert_model(source, example_input=example)
+        except Exception as exc:
+            if not isinstance(source, torch.nn.Module) or isinstance(source, torch.jit.ScriptModule) \
+                    or "by tracing" not in str(exc):
+                raise
+            model = ov.convert_model(_traced(source, example), example_input=example)
     shape = [-1, *artifact.input_spec.sample_shape]
     model.reshape({model.inputs[0]: ov.PartialShape(shape)})
     return model
+
+
+def _traced(module: Any, example: Any) -> Any:
+    """``module`` traced without the tracer's sanity check. OpenVINO traces a module itself and gives
+    up where the check finds the graph of a second trace different: torchvision's VisionTransformer
+    and Swin differ only in the names the tracer gives its values (``%w.1`` and ``%w``), so the
+    trace is good; the layer scopes (``__module.encoder.layers...``) are the same as OpenVINO's own."""
+    import torch
+
+    with torch.no_grad():
+        return torch.jit.trace(module, example, check_trace=False)
 
 
 def canonical_names(model: Any) -> Any:

@@ -20,6 +20,12 @@ each backend keeps the most sensitive layers in float until the budget holds
 at ``confidence``) is within it; the pass metrics then carry an ``accuracy_budget`` block whose
 ``met`` says whether it did.
 
+``model_type: transformer`` (and ``smooth_quant``) gives attention models what each library
+recommends, as settings of the one quantizer call each backend makes (:mod:`._ptq.transformer`):
+NNCF's ModelType.TRANSFORMER with SmoothQuant, ONNX Runtime's quantizable ops less LayerNorm, softmax
+and the elementwise ops NNCF keeps in float; the pass metrics' ``int8_inputs`` count, per op type,
+the ops that take an INT8 input, so the graph shows what was kept in float.
+
 This module keeps the config, the registration and the dispatch.
 """
 
@@ -28,16 +34,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..artifact import Form, ModelArtifact
 from ..data import preprocess
 from ..environment import default_threads
-from ..errors import PipelineOrderError
+from ..errors import ConfigError, PipelineOrderError
 from ..pass_base import Pass, PassContext, PassResult
 from ..registry import register_pass
 from ._nncf import NNCFQuantizationConfig, resolve_overflow_fix
-from ._ptq import modelopt_qdq, onnxruntime_static, openvino_nncf
+from ._ptq import modelopt_qdq, onnxruntime_static, openvino_nncf, transformer
 from ..bound import DEFAULT_CONFIDENCE, fixed_count_problem
 from ._ptq.accuracy_budget import LEAST_IMAGES, Budget, make_budget
 
@@ -94,6 +100,18 @@ class QuantizePTQConfig(NNCFQuantizationConfig):
     accuracy_budget.met false with the best model found)"""
     kept_layer_latency: bool = True
     """max_drop: time the batch-1 latency each kept layer costs (the model with it in INT8 against without)"""
+    model_type: Literal["cnn", "transformer"] = "cnn"
+    """transformer: what each library recommends for attention models (ViT, Swin; see _ptq/transformer.py).
+    openvino: NNCF's ModelType.TRANSFORMER (LayerNorm, softmax, residual Add, Multiply, Divide and the
+    like stay in float, attention MatMuls get symmetric quantizers, SmoothQuant on the MatMuls, preset
+    mixed unless preset is given); onnxruntime: only the ops NNCF's transformer mode also quantizes
+    get Q/DQ (LayerNormalization, Softmax, Add, Mul and the like stay in float); tensorrt: ModelOpt
+    places attention Q/DQ itself, so only the record changes. cnn: the libraries' defaults"""
+    smooth_quant: float | Literal["auto", "off"] = "auto"
+    """model_type transformer: SmoothQuant's alpha (0..1; how much of the activations' outlier range
+    moves into the weights) on the MatMuls before calibration. auto: the library's default (openvino:
+    NNCF's 0.95; onnxruntime: off, its SmoothQuant needs neural-compressor 2.x); off: none. openvino,
+    or onnxruntime where neural-compressor 2.x is installed"""
 
     @model_validator(mode="after")
     def _method_fits_backend(self) -> QuantizePTQConfig:
@@ -103,6 +121,29 @@ class QuantizePTQConfig(NNCFQuantizationConfig):
                 f"calibration {self.calibration!r} is not available with backend {self.backend} "
                 f"(choose: {', '.join(allowed)})"
             )
+        return self
+
+    @field_validator("smooth_quant", mode="before")
+    @classmethod
+    def _smooth_quant_not_a_switch(cls, value: Any) -> Any:
+        """YAML reads ``off``/``no``/``false`` as False (meaning off) and ``on``/``yes``/``true`` as True,
+        which would otherwise pass as alpha 0.0 or 1.0."""
+        if value is False:
+            return "off"
+        if value is True:
+            raise ValueError("smooth_quant takes an alpha in 0..1, auto or off, not a switch (YAML's on/true/yes)")
+        if isinstance(value, str) and value not in ("auto", "off"):
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError(f"smooth_quant takes an alpha in 0..1, auto or off; got {value!r}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _smooth_quant_fits(self) -> QuantizePTQConfig:
+        problem = transformer.smooth_quant_problem(self.backend, self.model_type, self.smooth_quant)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @model_validator(mode="after")
@@ -155,6 +196,10 @@ class QuantizePTQ(Pass):
     def preflight(self, artifact: ModelArtifact | None, data: Any) -> None:
         if self.config.backend == "tensorrt":
             modelopt_qdq.check_available(self.step)
+        if self.config.backend == "onnxruntime" and transformer.smooth_quant_alpha(self.config) is not None:
+            missing = transformer.ort_smooth_quant_missing()
+            if missing:
+                raise ConfigError(f"{self.step}.{missing}")
         if self.config.max_drop is not None and data is not None:
             data.validation_indices(1, calibrated=self.config.samples)  # a DataError where none is left
 

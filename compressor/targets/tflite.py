@@ -85,6 +85,11 @@ class TFLiteConfig(TargetConfig):
     """max_drop: most layers kept in float before giving up (accuracy_budget.met false, best kept)"""
     kept_layer_latency: bool = True
     """max_drop: time what each kept layer costs at batch 1 (one more conversion per kept layer)"""
+    model_type: Literal["cnn", "transformer"] = "cnn"
+    """int8 (pt2e): transformer: the residual adds, multiplies and concatenations stay in float (as
+    NNCF's transformer mode keeps them; litert-torch's quantizer already leaves LayerNorm, softmax and
+    the attention matmuls in float), so that ViT's class token keeps its own range; cnn: the
+    quantizer's defaults"""
     export: Literal["auto", "strict", "non_strict"] = "auto"
     """int8 (pt2e): torch.export mode of the capture; auto tries strict (which records the source
     functions the quantizer's add / pool patterns match) and falls back to non-strict"""
@@ -101,6 +106,13 @@ class TFLiteConfig(TargetConfig):
         if self.int8_method != "pt2e":
             raise ValueError(f"max_drop applies to int8_method pt2e only (it keeps layers in float inside the "
                              f"PT2E quantizer); int8_method {self.int8_method} cannot: remove max_drop or use pt2e")
+        return self
+
+    @model_validator(mode="after")
+    def _model_type_needs_pt2e_int8(self) -> TFLiteConfig:
+        if self.model_type == "transformer" and (self.quantization != "int8" or self.int8_method != "pt2e"):
+            raise ValueError("model_type transformer applies to quantization int8 with int8_method pt2e (it keeps "
+                             "ops in float inside the PT2E quantizer): remove model_type or use them")
         return self
 
     @model_validator(mode="after")
@@ -222,7 +234,9 @@ class TFLiteTarget(Target):
         from torchao.quantization.pt2e import quantize_pt2e
 
         cfg = self.config
-        quantizer = (_keeping_quantizer(keep_float) if keep_float else pt2e_quantizer.PT2EQuantizer()).set_global(
+        float_ops = TRANSFORMER_FLOAT_OPS if cfg.model_type == "transformer" else ()
+        quantizer = (_keeping_quantizer(keep_float, float_ops) if keep_float or float_ops
+                     else pt2e_quantizer.PT2EQuantizer()).set_global(
             pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=cfg.per_channel, is_dynamic=False))
         errors: list[str] = []
         quantized, last = None, None
@@ -246,7 +260,7 @@ class TFLiteTarget(Target):
         info.update(route="pt2e (torchao prepare_pt2e/convert_pt2e, litert_torch PT2EQuantizer) + litert_torch.convert",
                     export=mode, calibration_batch=batch, per_channel=cfg.per_channel,
                     activation_observer="histogram", weights="int8 symmetric " + (
-                        "per-channel" if cfg.per_channel else "per-tensor"))
+                        "per-channel" if cfg.per_channel else "per-tensor"), model_type=cfg.model_type)
         config = quant_config.QuantConfig(pt2e_quantizer=quantizer)
         return self._convert(quantized, sample, artifact, quant_config=config)
 
@@ -435,10 +449,16 @@ _MOVES = {"max_pool2d", "max_pool2d_with_indices", "adaptive_avg_pool2d", "avg_p
           "permute", "squeeze", "unsqueeze", "getitem", "hardtanh", "relu", "relu6", "dropout", "mean"}
 
 
-def _keeping_quantizer(keep: tuple[str, ...]) -> Any:
-    """A litert_torch PT2EQuantizer that leaves the nodes of the ``keep`` modules unannotated (they
-    then run in float), and with them the data-movement ops whose only input is such a node (which
-    the quantizer would otherwise quantize with their input's scale)."""
+TRANSFORMER_FLOAT_OPS = ("add", "cat", "concat", "mul")
+"""aten ops that ``model_type: transformer`` leaves unannotated, as NNCF's transformer mode keeps them in
+float: the residual adds and the concatenation of ViT's class token with the patch tokens, whose one
+INT8 scale crushes the class token the classifier reads"""
+
+
+def _keeping_quantizer(keep: tuple[str, ...], ops: tuple[str, ...] = ()) -> Any:
+    """A litert_torch PT2EQuantizer that leaves the nodes of the ``keep`` modules and the aten ``ops``
+    unannotated (they then run in float), and with them the data-movement ops whose only input is
+    such a node (which the quantizer would otherwise quantize with their input's scale)."""
     from litert_torch.quantize import pt2e_quantizer
 
     from ..taps import aten_layer_name, stack_path
@@ -455,7 +475,7 @@ def _keeping_quantizer(keep: tuple[str, ...]) -> Any:
             model = super().annotate(model)
             stripped: set[Any] = set()
             for node in model.graph.nodes:
-                if module_of(node) & wanted:
+                if module_of(node) & wanted or (node.op == "call_function" and _op_name(node) in ops):
                     node.meta.pop("quantization_annotation", None)
                     stripped.add(node)
             changed = True
@@ -464,7 +484,7 @@ def _keeping_quantizer(keep: tuple[str, ...]) -> Any:
                 for node in model.graph.nodes:
                     if node in stripped or node.op != "call_function":
                         continue
-                    name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+                    name = _op_name(node)
                     inputs = [a for a in node.args if hasattr(a, "op")]
                     if name in _MOVES and inputs and all(a in stripped for a in inputs):
                         node.meta.pop("quantization_annotation", None)
@@ -473,6 +493,10 @@ def _keeping_quantizer(keep: tuple[str, ...]) -> Any:
             return model
 
     return Keeping()
+
+
+def _op_name(node: Any) -> str:
+    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
 
 
 class TFLiteRunner(Runner):

@@ -20,7 +20,7 @@ from ... import qdq_rules
 from ...artifact import Form, ModelArtifact
 from ...errors import ConfigError
 from ...pass_base import PassResult
-from . import accuracy_budget
+from . import accuracy_budget, transformer
 from .accuracy_budget import Budget
 
 if TYPE_CHECKING:
@@ -65,7 +65,8 @@ def quantize(artifact: ModelArtifact, x: np.ndarray, config: QuantizePTQConfig, 
         log.warning("%s: the QDQ graph breaks TensorRT placement rules: %s", step,
                     "; ".join(map(str, rules.violations[:5])))
     metrics = {"backend": "nvidia-modelopt (TensorRT QDQ)", "calibration": config.calibration, "samples": len(x),
-               "calibration_provider": "onnxruntime CPU", "tensorrt_qdq_rules": rules.to_json(), **extra}
+               "calibration_provider": "onnxruntime CPU", "tensorrt_qdq_rules": rules.to_json(),
+               **transformer.record(config), **extra}
     return PassResult(artifact.derive(Form.ONNX, path=path, precision="int8", qdq_for="tensorrt"), metrics)
 
 

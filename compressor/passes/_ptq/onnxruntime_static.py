@@ -20,7 +20,7 @@ import numpy as np
 from ...artifact import Form, ModelArtifact
 from ...hooks import library_output
 from ...pass_base import PassResult
-from . import accuracy_budget
+from . import accuracy_budget, transformer
 from .accuracy_budget import Budget
 
 if TYPE_CHECKING:
@@ -65,7 +65,8 @@ def quantize(artifact: ModelArtifact, x: np.ndarray, config: QuantizePTQConfig, 
 
     metrics = {"backend": "onnxruntime", "calibration": config.calibration, "samples": len(x),
                "activation_type": config.activation_type, "reduce_range": reduce_range,
-               "quantize_nodes": q, "dequantize_nodes": dq, **extra}
+               "quantize_nodes": q, "dequantize_nodes": dq,
+               **transformer.record(config, int8_inputs=transformer.onnx_int8_inputs(proto)), **extra}
     if config.calibration == "entropy":
         metrics["entropy_bins"] = {"histogram": ENTROPY_BINS, "quantized": ENTROPY_QUANTIZED_BINS}
     return PassResult(artifact.derive(Form.ONNX, path=path, precision="int8"), metrics)
@@ -117,8 +118,10 @@ def _quantize_static(src: Path, dst: Path, x: np.ndarray, config: QuantizePTQCon
             weight_type=QuantType.QInt8,
             calibrate_method=methods[config.calibration],
             nodes_to_exclude=[*config.ignored_nodes, *exclude] or None,
+            op_types_to_quantize=transformer.ort_op_types(config),
             extra_options={"CalibPercentile": config.percentile, "WeightSymmetric": True,
-                           "ActivationSymmetric": config.activation_type == "int8"},
+                           "ActivationSymmetric": config.activation_type == "int8",
+                           **transformer.ort_extra_options(config)},
             calibration_cache_path=str(cache) if cache is not None else None,
         )
 

@@ -18,7 +18,7 @@ from ...openvino_convert import canonical_names, to_openvino_model
 from ...pass_base import PassResult
 from ...taps import module_name
 from .._nncf import nncf_quantize_arguments
-from . import accuracy_budget
+from . import accuracy_budget, transformer
 from .accuracy_budget import Budget
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ def quantize(artifact: ModelArtifact, x: np.ndarray, config: QuantizePTQConfig, 
         activations_range_estimator_params=estimators[config.calibration],
         weights_quantization_params=None if config.per_channel else QuantizationParameters(per_channel=False),
     )
+    arguments = transformer.nncf_arguments(config, arguments)
     extra: dict[str, Any] = {}
     with library_output("NNCF"):  # its progress bars: only with -v
         if budget is None:
@@ -61,8 +62,16 @@ def quantize(artifact: ModelArtifact, x: np.ndarray, config: QuantizePTQConfig, 
     ov.save_model(canonical_names(quantized), str(path), compress_to_fp16=False)
     fq = sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ops())
     metrics = {"backend": "nncf/openvino", "calibration": config.calibration, "samples": len(x),
-               "fake_quantize_nodes": fq, **extra}
+               "fake_quantize_nodes": fq,
+               **transformer.record(config, preset=_preset_name(arguments["preset"]),
+                                    int8_inputs=transformer.openvino_int8_inputs(quantized)), **extra}
     return PassResult(artifact.derive(Form.OPENVINO, path=path, precision="int8"), metrics)
+
+
+def _preset_name(preset: Any) -> str:
+    """The preset NNCF ran with: the recipe's, or the one NNCF picks where none was passed (mixed for
+    a transformer, performance otherwise)."""
+    return "mixed (NNCF's choice for a transformer)" if preset is None else preset.value
 
 
 # ---------------------------------------------------------------------- accuracy budget
