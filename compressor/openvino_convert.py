@@ -39,8 +39,9 @@ def to_openvino_model(artifact: ModelArtifact) -> Any:
 def _traced(module: Any, example: Any) -> Any:
     """``module`` traced without the tracer's sanity check. OpenVINO traces a module itself and gives
     up where the check finds the graph of a second trace different: torchvision's VisionTransformer
-    and Swin differ only in the names the tracer gives its values (``%w.1`` and ``%w``), so the
-    trace is good; the layer scopes (``__module.encoder.layers...``) are the same as OpenVINO's own."""
+    differs only in the names the tracer gives its values (``%w.1`` and ``%w``), so the trace is
+    good; the layer scopes (``__module.encoder.layers...``) are the same as OpenVINO's own. (Swin
+    converts without this.)"""
     import torch
 
     with torch.no_grad():
