@@ -230,7 +230,7 @@ def noise_sqnr(model: Any, images: Any, snr_db: float = 40.0) -> float:
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)) * x.std() * 10 ** (-snr_db / 20)
     with torch.no_grad():
         clean, noisy = model(x).double(), model(x + noise).double()
-    return round(10 * float(np.log10((clean ** 2).sum() / ((clean - noisy) ** 2).sum())), 1)
+    return round(10 * float(np.log10((clean ** 2).sum().item() / ((clean - noisy) ** 2).sum().item())), 1)
 
 
 def count_macs(model: Any) -> int | None:
