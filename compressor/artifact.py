@@ -13,12 +13,14 @@ import json
 import shutil
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import ModelLoadError
 from .fingerprints import update_with_file
+from .preprocessing import geometry_problem, library_fields
 from .staging import json_text
 
 
@@ -40,7 +42,14 @@ class Form(str, Enum):
 
 
 class Preprocessing(BaseModel):
-    """How raw RGB/grey uint8 images become the model's input tensor (after resizing to its input size)."""
+    """How a decoded photo becomes the model's input tensor: its colour, the geometry that brings it to
+    the input size (resize, center_crop; default: resized straight to the input size), then the
+    scale, mean and std of :func:`compressor.data.preprocess`.
+
+    ``from: torchvision:ResNet50_Weights.IMAGENET1K_V2`` or ``from: timm:MODEL`` (input only) fills
+    every field the library's metadata gives (see :mod:`compressor.preprocessing`); fields written
+    beside it override it, and ``origin`` keeps the name.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -50,6 +59,31 @@ class Preprocessing(BaseModel):
         default_factory=lambda: [1.0, 1.0, 1.0], description="1 value or 3 (per channel), each > 0")
     layout: str = Field(default="NCHW", pattern="^NCHW$")
     color: str = Field(default="RGB", pattern="^(RGB|L)$")
+    resize: int | list[int] | None = Field(
+        default=None, description="an int: the shorter side (the aspect kept; needs center_crop); [height, width]: "
+        "that exact size; null: straight to the input size")
+    center_crop: int | list[int] | None = Field(
+        default=None, description="an int (square) or [height, width], taken from the middle of the resized image; "
+        "it must be the model's input size")
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+    antialias: bool = Field(default=True, description="true: resized as a PIL image (which always antialiases), as "
+                            "torchvision does a PIL image; false: as a uint8 tensor without antialiasing")
+    origin: str | None = Field(default=None, description="the from: these values came from (a record)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_library(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "from" in data:
+            spec = data["from"]
+            if not isinstance(spec, str):
+                raise PydanticCustomError("from", "from: give 'torchvision:WEIGHTS' or 'timm:MODEL', got {got}",
+                                          {"got": repr(spec)})
+            try:
+                fields = library_fields(spec)
+            except ValueError as exc:
+                raise PydanticCustomError("from", "{msg}", {"msg": str(exc)}) from None
+            data = {**fields, **{k: v for k, v in data.items() if k != "from"}, "origin": spec.strip()}
+        return data
 
     @field_validator("mean", "std")
     @classmethod
@@ -57,6 +91,13 @@ class Preprocessing(BaseModel):
         if len(values) not in (1, 3):
             raise ValueError(f"give 1 value (every channel) or 3 (one per channel), got {len(values)}")
         return values
+
+    @model_validator(mode="after")
+    def _geometry(self) -> "Preprocessing":
+        problem = geometry_problem(self)
+        if problem:
+            raise PydanticCustomError("geometry", "{msg}", {"msg": problem})
+        return self
 
 
 class InputSpec(BaseModel):

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from .artifact import Preprocessing
 from .errors import DataError
 from .fingerprints import image_folder_fingerprint
+from .preprocessing import GeometryError, geometry_key, size_problem, to_input_size
 from .staging import OutputError, staged_file
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,12 @@ def as_preprocessing(view: Preprocessing | str) -> Preprocessing:
 
 
 def view_key(view: Preprocessing | str) -> str:
-    """What in ``view`` decides the decoded uint8 image (cache keys): the colour and the geometry."""
+    """What in ``view`` decides the decoded uint8 image (cache keys): the colour and the geometry
+    (resize, center_crop, interpolation, antialias). The default geometry adds nothing, so a colour
+    name and a Preprocessing that resizes straight to the size share decodes."""
     prep = as_preprocessing(view)
-    return prep.color
+    geometry = geometry_key(prep)
+    return f"{prep.color};{geometry}" if geometry else prep.color
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
@@ -132,41 +136,46 @@ class ImageSource:
         return sizes
 
     def load_images(self, indices: np.ndarray, size: tuple[int, int], view: Preprocessing | str) -> np.ndarray:
-        """uint8 images (N, H, W, C) at ``size`` (height, width), decoded as ``view`` says."""
-        color = as_preprocessing(view).color
+        """uint8 images (N, H, W, C) at ``size`` (height, width), decoded as ``view`` says: converted to
+        its colour, then resized and cropped by :func:`compressor.preprocessing.to_input_size`."""
+        prep = as_preprocessing(view)
+        problem = size_problem(prep, size)
+        if problem:
+            raise DataError(problem)
         if self.arrays is not None:
-            return _resize_stack(self.arrays[indices], size, color)
+            return _resize_stack(self.arrays[indices], size, prep)
         from PIL import Image
 
         assert self.paths is not None
-        out = np.empty((len(indices), size[0], size[1], 3 if color == "RGB" else 1), np.uint8)
+        out = np.empty((len(indices), size[0], size[1], 3 if prep.color == "RGB" else 1), np.uint8)
         for row, i in enumerate(indices):
             path = self.paths[int(i)]
             try:
                 with Image.open(path) as img:
-                    img = img.convert(color)
-                    if img.size != (size[1], size[0]):
-                        img = img.resize((size[1], size[0]), Image.BILINEAR)
-                    arr = np.asarray(img)
+                    arr = to_input_size(img.convert(prep.color), size, prep)
+            except GeometryError as exc:
+                raise DataError(f"{path}: {exc}") from exc
             except Exception as exc:
                 raise DataError(f"cannot read image {path}: {exc}") from exc
             out[row] = arr.reshape(out.shape[1:])
         return out
 
 
-def _resize_stack(images: np.ndarray, size: tuple[int, int], color: str) -> np.ndarray:
+def _resize_stack(images: np.ndarray, size: tuple[int, int], view: Preprocessing | str) -> np.ndarray:
+    """In-memory uint8 images (N, H, W[, C]) at ``size`` as ``view`` says (see :meth:`ImageSource.load_images`)."""
     from PIL import Image
 
+    prep = as_preprocessing(view)
     if images.ndim == 3:
         images = images[..., None]
-    out = []
-    for arr in images:
-        img = Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr)
-        img = img.convert(color)
-        if img.size != (size[1], size[0]):
-            img = img.resize((size[1], size[0]), Image.BILINEAR)
-        out.append(np.asarray(img).reshape(size[0], size[1], -1))
-    return np.stack(out)
+    out = np.empty((len(images), size[0], size[1], 3 if prep.color == "RGB" else 1), np.uint8)
+    for row, arr in enumerate(images):
+        img = Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr).convert(prep.color)
+        try:
+            out[row] = to_input_size(img, size, prep).reshape(out.shape[1:])
+        except GeometryError as exc:
+            raise DataError(f"image {row} of the in-memory split: {exc}") from exc
+    return out
 
 
 def preprocess(images: np.ndarray, prep: Preprocessing) -> np.ndarray:

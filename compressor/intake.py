@@ -18,6 +18,8 @@ from pydantic import ValidationError
 
 from .artifact import Form, InputSpec, ModelArtifact, Preprocessing, require_file
 from .errors import ModelLoadError, first_line, validation_message
+from .preprocessing import describe as describe_geometry
+from .preprocessing import output_size, size_problem
 
 log = logging.getLogger(__name__)
 
@@ -272,8 +274,13 @@ def load_model(
     if prep is None:
         log.warning("no preprocessing given for %s: using scale 1/255 and no mean/std", path)
     shape, shape_source = _input_shape(path, _static_shape(graph_shape), input_shape, side.get("input_shape"),
-                                       fallback_shape, fallback_source, (prep or Preprocessing()).color)
+                                       fallback_shape, fallback_source, prep or Preprocessing())
     shape = [1, *list(shape)[1:]]
+    if prep is not None and (problem := size_problem(prep, (shape[2], shape[3]))):
+        where = "the recipe" if preprocessing is not None else path.with_suffix(".json").name
+        raise ModelLoadError(f"{problem} (input shape {shape} given by the {shape_source}, preprocessing by {where})")
+    if prep is not None:
+        log.info("preprocessing%s: %s", f" (from {prep.origin})" if prep.origin else "", describe_geometry(prep))
     check_finite(model if form is not Form.ONNX else path, form)
     if form is Form.ONNX:
         if output is not None:
@@ -296,8 +303,10 @@ def load_model(
 
 
 def _input_shape(path: Path, own: list[int] | None, recipe: list[int] | None, side: list[int] | None,
-                 fallback: Any, fallback_source: str, color: str) -> tuple[list[int], str]:
-    """(shape, where it came from): the model's own static shape, the recipe's, model.json's, the fallback's."""
+                 fallback: Any, fallback_source: str, prep: Preprocessing) -> tuple[list[int], str]:
+    """(shape, where it came from): the model's own static shape, the recipe's, model.json's, the size
+    the preprocessing crops or resizes to ("preprocessing"), the fallback's."""
+    color = prep.color
     given = [(s, name) for s, name in ((recipe, "recipe"), (side, path.with_suffix(".json").name)) if s]
     if own is not None:
         for s, name in given:  # a static graph takes its own shape only: a different one is a mistake
@@ -308,6 +317,9 @@ def _input_shape(path: Path, own: list[int] | None, recipe: list[int] | None, si
         return list(own), "model"
     if given:
         return list(given[0][0]), "recipe" if given[0][1] == "recipe" else "model.json"
+    fixed = output_size(prep)
+    if fixed is not None:
+        return [1, 3 if color == "RGB" else 1, *fixed], "preprocessing"
     shape = fallback(color) if callable(fallback) else fallback
     if shape is not None:
         return list(shape), fallback_source
@@ -338,7 +350,8 @@ def _static_shape(shape: list[int] | None) -> list[int] | None:
 
 
 def _preprocessing_fields(prep: dict) -> dict:
-    fields = set(Preprocessing.model_fields)
+    """The keys of model.json's preprocessing that Preprocessing takes (its fields and ``from``)."""
+    fields = {*Preprocessing.model_fields, "from"}
     return {k: v for k, v in prep.items() if k in fields}
 
 
