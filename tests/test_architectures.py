@@ -115,18 +115,26 @@ def test_transformer_mode_keeps_layernorm_and_softmax_float_and_is_closer_to_fp3
     assert db >= SQNR_FLOOR_DB and db > db_plain + 3.0, (db, db_plain)
 
 
-def test_nncf_transformer_mode_runs_smooth_quant_and_picks_the_mixed_preset(vit, digits):
+def test_nncf_transformer_mode_runs_smooth_quant_where_it_helps_and_picks_the_mixed_preset(vit, digits):
     auto = quantized(vit, digits, "openvino", model_type="transformer")
     off = quantized(vit, digits, "openvino", model_type="transformer", smooth_quant="off")
+    nncf_default = quantized(vit, digits, "openvino", model_type="transformer", smooth_quant=0.95)
     half = quantized(vit, digits, "openvino", model_type="transformer", smooth_quant=0.5)
-    assert auto.metrics["smooth_quant_alpha"] == 0.95 and off.metrics["smooth_quant_alpha"] is None
-    assert half.metrics["smooth_quant_alpha"] == 0.5
+    assert off.metrics["smooth_quant_alpha"] is None and half.metrics["smooth_quant_alpha"] == 0.5
     assert auto.metrics["preset"].startswith("mixed")
     # SmoothQuant scales each smoothed MatMul's input: one Multiply more per MatMul it took
-    assert auto.metrics["int8_inputs"]["Multiply"][1] > off.metrics["int8_inputs"]["Multiply"][1]
-    assert (auto.artifact.path.with_suffix(".bin").read_bytes() != half.artifact.path.with_suffix(".bin").read_bytes())
+    assert nncf_default.metrics["int8_inputs"]["Multiply"][1] > off.metrics["int8_inputs"]["Multiply"][1]
+    bins = {a: alpha.artifact.path.with_suffix(".bin").read_bytes() for a, alpha in
+            (("0.95", nncf_default), ("0.5", half), ("off", off))}
+    assert len(set(bins.values())) == 3
+    # auto: both quantized, the one closer to FP32 on calibration images kept, and it is that model
+    choice = auto.metrics["smooth_quant_choice"]
+    assert set(choice["output_sqnr_db"]) == {"0.95", "off"} and choice["images"] == 32
+    best = max(choice["output_sqnr_db"], key=choice["output_sqnr_db"].get)
+    assert auto.metrics["smooth_quant_alpha"] == (None if best == "off" else 0.95)
+    assert auto.artifact.path.with_suffix(".bin").read_bytes() == bins[best]
     given = quantized(vit, digits, "openvino", model_type="transformer", preset="performance", smooth_quant="off")
-    assert given.metrics["preset"] == "performance"
+    assert given.metrics["preset"] == "performance" and "smooth_quant_choice" not in given.metrics
 
 
 def test_tflite_int8_transformer_keeps_layernorm_softmax_and_adds_float(vit, digits, tmp_path):

@@ -109,9 +109,10 @@ class QuantizePTQConfig(NNCFQuantizationConfig):
     places attention Q/DQ itself, so only the record changes. cnn: the libraries' defaults"""
     smooth_quant: float | Literal["auto", "off"] = "auto"
     """model_type transformer: SmoothQuant's alpha (0..1; how much of the activations' outlier range
-    moves into the weights) on the MatMuls before calibration. auto: the library's default (openvino:
-    NNCF's 0.95; onnxruntime: off, its SmoothQuant needs neural-compressor 2.x); off: none. openvino,
-    or onnxruntime where neural-compressor 2.x is installed"""
+    moves into the weights) on the MatMuls before calibration. auto: where it helps (openvino: NNCF's
+    0.95 or none, whichever output is closer to the float model's on 32 calibration images;
+    onnxruntime: off, its SmoothQuant needs neural-compressor 2.x); off: none. openvino, or
+    onnxruntime where neural-compressor 2.x is installed"""
 
     @model_validator(mode="after")
     def _method_fits_backend(self) -> QuantizePTQConfig:

@@ -51,11 +51,20 @@ def quantize(artifact: ModelArtifact, x: np.ndarray, config: QuantizePTQConfig, 
         activations_range_estimator_params=estimators[config.calibration],
         weights_quantization_params=None if config.per_channel else QuantizationParameters(per_channel=False),
     )
-    arguments = transformer.nncf_arguments(config, arguments)
     extra: dict[str, Any] = {}
+    alphas = transformer.nncf_smooth_quant_candidates(config)
     with library_output("NNCF"):  # its progress bars: only with -v
+        built: dict[float | None, Any] = {}
+        if len(alphas) > 1:  # smooth_quant auto: where it helps
+            built, extra["smooth_quant_choice"] = _smooth_quant_choice(model, dataset, x, config, arguments, ignored,
+                                                                       alphas)
+            alpha = extra["smooth_quant_choice"]["chosen"]
+        else:
+            alpha = alphas[0]
+        arguments = transformer.nncf_arguments(config, arguments, alpha)
         if budget is None:
-            quantized = nncf.quantize(model, dataset, ignored_scope=ignored, **arguments)
+            quantized = built[alpha] if alpha in built else nncf.quantize(model, dataset, ignored_scope=ignored,
+                                                                           **arguments)
         else:
             quantized, extra["accuracy_budget"] = _within_budget(model, dataset, budget, config, arguments, work_dir)
     path = work_dir / "model.xml"
@@ -63,9 +72,38 @@ def quantize(artifact: ModelArtifact, x: np.ndarray, config: QuantizePTQConfig, 
     fq = sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ops())
     metrics = {"backend": "nncf/openvino", "calibration": config.calibration, "samples": len(x),
                "fake_quantize_nodes": fq,
-               **transformer.record(config, preset=_preset_name(arguments["preset"]),
+               **transformer.record(config, alpha, preset=_preset_name(arguments["preset"]),
                                     int8_inputs=transformer.openvino_int8_inputs(quantized)), **extra}
     return PassResult(artifact.derive(Form.OPENVINO, path=path, precision="int8"), metrics)
+
+
+def _smooth_quant_choice(model: Any, dataset: Any, x: Any, config: QuantizePTQConfig, arguments: dict[str, Any],
+                         ignored: Any, alphas: list[float | None]) -> tuple[dict[float | None, Any], dict[str, Any]]:
+    """``smooth_quant: auto``: the model quantized with each SmoothQuant alpha (None: without), and the
+    choice: the one whose logits have the highest SQNR against the float model's on the first
+    calibration images (OpenVINO CPU plugin, f32)."""
+    import nncf
+    import openvino as ov
+
+    from ...evaluate import sqnr_db
+
+    core = ov.Core()
+    xs = np.asarray(x[: transformer.CHOICE_IMAGES], dtype=np.float32)
+
+    def logits(m: Any) -> np.ndarray:
+        compiled = core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        return np.concatenate([compiled(xs[i : i + 8])[0] for i in range(0, len(xs), 8)])
+
+    reference = logits(model)
+    built, scores = {}, {}
+    for alpha in alphas:
+        built[alpha] = nncf.quantize(model.clone(), dataset, ignored_scope=ignored,
+                                     **transformer.nncf_arguments(config, arguments, alpha))
+        db = sqnr_db(reference, logits(built[alpha]))
+        scores[alpha] = float("inf") if db is None else db
+    chosen = max(alphas, key=lambda a: scores[a])
+    return built, {"chosen": chosen, "images": len(xs), "images_from": "calibration",
+                   "output_sqnr_db": {("off" if a is None else str(a)): round(scores[a], 2) for a in alphas}}
 
 
 def _preset_name(preset: Any) -> str:

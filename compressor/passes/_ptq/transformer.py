@@ -5,13 +5,15 @@ code path per architecture.
 * openvino (NNCF): ``model_type=nncf.ModelType.TRANSFORMER``. NNCF then leaves the ops of
   LayerNorm (MVN), residual Add, Multiply, Divide, Power, ReduceMean, Sqrt, comparisons and the like
   in float, gives the activation quantizers of attention MatMuls (both inputs activations) a
-  symmetric scheme, picks the mixed preset where none is given, and runs SmoothQuant on the MatMuls
-  (alpha 0.95 by default; ``smooth_quant`` sets or turns it off). Softmax is not quantized on the CPU
-  in any mode.
+  symmetric scheme, picks the mixed preset where none is given, and runs SmoothQuant on the MatMuls:
+  ``smooth_quant`` sets its alpha or turns it off; ``auto`` quantizes with NNCF's default (0.95) and
+  without, and keeps the one whose logits are closer to the float model's on the first
+  :data:`CHOICE_IMAGES` calibration images (the pass metrics' ``smooth_quant_choice``). Softmax is not
+  quantized on the CPU in any mode.
 * onnxruntime (``quantize_static``): the same ops kept in float, by their ONNX names
   (:data:`ORT_FLOAT_OPS`): ``op_types_to_quantize`` is ORT's own list of quantizable ops less those,
   so LayerNormalization, Softmax, Add, Mul and Concat get no Q/DQ and run in float between INT8
-  MatMuls and convolutions; MatMul and Gemm outputs get none either
+  MatMuls and convolutions; MatMul, Gemm and Conv outputs get none either
   (``OpTypesToExcludeOutputQuantization``). SmoothQuant is ORT's ``extra_options``
   ``SmoothQuant``/``SmoothQuantAlpha``, which imports neural-compressor 2.x's ``ORTSmoothQuant``:
   refused before the run where it is missing.
@@ -76,7 +78,8 @@ def ort_smooth_quant_missing() -> str | None:
 
 
 def smooth_quant_alpha(config: Any) -> float | None:
-    """The SmoothQuant alpha the backend will use (None: none)."""
+    """The SmoothQuant alpha a backend uses where nothing is measured (None: none); on openvino ``auto``
+    is measured instead (:func:`nncf_smooth_quant_candidates`)."""
     if config.model_type != "transformer" or config.smooth_quant == "off":
         return None
     if config.smooth_quant == "auto":
@@ -84,11 +87,28 @@ def smooth_quant_alpha(config: Any) -> float | None:
     return float(config.smooth_quant)
 
 
-def nncf_arguments(config: Any, arguments: dict[str, Any]) -> dict[str, Any]:
+CHOICE_IMAGES = 32
+"""calibration images on which ``smooth_quant: auto`` compares the output SQNR with and without SmoothQuant"""
+
+
+def nncf_smooth_quant_candidates(config: Any) -> list[float | None]:
+    """The SmoothQuant alphas NNCF quantizes with: one, or for ``smooth_quant: auto`` on a transformer
+    NNCF's default and none, of which the backend keeps the one whose output is closer to the float
+    model's (SmoothQuant where it helps: on random-weight ViT and Swin, which have no outlier
+    channels for it to tame, alpha 0.95 cost 1 and 10 dB)."""
+    if config.model_type == "transformer" and config.smooth_quant == "auto":
+        return [NNCF_SMOOTH_QUANT_DEFAULT, None]
+    return [smooth_quant_alpha(config)]
+
+
+def nncf_arguments(config: Any, arguments: dict[str, Any], alpha: float | None = None) -> dict[str, Any]:
     """``arguments`` (of ``nncf.quantize``) with the transformer settings: model_type, SmoothQuant's
-    alpha on the MatMuls, and no preset where the recipe gave none (NNCF then picks mixed)."""
+    ``alpha`` on the MatMuls (None: off), and no preset where the recipe gave none (NNCF then picks
+    mixed)."""
     if config.model_type != "transformer":
         return arguments
+    import copy
+
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedSmoothQuantParameters
 
@@ -96,9 +116,9 @@ def nncf_arguments(config: Any, arguments: dict[str, Any]) -> dict[str, Any]:
     arguments["model_type"] = nncf.ModelType.TRANSFORMER
     if "preset" not in config.model_fields_set:
         arguments["preset"] = None
-    alpha = smooth_quant_alpha(config)
-    arguments["advanced_parameters"].smooth_quant_alphas = AdvancedSmoothQuantParameters(
-        convolution=-1, matmul=-1 if alpha is None else alpha)
+    advanced = copy.copy(arguments["advanced_parameters"])
+    advanced.smooth_quant_alphas = AdvancedSmoothQuantParameters(convolution=-1, matmul=-1 if alpha is None else alpha)
+    arguments["advanced_parameters"] = advanced
     return arguments
 
 
@@ -111,10 +131,12 @@ def ort_op_types(config: Any) -> list[str] | None:
     return sorted((set(QLinearOpsRegistry) | set(QDQRegistry)) - ORT_FLOAT_OPS)
 
 
-ORT_FLOAT_OUTPUTS = ("MatMul", "Gemm")
-"""op types whose output a transformer keeps in float on ONNX Runtime: ORT quantizes a MatMul's or
-Gemm's output by default, and that Q/DQ pair then feeds the softmax and the residual Add (every
-consumer of a tensor gets its one pair), which would put them back on the INT8 grid"""
+ORT_FLOAT_OUTPUTS = ("MatMul", "Gemm", "Conv")
+"""op types whose output a transformer keeps in float on ONNX Runtime: ORT quantizes a MatMul's,
+Gemm's or Conv's output by default, and that Q/DQ pair then feeds the softmax, the residual Add or
+the LayerNorm after the patch embedding (every consumer of a tensor gets its one pair), which would
+put them back on the INT8 grid (swin_t at 224: LayerNormalization 1 of 29 with an INT8 input, output
+SQNR 31.3 dB; with Conv here 0 of 29, 31.7 dB)"""
 
 
 def ort_extra_options(config: Any) -> dict[str, Any]:
@@ -128,9 +150,13 @@ def ort_extra_options(config: Any) -> dict[str, Any]:
     return options
 
 
-def record(config: Any, **extra: Any) -> dict[str, Any]:
-    """The pass metrics' ``model_type`` block."""
-    return {"model_type": config.model_type, "smooth_quant_alpha": smooth_quant_alpha(config), **extra}
+_UNSET = object()
+
+
+def record(config: Any, alpha: Any = _UNSET, **extra: Any) -> dict[str, Any]:
+    """The pass metrics' ``model_type`` and ``smooth_quant_alpha`` (the one used)."""
+    return {"model_type": config.model_type,
+            "smooth_quant_alpha": smooth_quant_alpha(config) if alpha is _UNSET else alpha, **extra}
 
 
 # ---------------------------------------------------------------------- what the graph kept in float
