@@ -178,24 +178,57 @@ class TorchRunner(Runner):
 
 
 def accuracy(
-    runner: Runner, x: np.ndarray, labels: np.ndarray, batch_size: int, reference: np.ndarray | None
+    runner: Runner, x: Any, labels: np.ndarray, batch_size: int, reference: np.ndarray | None
 ) -> tuple[float, float, float, np.ndarray, np.ndarray]:
-    """top-1 %, top-5 %, agreement % with ``reference`` predictions, the top-1 predictions and the logits."""
+    """top-1 %, top-5 %, agreement % with ``reference`` predictions, the top-1 predictions and the logits.
+    ``x``: the model's input, an array or an :class:`compressor.streaming.ImageSet` read batch by batch."""
+    from .streaming import consecutive
+
     runner.prepare(batch_size)
-    top5_hits = 0
-    preds = np.empty(len(x), dtype=np.int64)
+    tally = _Tally(len(labels))
     outputs = []
-    for start in range(0, len(x), batch_size):
-        logits = np.asarray(runner(x[start : start + batch_size]), dtype=np.float32)
+    start = 0
+    for batch in consecutive(x, batch_size):
+        logits = np.asarray(runner(batch), dtype=np.float32)
         outputs.append(logits)
-        k = min(5, logits.shape[1])
-        top = np.argsort(-logits, axis=1)[:, :k]
-        preds[start : start + len(logits)] = top[:, 0]
-        top5_hits += int((top == labels[start : start + len(logits), None]).any(axis=1).sum())
-    top1 = 100.0 * float((preds == labels).mean())
-    top5 = 100.0 * top5_hits / len(x)
+        tally.add(start, logits, labels)
+        start += len(logits)
+    top1, top5 = tally.top1_top5(labels)
+    preds = tally.preds
     agreement = 100.0 * float((preds == reference).mean()) if reference is not None else 100.0
     return top1, top5, agreement, preds, np.concatenate(outputs) if outputs else np.empty((0, 0), np.float32)
+
+
+class _Tally:
+    """Top-1 predictions and top-5 hits of one row, batch by batch."""
+
+    def __init__(self, n: int) -> None:
+        self.preds = np.empty(n, dtype=np.int64)
+        self.top5_hits = 0
+        self.signal = 0.0  # the SQNR's sums against the reference logits
+        self.noise = 0.0
+
+    def add(self, start: int, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        k = min(5, logits.shape[1])
+        top = np.argsort(-logits, axis=1)[:, :k]
+        self.preds[start : start + len(logits)] = top[:, 0]
+        self.top5_hits += int((top == labels[start : start + len(logits), None]).any(axis=1).sum())
+        return top[:, 0]
+
+    def against(self, reference: np.ndarray, logits: np.ndarray) -> None:
+        ref = reference.astype(np.float64)
+        self.signal += float((ref ** 2).sum())
+        self.noise += float(((ref - logits.astype(np.float64)) ** 2).sum())
+
+    def sqnr_db(self) -> float | None:
+        """As :func:`sqnr_db` of the whole logits, from the sums."""
+        if self.noise == 0.0:
+            return None
+        return 10.0 * float(np.log10(self.signal / self.noise))
+
+    def top1_top5(self, labels: np.ndarray) -> tuple[float, float]:
+        n = max(len(labels), 1)
+        return 100.0 * float((self.preds == labels).sum()) / n, 100.0 * self.top5_hits / n
 
 
 def sqnr_db(reference: np.ndarray, output: np.ndarray) -> float | None:
@@ -391,7 +424,7 @@ class ResultRow:
 def measure_all(
     rows: list[ResultRow],
     *,
-    x: np.ndarray,
+    x: Any,
     labels: np.ndarray,
     cfg: EvaluationConfig,
     threads: int,
@@ -404,43 +437,86 @@ def measure_all(
     (:func:`paced_latency`, where ``paced_rate_hz`` is set), then throughput. Closes every runner. ``load``
     records how busy the machine was just before and during the latency rounds (load.py).
 
+    ``x``: the model's input, an array or an :class:`compressor.streaming.ImageSet`. The accuracy pass
+    reads it once, batch by batch, and runs every row on each batch: only the predictions, the SQNR's
+    sums and the first ``throughput_batch`` images (for latency and throughput) are kept, whatever
+    the number of images.
+
     A row whose runner fails on the accuracy pass is dropped and handed to ``on_error`` (the
     others are still measured); without ``on_error`` the error propagates."""
+    from .streaming import consecutive
+
     say = progress or (lambda _msg: None)
     results: list[Measurement] = []
     kept: list[ResultRow] = []
+    n = len(labels)
     try:
+        tallies = [_Tally(n) for _ in rows]
+        alive = list(range(len(rows)))
         for s in rows:
-            say(f"{s.name}: accuracy on {len(x)} images")
-            reference = results[0].predictions if results else None
-            try:
-                top1, top5, agree, preds, logits = accuracy(s.runner, x, labels, cfg.batch_size, reference)
-            except Exception as exc:
-                if on_error is None or not kept:
-                    raise
-                on_error(s, exc)
-                continue
+            s.runner.prepare(cfg.batch_size)
+        say(f"accuracy of {', '.join(s.name for s in rows)} on {n} images")
+        sample_parts: list[np.ndarray] = []
+        sampled = 0
+        started, waited, start = time.perf_counter(), 0.0, 0
+        batches = consecutive(x, cfg.batch_size)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            waited += time.perf_counter() - t0
+            if batch is None:
+                break
+            if sampled < cfg.throughput_batch:
+                sample_parts.append(np.array(batch[: cfg.throughput_batch - sampled]))
+                sampled += len(sample_parts[-1])
+            reference = None
+            for i in list(alive):
+                s = rows[i]
+                try:
+                    logits = np.asarray(s.runner(batch), dtype=np.float32)
+                except Exception as exc:
+                    if on_error is None or i == alive[0]:
+                        raise
+                    on_error(s, exc)
+                    alive.remove(i)
+                    continue
+                tallies[i].add(start, logits, labels)
+                if reference is None:
+                    reference = logits
+                else:
+                    tallies[i].against(reference, logits)
+            start += len(batch)
+        seconds = time.perf_counter() - started
+        if n:
+            log.info("accuracy pass: %d images, %d rows, %.1f s; %.1f s (%.0f %%) waiting for images", n, len(alive),
+                     seconds, waited, 100.0 * waited / max(seconds, 1e-9))
+        sample = np.concatenate(sample_parts) if sample_parts else np.zeros((0,), np.float32)
+        reference_preds = tallies[alive[0]].preds if alive else None
+        for i in alive:
+            s, t = rows[i], tallies[i]
+            top1, top5 = t.top1_top5(labels)
+            first = not results
             kept.append(s)
             results.append(Measurement(
-                name=s.name, target=s.target, precision=s.precision, top1=top1, top5=top5, agreement=agree,
+                name=s.name, target=s.target, precision=s.precision, top1=top1, top5=top5,
+                agreement=100.0 if first else 100.0 * float((t.preds == reference_preds).mean()),
                 latency_ms={}, throughput_ips=0.0, size_bytes=s.size_bytes, threads=threads,
-                throughput_batch=cfg.throughput_batch, engine=s.engine, predictions=preds,
-                output_sqnr_db=sqnr_db(results[0].logits, logits) if results else None,
-                logits=None if results else logits,  # only the first (source) row's are kept, as the reference
+                throughput_batch=cfg.throughput_batch, engine=s.engine, predictions=t.preds,
+                output_sqnr_db=None if first else t.sqnr_db(),
             ))
         if load is not None:
             load.before()
-        timed = latency([s.runner for s in kept], x, cfg, say)
+        timed = latency([s.runner for s in kept], sample, cfg, say)
         if load is not None:
             load.during()
         for m, samples in zip(results, timed):
             m.latency_ms, m.latency_samples_ms = latency_stats(samples), samples
         if cfg.paced_rate_hz is not None:
-            for m, samples in zip(results, paced_latency([s.runner for s in kept], x, cfg, say)):
+            for m, samples in zip(results, paced_latency([s.runner for s in kept], sample, cfg, say)):
                 m.paced_latency_ms = paced_stats(samples, cfg.paced_rate_hz)
         for m, s in zip(results, kept):
             say(f"{s.name}: throughput at batch {cfg.throughput_batch}")
-            m.throughput_ips = throughput(s.runner, x, cfg)
+            m.throughput_ips = throughput(s.runner, sample, cfg)
             m.runtime = {**s.runtime, **s.runner.runtime_info()}
             log.info("%s: top1 %.2f%% p50 %.3f ms %.1f img/s", m.name, m.top1, m.latency_ms["p50"], m.throughput_ips)
     finally:

@@ -570,15 +570,18 @@ def _proxy_name(e: Any) -> str:
     return e.name if e.built else f"{e.name}-proxy-onnxruntime"
 
 
-def held_out_images(source: ModelArtifact, data: Any, count: int) -> tuple[np.ndarray, np.ndarray, str]:
-    from .data import preprocess
+def held_out_images(source: ModelArtifact, data: Any, count: int) -> tuple[Any, np.ndarray, str]:
+    """``count`` preprocessed images of the training split held out of calibration, their labels and
+    where they come from: an array where they are few (:func:`compressor.streaming.in_memory`), else
+    a streamed :class:`compressor.streaming.ImageSet` (sliced like one)."""
+    from .streaming import in_memory
 
     size = tuple(source.input_spec.sample_shape[1:])
-    images, labels = data.validation_set(size, source.preprocessing, count)
+    images = data.validation_images(size, source.preprocessing, count).preprocessed(source.preprocessing)
     cal = data.config.calibration
     where = (f"of split {cal.split!r} held out of calibration (not its {data.calibration_count()} calibration "
              f"images; never the test split)")
-    return preprocess(images, source.preprocessing), labels, where
+    return in_memory(images), images.labels, where
 
 
 def explain_result(result: Any, data: Any, cfg: ExplainConfig, *, threads: int, only: set[str] | None = None,
@@ -594,12 +597,13 @@ def explain_result(result: Any, data: Any, cfg: ExplainConfig, *, threads: int, 
 def evaluation_sample(source: ModelArtifact, data: Any, count: int) -> tuple[np.ndarray, str]:
     """Up to ``count`` of the evaluation images, spread over the evaluated order (the drift check
     only: no figure that picks anything is measured on them)."""
-    from .data import preprocess
+    from .streaming import in_memory
 
     size = tuple(source.input_spec.sample_shape[1:])
-    images, _ = data.evaluation_set(size, source.preprocessing)
+    images = data.evaluation_images(size, source.preprocessing)  # only the picked ones are read
     pick = np.linspace(0, len(images) - 1, num=min(count, len(images))).astype(int) if len(images) else []
-    return preprocess(images[pick], source.preprocessing), f"of the evaluation split {data.config.evaluation.split!r}"
+    return (in_memory(images.subset(pick).preprocessed(source.preprocessing)),
+            f"of the evaluation split {data.config.evaluation.split!r}")
 
 
 def cached_stages(pipeline: Any, source: ModelArtifact, data: Any) -> tuple[list[tuple[str, str, ModelArtifact]], list[str]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .artifact import Form, ModelArtifact, state_dict_bytes
-from .data import DataBundle, preprocess
+from .data import DataBundle
 from .devices import Device, or_host
 from .errors import CompressorError, DataError, PassError, PipelineOrderError, TargetError, TargetUnavailable, first_line
 from .environment import default_threads, library_versions
@@ -431,8 +431,9 @@ class Pipeline:
         and the engines; batch-1 latency is timed in rounds interleaved over all of them."""
         source = result.source
         size = tuple(source.input_spec.sample_shape[1:])
-        images, labels = data.evaluation_set(size, source.preprocessing)  # type: ignore[arg-type]
-        x = preprocess(images, source.preprocessing)
+        # streamed: decoded by worker processes (or read from the decoded-image store) batch by batch
+        x = data.evaluation_images(size, source.preprocessing).preprocessed(source.preprocessing)  # type: ignore[arg-type]
+        labels = x.labels
         rows = [ResultRow(
             name="source",
             target="torch" if source.form is not Form.ONNX else "onnxruntime",

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .staging import atomic_write, json_text
+from .streaming import consecutive, update_digest
 from .training import AUGMENT_PAD, TrainData, crop_flip
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class TeacherViews:
         h.update(json.dumps({"teacher": teacher_hash, "views": views, "seed": seed, "pad": AUGMENT_PAD,
                              "flip": True, "features": features, "n": len(data.x_train),
                              "prep": [data.mean.tolist(), data.std.tolist(), data.scale]}).encode())
-        h.update(np.ascontiguousarray(data.x_train).data)
+        update_digest(h, data.x_train)  # an array's bytes; a streamed set's fingerprint (split, images, size, view)
         h.update(np.ascontiguousarray(data.y_train).data)
         self.key = h.hexdigest()[:32]
         self.dir = Path(root) / self.key
@@ -89,8 +90,8 @@ class TeacherViews:
                     continue
                 log.info("teacher outputs: view %d/%d of %d images", v + 1, self.views, self.n)
                 with torch.inference_mode():
-                    for i in range(0, self.n, batch):
-                        images = crop_flip(torch.from_numpy(data.x_train[i : i + batch]), self.dy[v, i : i + batch],
+                    for uint8, i in zip(consecutive(data.x_train, batch), range(0, self.n, batch)):
+                        images = crop_flip(torch.from_numpy(uint8), self.dy[v, i : i + batch],
                                            self.dx[v, i : i + batch], self.flip[v, i : i + batch])
                         logits[v, i : i + batch] = teacher(data.normalise(images)).float().numpy()
                         if fmap is not None:

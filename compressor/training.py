@@ -32,12 +32,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from .data import ImageSource
 from .environment import has_native_bf16
 from .errors import ConfigError
+from .streaming import in_batches, timed
 
 if TYPE_CHECKING:
     import torch
 
     from .artifact import ModelArtifact
     from .data import DataBundle
+    from .streaming import ImageSet
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +94,14 @@ class TrainResult:
     probe: dict[str, Any] | None = None  # probe_step's timings and choice, where it ran
     device: str = "cpu"
     kept_initial: bool = False  # no checkpoint beat the starting model on validation: it was restored
+    data_seconds: float = 0.0  # the time the steps waited for their training images (decoding, reading)
 
     def to_json(self) -> dict[str, Any]:
         return {"steps": self.steps, "seconds": round(self.seconds, 1), "best_val_top1": self.best_val_top1,
                 "final_val_top1": self.final_val_top1, "world_size": self.world_size,
                 "skipped_steps": self.skipped_steps, "precision": self.precision,
                 "memory_format": self.memory_format, "probe": self.probe, "device": self.device,
-                "kept_initial": self.kept_initial,
+                "kept_initial": self.kept_initial, "data_seconds": round(self.data_seconds, 1),
                 "history": self.history}
 
 
@@ -337,11 +340,13 @@ def probe_step(model: Any, loss_fn: LossFn, xb: Any, yb: Any, ix: Any, dev: Any,
 
 @dataclass
 class TrainData:
-    """uint8 training and validation images (N, H, W, C) + labels, and how to normalise them."""
+    """uint8 training and validation images (N, H, W, C) + labels, and how to normalise them. The
+    images are arrays or :class:`compressor.streaming.ImageSet` s (a run's: read batch by batch by
+    decoding workers, never held whole); both index as ``x_train[ix]``."""
 
-    x_train: np.ndarray
+    x_train: np.ndarray | ImageSet
     y_train: np.ndarray
-    x_val: np.ndarray
+    x_val: np.ndarray | ImageSet
     y_val: np.ndarray
     mean: np.ndarray
     std: np.ndarray
@@ -369,12 +374,13 @@ def training_data(artifact: ModelArtifact, data: DataBundle, cfg: TrainConfig) -
         train_idx = train_idx[sub.balanced_indices(cfg.train_samples, seed=cfg.seed)]
     if len(train_idx) == 0:
         raise ConfigError("train.val_samples leaves no training images")
+    # the whole split, streamed: training and validation images share one decoded-image store of it
     images = data.split_images("train", size, artifact.preprocessing)  # type: ignore[arg-type]
     prep = artifact.preprocessing
     channels = images.shape[-1]
     return TrainData(
-        x_train=images[train_idx], y_train=src.labels[train_idx],
-        x_val=images[val_idx], y_val=src.labels[val_idx],
+        x_train=images.subset(train_idx), y_train=src.labels[train_idx],
+        x_val=images.subset(val_idx), y_val=src.labels[val_idx],
         mean=np.asarray(prep.mean[:channels], np.float32), std=np.asarray(prep.std[:channels], np.float32),
         scale=prep.scale,
     )
@@ -439,10 +445,10 @@ def evaluate_top1(model: Any, x: np.ndarray, y: np.ndarray, data: TrainData, bat
     correct, seen = 0.0, 0.0
     was_training = model.training
     model.eval()
+    order = [shard[i : i + batch] for i in range(0, len(shard), batch)]
     with torch.inference_mode():
-        for i in range(0, len(shard), batch):
-            ix = shard[i : i + batch]
-            logits = model(data.normalise(torch.from_numpy(x[ix])).to(dev))
+        for images, ix in zip(in_batches(x, order), order):  # the reader first: zip lets it finish
+            logits = model(data.normalise(torch.from_numpy(images)).to(dev))
             correct += float((logits.argmax(1).cpu().numpy() == y[ix]).sum())
             seen += len(ix)
     correct, seen = _sum_over_processes((correct, seen), size)  # the whole held-out set
@@ -517,6 +523,7 @@ def train(
     if initial_val is not None and len(data.x_val):
         best_top1, best_state = initial_val, copy.deepcopy(model.state_dict())
     started = time.perf_counter()
+    waited = [0.0]  # seconds the steps waited for images
     step, epoch = 0, 0
     bar_display = _progress(progress and rank == 0)
     running_loss, running_correct, running_seen = 0.0, 0, 0
@@ -532,12 +539,15 @@ def train(
             perm = np.random.default_rng(cfg.seed + epoch).permutation(n)
             usable = (n // cfg.batch_size) * cfg.batch_size or n
             net.train()
-            for i in range(0, usable, cfg.batch_size):
+            batches = [np.sort(perm[i : min(i + cfg.batch_size, usable)]) for i in range(0, usable, cfg.batch_size)]
+            batches = batches[: total - step]  # the steps left
+            # this process's share of every batch, read in order by the decoding workers ahead of the steps
+            shares = [batch[rank::size] for batch in batches]
+            reader = timed(in_batches(data.x_train, shares), waited)
+            for uint8, batch, ix in zip(reader, batches, shares):  # the reader first: zip lets it finish
                 if step >= total:
                     break
-                batch = np.sort(perm[i : min(i + cfg.batch_size, usable)])
-                ix = batch[rank::size]
-                images = torch.from_numpy(data.x_train[ix])
+                images = torch.from_numpy(uint8)
                 if cfg.augment:  # augment_fn(images, indices, epoch): e.g. the stored views a cached teacher saw
                     images = augment_fn(images, ix, epoch) if augment_fn is not None else \
                         augment_share(images, gen, len(batch), rank, size)
@@ -605,7 +615,7 @@ def train(
                        f"bf16 autocast, fp32 from step {bf16_off_at} (a loss not finite)",
                        memory_format="channels_last" if channels_last else "contiguous", probe=probe, device=str(dev),
                        kept_initial=initial_val is not None and best_top1 == initial_val and final is not None
-                       and final < initial_val)
+                       and final < initial_val, data_seconds=waited[0])
 
 
 MAX_NONFINITE_STEPS = 10

@@ -394,20 +394,24 @@ def _WithProjector(student: Any, projector: Any) -> Any:  # noqa: N802 - reads a
     return _with_projector_type()(student, projector)
 
 
-def _evaluation_images(artifact: ModelArtifact, ctx: PassContext) -> tuple[np.ndarray, np.ndarray]:
+def _evaluation_images(artifact: ModelArtifact, ctx: PassContext) -> tuple[Any, np.ndarray]:
+    """The evaluation split's uint8 images (streamed: :class:`compressor.streaming.ImageSet`) and labels."""
     assert ctx.data is not None
     size = tuple(artifact.input_spec.sample_shape[1:])
-    return ctx.data.evaluation_set(size, artifact.preprocessing)  # type: ignore[arg-type]
+    images = ctx.data.evaluation_images(size, artifact.preprocessing)  # type: ignore[arg-type]
+    return images, images.labels
 
 
 def _teacher_outputs(teacher: Any, feats: _Features | None, data: TrainData, batch: int = 256) -> tuple[Any, Any]:
     """Teacher logits (and penultimate features, as float16) for every training image, in order."""
     import torch
 
+    from ..streaming import consecutive
+
     logits, features = [], []
     with torch.inference_mode():
-        for i in range(0, len(data.x_train), batch):
-            x = data.normalise(torch.from_numpy(data.x_train[i : i + batch]))
+        for images in consecutive(data.x_train, batch):
+            x = data.normalise(torch.from_numpy(images))
             logits.append(teacher(x).float())
             if feats is not None:
                 features.append(feats.value.to(torch.float16))

@@ -224,9 +224,12 @@ class QuantizePTQ(Pass):
 
         threads = ctx.threads or default_threads()
         size = tuple(artifact.input_spec.sample_shape[1:])
-        images, labels = ctx.data.validation_set(size, artifact.preprocessing,  # type: ignore[arg-type]
-                                                 self.config.validation_samples or LEAST_IMAGES, calibrated=max(sizes))
-        xv = preprocess(images, artifact.preprocessing)
+        images = ctx.data.validation_images(size, artifact.preprocessing,  # type: ignore[arg-type]
+                                            self.config.validation_samples or LEAST_IMAGES, calibrated=max(sizes))
+        labels = images.labels
+        from ..streaming import in_memory
+
+        xv = in_memory(images.preprocessed(artifact.preprocessing))  # streamed where many
 
         def top1(art: ModelArtifact) -> float:
             runner = artifact_runner(art, threads)

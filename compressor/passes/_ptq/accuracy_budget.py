@@ -110,7 +110,7 @@ class Budget:
         return verdict if verdict.images == len(self.labels) else self.judge(run(self.x))
 
     def _grow(self, found: DropBound) -> bool:
-        cap = images_cap(self.x[0].nbytes) if len(self.x) else IMAGES_CAP
+        cap = images_cap(self.x[0].nbytes) if isinstance(self.x, np.ndarray) and len(self.x) else IMAGES_CAP
         count = planned_images(self.max_drop, self.confidence, self.available, cap=cap,
                                disagreement=(found.lost + found.gained) / found.images, point=found.point)
         if self.load is None or self.reference is None or count <= len(self.labels):
@@ -134,16 +134,18 @@ def make_budget(data: Any, artifact: Any, *, max_drop: float, confidence: float,
     not calibration images): ``validation_samples`` of them, fixed, or (None) what the bound needs
     with no disagreement (at least LEAST_IMAGES), grown by :meth:`Budget.verdict` where a setting's
     bound needs more. Logs one line where the split cannot prove the budget even with no disagreement."""
-    from ...data import preprocess
+    from ...streaming import in_memory
 
     size = tuple(artifact.input_spec.sample_shape[1:])
     available = data.validation_available(calibrated=calibrated)
 
-    def load(count: int) -> tuple[np.ndarray, np.ndarray]:
-        images, labels = data.validation_set(size, artifact.preprocessing, count, calibrated=calibrated)
-        return preprocess(images, artifact.preprocessing), labels
+    def load(count: int) -> tuple[Any, np.ndarray]:
+        # streamed (an ImageSet sliced like an array: its first pass writes a decoded-image store that the
+        # next ones read), or an array where they are few
+        images = data.validation_images(size, artifact.preprocessing, count, calibrated=calibrated)
+        return in_memory(images.preprocessed(artifact.preprocessing)), images.labels
 
-    cap = images_cap(4 * int(np.prod(artifact.input_spec.sample_shape)))  # float32 images
+    cap = IMAGES_CAP  # streamed: no memory bound on the count
     first = validation_samples or planned_images(max_drop, confidence, available, least=LEAST_IMAGES, cap=cap)
     x, labels = load(first)
     budget = Budget(max_drop=max_drop, x=x, labels=labels, max_kept_layers=max_kept_layers, threads=threads,

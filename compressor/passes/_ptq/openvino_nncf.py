@@ -165,6 +165,29 @@ def _validation_fn(labels: np.ndarray) -> Any:
     return validate
 
 
+class _Items:
+    """(image, label) of every validation image for NNCF, read as it asks (``x``: an array, or a
+    streamed :class:`compressor.streaming.ImageSet`), in batches when it goes through them all."""
+
+    def __init__(self, x: Any, labels: np.ndarray) -> None:
+        self.x, self.labels = x, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        return self.x[i : i + 1], int(self.labels[i])
+
+    def __iter__(self) -> Any:
+        from ...streaming import consecutive
+
+        start = 0
+        for batch in consecutive(self.x, 64):
+            for j in range(len(batch)):
+                yield batch[j : j + 1], int(self.labels[start + j])
+            start += len(batch)
+
+
 def _runs(xml: Any, threads: int) -> Any:
     """Images to logits on the OpenVINO CPU plugin, for :meth:`Budget.verdict`."""
     from ...targets.openvino import OVRunner
@@ -186,7 +209,7 @@ def _accuracy_control(model: Any, dataset: Any, budget: Budget, config: Quantize
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
-    items = [(budget.x[i : i + 1], int(budget.labels[i])) for i in range(len(budget.x))]
+    items = _Items(budget.x, budget.labels)  # read as NNCF goes: the images are streamed where many
     restorer = AdvancedAccuracyRestorerParameters(
         max_num_iterations=budget.max_kept_layers, ranking_subset_size=min(len(items), 300),
         intermediate_model_dir=str(work))
