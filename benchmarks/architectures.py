@@ -12,9 +12,10 @@ which no trained network shows, and the INT8 ranges would say nothing.
 
 For each architecture one ``compress`` run (2 threads) builds OpenVINO, ONNX Runtime and TFLite FP32
 engines and the INT8 engines: NNCF -> OpenVINO, ONNX Runtime QDQ, TFLite PT2E full integer; the
-transformers (ViT, Swin) quantize with ``quantize_ptq: {model_type: transformer}`` (and the TFLite
-target's ``model_type: transformer``) and, for the comparison, also with the CNN defaults and with
-SmoothQuant off.
+transformers (ViT, Swin) quantize with ``quantize_ptq: {model_type: transformer}`` (SmoothQuant
+``auto``: NNCF's alpha 0.95 where it brings the output closer to FP32, else none; and the TFLite
+target's ``model_type: transformer``) and, for the comparison, also with SmoothQuant 0.95, with it
+off, and with the CNN defaults.
 
 Random BatchNorm CNNs are chaotic: they amplify any small error (a 40 dB input perturbation comes out
 of the random EfficientNet-B0 at 3-8 dB), which trained networks do not; even BatchNorm statistics
@@ -36,7 +37,7 @@ Writes benchmarks/results/architectures/report.json and report.md (tables first)
 under benchmarks/work/architectures/.
 
 Usage: python benchmarks/architectures.py [--archs vit,swin_t,...] [--vit b16|small]
-       [--calibration 300] [--images 100] [--explain-images 32] [--sensitivity] [--no-compare]
+       [--calibration 300] [--images 100] [--explain-images 32] [--sensitivity] [--no-compare] [--keep-cache]
 Smoke: python benchmarks/architectures.py --smoke   (efficientnet_b0 and the small ViT, few images)
 """
 
@@ -45,10 +46,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from _common import COMPRESS, HERE, REPO, SHARED, require_modules, scrub, write_text
@@ -56,6 +57,9 @@ from _common import COMPRESS, HERE, REPO, SHARED, require_modules, scrub, write_
 NAME = "architectures"
 WORK = HERE / "work" / NAME
 RESULTS = HERE / "results" / NAME
+CACHE = WORK / "cache"
+"""the runs' own pass cache, emptied at the start (--keep-cache keeps it): every pass of a run is timed
+and computed with this code, never taken from an earlier run's cache"""
 DATA = SHARED / "datasets" / "cifar10"
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 NUM_CLASSES = 10
@@ -69,6 +73,7 @@ INT8_TARGETS = {  # engine name in the run -> (target label, runtime's FP32 engi
     "tflite-int8": ("TFLite INT8 (PT2E)", "tflite-fp32"),
 }
 COMPARISONS = {  # transformers only: the same backends with other settings
+    "nncf_sq-openvino-int8": ("OpenVINO (NNCF), transformer, SmoothQuant 0.95", "openvino-fp32"),
     "nncf_nosq-openvino-int8": ("OpenVINO (NNCF), transformer, SmoothQuant off", "openvino-fp32"),
     "nncf_cnn-openvino-int8": ("OpenVINO (NNCF), CNN defaults", "openvino-fp32"),
     "ortq_cnn-onnxruntime-int8": ("ONNX Runtime QDQ, CNN defaults", "onnxruntime-fp32"),
@@ -129,7 +134,9 @@ def recipe(arch: str, args: argparse.Namespace, dropped: set[str]) -> tuple[str,
     branches = [("nncf", ["quantize_ptq: {backend: openvino%s}" % mt], "openvino"),
                 ("ortq", ["export_onnx", "quantize_ptq: {backend: onnxruntime%s}" % mt], "onnxruntime")]
     if transformer and args.compare:
-        branches += [("nncf_nosq", ["quantize_ptq: {backend: openvino, model_type: transformer, smooth_quant: 'off'}"],
+        branches += [("nncf_sq", ["quantize_ptq: {backend: openvino, model_type: transformer, smooth_quant: 0.95}"],
+                      "openvino"),
+                     ("nncf_nosq", ["quantize_ptq: {backend: openvino, model_type: transformer, smooth_quant: 'off'}"],
                       "openvino"),
                      ("nncf_cnn", ["quantize_ptq: {backend: openvino}"], "openvino"),
                      ("ortq_cnn", ["export_onnx", "quantize_ptq: {backend: onnxruntime}"], "onnxruntime")]
@@ -199,7 +206,8 @@ def run_arch(arch: str, args: argparse.Namespace, bn_images: Any) -> dict[str, A
         text, names = recipe(arch, args, set(dropped))
         (d / "recipe.yaml").write_text(text)
         code, line = compress(str(d / "model.pt"), "--recipe", str(d / "recipe.yaml"), "--trust-model",
-                              "--data", str(DATA), "--threads", "2", "--out", str(out), "--overwrite")
+                              "--data", str(DATA), "--threads", "2", "--out", str(out), "--overwrite",
+                              "--cache-dir", str(CACHE))
         if code in (0, 1):
             break
         failed = re.search(r"\(branches\[(\d+)\]\.", line)
@@ -207,7 +215,8 @@ def run_arch(arch: str, args: argparse.Namespace, bn_images: Any) -> dict[str, A
             return {"arch": arch, "label": label, "error": line, "seconds": round(time.perf_counter() - started)}
         dropped[names[int(failed.group(1))]] = line
     run_seconds = time.perf_counter() - started
-    explain_args = [str(out), "--trust-model", "--threads", "2", "--images", str(args.explain_images), "--overwrite"]
+    explain_args = [str(out), "--trust-model", "--threads", "2", "--images", str(args.explain_images), "--overwrite",
+                    "--cache-dir", str(CACHE)]
     if not args.sensitivity:
         explain_args.append("--no-sensitivity")
     code, line = compress("explain", *explain_args)
@@ -288,7 +297,7 @@ def rows_of(result: dict[str, Any]) -> list[dict[str, Any]]:
                        int8_p50_ms=_round(r["latency_ms"]["p50"], 3), fp32_p50_ms=_round(f["latency_ms"]["p50"], 3),
                        speedup=_round(f["latency_ms"]["p50"] / r["latency_ms"]["p50"], 2),
                        agreement=r.get("agreement"), explained=engine in explained["engines"],
-                       worst_layer=worst(e), int8_inputs=int8_inputs(report, branch))
+                       worst_layer=worst(e), **pass_metrics(report, branch))
         elif branch in result["dropped"]:
             row["failure"] = result["dropped"][branch]
         else:
@@ -298,16 +307,18 @@ def rows_of(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def int8_inputs(report: dict[str, Any], branch: str) -> dict[str, list[int]] | None:
-    """The quantize_ptq pass's int8_inputs (op type: [ops with an INT8 input, ops]) of a branch."""
+def pass_metrics(report: dict[str, Any], branch: str) -> dict[str, Any]:
+    """Of a branch's quantize_ptq pass: int8_inputs (op type: [ops with an INT8 input, ops]) and the
+    SmoothQuant alpha used (with smooth_quant auto, the choice and both SQNRs on calibration images)."""
     branches = [b.get("name") for b in (report.get("recipe_config") or {}).get("branches") or []]
     if branch not in branches:
-        return None
+        return {}
     prefix = f"branches[{branches.index(branch)}]"
     for p in report.get("passes", []):
         if p.get("name") == "quantize_ptq" and p.get("step", "").startswith(prefix):
-            return (p.get("metrics") or {}).get("int8_inputs")
-    return None
+            m = p.get("metrics") or {}
+            return {k: m[k] for k in ("int8_inputs", "smooth_quant_alpha", "smooth_quant_choice") if k in m}
+    return {}
 
 
 def worst(entry: dict[str, Any]) -> str | None:
@@ -323,6 +334,16 @@ def _round(v: float | None, digits: int = 1) -> float | None:
 
 def _fmt(v: Any, suffix: str = "") -> str:
     return "-" if v is None else f"{v}{suffix}"
+
+
+def smooth_quant(row: dict[str, Any]) -> str:
+    choice = row.get("smooth_quant_choice")
+    if choice:
+        scores = ", ".join(f"{k}: {v} dB" for k, v in choice["output_sqnr_db"].items())
+        return f"auto: {_fmt(choice['chosen']) if choice['chosen'] is not None else 'off'} ({scores})"
+    if "smooth_quant_alpha" not in row:
+        return "-"
+    return "off" if row["smooth_quant_alpha"] is None else str(row["smooth_quant_alpha"])
 
 
 def markdown(payload: dict[str, Any]) -> str:
@@ -354,19 +375,19 @@ def markdown(payload: dict[str, Any]) -> str:
         lines.append(f"| {labels.get(arch, arch)} | " + " | ".join(out) + f" | {_fmt(noise.get(arch))} dB |")
     lines += ["", "## Every row", "",
               "| architecture | target | SQNR dB (eval) | SQNR dB (explain) | INT8 p50 ms | FP32 p50 ms | speedup | "
-              "ops with INT8 input (LayerNorm / softmax / add) | worst layer (explain) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "ops with INT8 input (LayerNorm / softmax / add) | SmoothQuant | worst layer (explain) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in payload["rows"]:
         if "failure" in r:
             lines.append(f"| {labels.get(r['arch'], r['arch'])} | {r['target']} | fails: "
-                         f"{r['failure'].replace('|', '/')} | | | | | | |")
+                         f"{r['failure'].replace('|', '/')} | | | | | | | |")
             continue
         kf = r.get("int8_inputs") or {}
         kept = " / ".join(f"{k} {v[0]}/{v[1]}" for k, v in kf.items()
                           if k in ("MVN", "LayerNormalization", "Softmax", "Add")) or "-"
         lines.append(f"| {labels.get(r['arch'], r['arch'])} | {r['target']} | {_fmt(r['sqnr_db'])} | "
                      f"{_fmt(r['explain_sqnr_db'])} | {_fmt(r['int8_p50_ms'])} | {_fmt(r['fp32_p50_ms'])} | "
-                     f"{_fmt(r['speedup'], 'x')} | {kept} | {_fmt(r.get('worst_layer'))} |")
+                     f"{_fmt(r['speedup'], 'x')} | {kept} | {smooth_quant(r)} | {_fmt(r.get('worst_layer'))} |")
     lines += ["", "## Per architecture", "",
               "| architecture | GMACs | run s | whole s | FP32 SQNR dB (OpenVINO / ORT / TFLite) | explained |",
               "|---|---|---|---|---|---|"]
@@ -403,6 +424,8 @@ def main() -> int:
     parser.add_argument("--sensitivity", action="store_true", help="explain's per-quantizer ranking (slow at 224)")
     parser.add_argument("--no-compare", dest="compare", action="store_false",
                         help="transformers: leave out the CNN-default and SmoothQuant-off branches")
+    parser.add_argument("--keep-cache", action="store_true",
+                        help="reuse the pass outputs of the previous run of this benchmark (same settings)")
     parser.add_argument("--smoke", action="store_true",
                         help="efficientnet_b0 and the small ViT, 32 calibration and 16 evaluation images")
     args = parser.parse_args()
@@ -417,6 +440,8 @@ def main() -> int:
     sys.path.insert(0, str(REPO))
     from compressor.environment import environment
 
+    if not args.keep_cache:
+        shutil.rmtree(CACHE, ignore_errors=True)
     bn_images = bn_calibration_images(args.bn_images)
     results = []
     for arch in archs:

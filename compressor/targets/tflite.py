@@ -86,10 +86,9 @@ class TFLiteConfig(TargetConfig):
     kept_layer_latency: bool = True
     """max_drop: time what each kept layer costs at batch 1 (one more conversion per kept layer)"""
     model_type: Literal["cnn", "transformer"] = "cnn"
-    """int8 (pt2e): transformer: the residual adds, multiplies and concatenations stay in float (as
-    NNCF's transformer mode keeps them; litert-torch's quantizer already leaves LayerNorm, softmax and
-    the attention matmuls in float), so that ViT's class token keeps its own range; cnn: the
-    quantizer's defaults"""
+    """int8 (pt2e): transformer: the residual adds and multiplies stay in float, as NNCF's transformer
+    mode keeps them (litert-torch's quantizer already leaves LayerNorm, softmax and the attention
+    matmuls in float); cnn: the quantizer's defaults"""
     export: Literal["auto", "strict", "non_strict"] = "auto"
     """int8 (pt2e): torch.export mode of the capture; auto tries strict (which records the source
     functions the quantizer's add / pool patterns match) and falls back to non-strict"""
@@ -451,8 +450,10 @@ _MOVES = {"max_pool2d", "max_pool2d_with_indices", "adaptive_avg_pool2d", "avg_p
 
 TRANSFORMER_FLOAT_OPS = ("add", "cat", "concat", "mul")
 """aten ops that ``model_type: transformer`` leaves unannotated, as NNCF's transformer mode keeps them in
-float: the residual adds and the concatenation of ViT's class token with the patch tokens, whose one
-INT8 scale crushes the class token the classifier reads"""
+float: the residual adds, and the concatenation of ViT's class token with the patch tokens, whose one
+INT8 scale crushes the class token the classifier reads. The LiteRT converter still makes that
+concatenation an INT8 CONCATENATION (its input from the patch embedding is INT8, the class token a
+constant): on a 224x224 ViT of 4 layers the head's SQNR stays at 13.7 dB where the blocks' are 28.7"""
 
 
 def _keeping_quantizer(keep: tuple[str, ...], ops: tuple[str, ...] = ()) -> Any:

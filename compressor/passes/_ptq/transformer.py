@@ -23,8 +23,9 @@ code path per architecture.
 
 The TFLite target is no backend of this pass; its PT2E quantizer (litert-torch) already leaves
 LayerNorm (decomposed to MEAN, SQUARED_DIFFERENCE, RSQRT), SOFTMAX and the attention BATCH_MATMULs in
-float, and the target's own ``model_type: transformer`` leaves the residual adds, multiplies and
-concatenations unannotated as well (targets/tflite.py, TRANSFORMER_FLOAT_OPS).
+float, and the target's own ``model_type: transformer`` leaves the residual adds and multiplies
+unannotated as well (targets/tflite.py, TRANSFORMER_FLOAT_OPS; ViT's class-token concatenation is
+made INT8 by the LiteRT converter all the same).
 """
 
 from __future__ import annotations
