@@ -645,6 +645,7 @@ def _worker_results(images: ImageSet, chunks: list[np.ndarray], plan: _Plan,
     loader = DataLoader(_Chunks(images, chunks, plan), batch_size=None, shuffle=False, num_workers=workers,
                         collate_fn=_as_is, prefetch_factor=2, persistent_workers=False,
                         multiprocessing_context=_start_method())
+    sigchld = _SigchldKept()
     with _quiet_fork():
         it = iter(loader)  # the workers start here
     try:
@@ -663,6 +664,31 @@ def _worker_results(images: ImageSet, chunks: list[np.ndarray], plan: _Plan,
         shutdown = getattr(it, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+        sigchld.restore()
+
+
+class _SigchldKept:
+    """The process's SIGCHLD handler as it was before a DataLoader with workers installed torch's
+    (which checks the workers' pids at every child's exit, and stays for good once set). Given back
+    when the workers are gone: with torch's handler left in place, a later subprocess's exit in the
+    same process (a ``mount``, ``benchmark_app``) crashed it with a segmentation fault."""
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.main = threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGCHLD")
+        self.before = signal.getsignal(signal.SIGCHLD) if self.main else None
+
+    def restore(self) -> None:
+        import signal
+
+        from torch.utils.data._utils import signal_handling
+
+        if not self.main or self.before is None or not getattr(signal_handling, "_SIGCHLD_handler_set", False):
+            return
+        signal.signal(signal.SIGCHLD, self.before)
+        signal_handling._SIGCHLD_handler_set = False  # noqa: SLF001 - the next loader sets it again
 
 
 def _start_method() -> Any:

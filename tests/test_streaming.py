@@ -87,6 +87,26 @@ def test_worker_decode_equals_decode_in_this_process(folder, monkeypatch):
     assert by_workers.shape == (300, 32, 32, 3) and np.array_equal(by_workers, here)
 
 
+def test_the_process_gets_its_sigchld_handler_back_after_the_workers(folder, monkeypatch):
+    """torch's DataLoader installs a SIGCHLD handler that checks its workers' pids at every child's
+    exit and keeps it for good; a later subprocess in the same process (a mount, benchmark_app) then
+    crashed pytest with a segmentation fault (tests/test_faults.py after the explain tests, in CI)."""
+    import signal
+    import subprocess
+
+    monkeypatch.setenv(streaming.CACHE_ENV, "0")
+    before = signal.getsignal(signal.SIGCHLD)
+    images = bundle(folder).split_images("train", (16, 16), "RGB").subset(np.arange(0, 300))
+    seen = []
+    for batch in images.batches(50, workers=2):
+        seen.append(signal.getsignal(signal.SIGCHLD))  # torch's, while the workers run
+    assert len(seen) == 6 and seen[0] is not before
+    assert signal.getsignal(signal.SIGCHLD) is before
+    assert subprocess.run(["true"]).returncode == 0
+    assert len(list(images.batches(100, workers=2))) == 3  # the next loader sets its handler again
+    assert signal.getsignal(signal.SIGCHLD) is before
+
+
 def test_training_and_validation_images_share_one_store_of_the_split(folder):
     data = bundle(folder)
     split = data.split_images("train", (24, 24), "RGB")
