@@ -170,6 +170,16 @@ def test_explain_with_a_cleared_cache_says_so_on_the_console(sd_run, tmp_path, c
     assert len(notes) == 1 and "passes[0].export_onnx and 1 more" in notes[0] and "pass cache" in notes[0]
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """In the child before exec: SIGINT delivered and at its default, as a shell's foreground job has
+    it. A child inherits a blocked signal mask and an ignored disposition from this process: in the
+    full suite (fresh-clone CI, twice, never with this file alone) the explain ran on to its end after
+    the SIGINT and exited 0; an earlier test leaving SIGINT blocked or ignored is the suspect (not
+    yet found)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_during_explain_keeps_the_previous_explanation(sd_run, tmp_path):
     """Ctrl-C while the sensitivity ranking runs: exit 130, one line, the previous explain.json intact."""
     run = shutil.copytree(sd_run["out"], tmp_path / "run")
@@ -177,7 +187,7 @@ def test_sigint_during_explain_keeps_the_previous_explanation(sd_run, tmp_path):
     env = {**os.environ, "COMPRESSOR_CACHE_DIR": str(sd_run["cache"])}
     proc = subprocess.Popen([sys.executable, "-c", "from compressor.cli import entry; entry()", "explain", str(run),
                              "--overwrite", "--images", "16", "-v"], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env=env)
+                            text=True, env=env, preexec_fn=_ctrl_c_as_in_a_terminal)
     seen = []
     for line in proc.stderr:  # the sensitivity ranking has started: the explanation is under way
         seen.append(line)
