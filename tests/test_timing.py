@@ -138,24 +138,41 @@ def test_pinned_pins_the_calling_thread_and_gives_its_cores_back():
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
                     reason="needs a thread affinity call and at least two cores")
-def test_a_worker_thread_made_before_the_pin_keeps_its_cores():
+def test_a_worker_thread_made_before_the_pin_leaves_the_callers_core_and_gets_its_cores_back():
+    """A runtime's worker (made before the timing, as every engine's pool is) runs on the other cores
+    while the caller is pinned, so the two never share one; after, it has all its cores again."""
     import threading
 
     from compressor.evaluate import pinned
 
     cores = os.sched_getaffinity(0)
-    go, done = threading.Event(), threading.Event()
+    ask, answered = threading.Event(), threading.Event()
     seen: list[set[int]] = []
+    stop = False
 
     def worker():
-        go.wait()
-        seen.append(os.sched_getaffinity(0))
-        done.set()
+        while not stop:
+            if ask.wait(0.01):
+                ask.clear()
+                seen.append(os.sched_getaffinity(0))
+                answered.set()
 
     t = threading.Thread(target=worker)
     t.start()
-    with pinned():
-        go.set()
-        done.wait(10)
-    t.join()
-    assert seen == [cores]
+    try:
+        with pinned() as core:
+            ask.set()
+            assert answered.wait(10)
+            answered.clear()
+            assert seen[-1] == cores - {core}
+        ask.set()
+        assert answered.wait(10)
+        assert seen[-1] == cores
+        with pinned(others=False) as core:
+            answered.clear()
+            ask.set()
+            assert answered.wait(10)
+            assert seen[-1] == cores
+    finally:
+        stop = True
+        t.join()
