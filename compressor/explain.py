@@ -571,16 +571,15 @@ def _proxy_name(e: Any) -> str:
 
 
 def held_out_images(source: ModelArtifact, data: Any, count: int) -> tuple[Any, np.ndarray, str]:
-    """``count`` preprocessed images of the training split held out of calibration, their labels and
+    """``count`` preprocessed validation images (data.validation: by default of the training split,
+    held out of calibration), their labels and
     where they come from: an array where they are few (:func:`compressor.streaming.in_memory`), else
     a streamed :class:`compressor.streaming.ImageSet` (sliced like one)."""
     from .streaming import in_memory
 
     size = tuple(source.input_spec.sample_shape[1:])
     images = data.validation_images(size, source.preprocessing, count).preprocessed(source.preprocessing)
-    cal = data.config.calibration
-    where = (f"of split {cal.split!r} held out of calibration (not its {data.calibration_count()} calibration "
-             f"images; never the test split)")
+    where = data.validation_where()
     return in_memory(images), images.labels, where
 
 

@@ -413,8 +413,10 @@ def _calibration_sweep_lines(p: dict[str, Any]) -> list[str]:
     if not sw:
         return lines
     lines += ["", f"## Calibration size of `{p['step']}`", "",
-              f"Plain INT8 top-1 on {sw['validation_images']} validation images of split "
-              f"'{sw['validation_split']}' that no size calibrates on (not the test split); float "
+              f"Plain INT8 top-1 on {sw['validation_images']} validation images "
+              + (f"({sw['validation_from']}) " if sw.get("validation_from") else
+                 f"of split '{sw['validation_split']}' that no size calibrates on (not the test split); ")
+              + "float "
               f"{sw['float_top1']:.2f}%. The engine was built with {sw['built_with']} images.", "",
               "| calibration images | validation top-1 % | drop from float |", "|---|---|---|"]
     for r in sw["rows"]:
@@ -430,8 +432,8 @@ def _budget_lines(p: dict[str, Any]) -> list[str]:
     if not b:
         return lines
     lines += ["", f"## Accuracy budget of `{p['step']}`", "",
-              f"max_drop {b['max_drop']} points on {b['validation_images']} validation images (held out of the "
-              f"training split, not the test split): float {b['float_top1']:.2f}%, plain INT8 "
+              f"max_drop {b['max_drop']} points on {b['validation_images']} validation images "
+              f"({b.get('validation_split') or 'held out of the training split'}; not the evaluated images): float {b['float_top1']:.2f}%, plain INT8 "
               f"{b['int8_top1_plain']:.2f}%, budgeted INT8 {b['int8_top1']:.2f}% (drop {b['drop']:.2f}"
               + (f", upper bound {b['drop_bound']:.2f} at {b['confidence']:.0%} confidence: {b['lost']} images lost, "
                  f"{b['gained']} gained" if "drop_bound" in b else "") + "); "

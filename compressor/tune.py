@@ -265,10 +265,10 @@ class Screen:
     def _load(self, source: Any, data: Any, count: int) -> tuple[np.ndarray, np.ndarray]:
         from .explain import held_out_images
 
-        x, labels, _ = held_out_images(source, data, count)
+        x, labels, self.where = held_out_images(source, data, count)
         if len(labels) < count:
-            log.warning("tune: %d validation images asked for, but the training split holds only %d besides the "
-                        "calibration images: the budget is judged on %d", count, len(labels), len(labels))
+            log.warning("tune: %d validation images asked for, but the validation images (%s) are only %d: the "
+                        "budget is judged on %d", count, self.where, len(labels), len(labels))
         line = too_few_line("tune", self.max_drop, self.confidence, len(labels))
         if line:
             log.warning("%s", line)
@@ -465,7 +465,7 @@ def summarise(report: dict[str, Any], candidates: list[Candidate], left_out: lis
     return {
         "device": report.get("device"), "max_drop": max_drop, "seconds": round(seconds, 1),
         "validation": {"images": screen.images if screen.used is None else screen.used, "requested": screen.images,
-                       "source_top1": screen.source_top1, "from": "training split, not calibration images",
+                       "source_top1": screen.source_top1, "from": getattr(screen, "where", "training split, not calibration images"),
                        "confidence": screen.confidence, "slice_images": SLICE_IMAGES},
         "duplicates": [{"candidate": r["candidate"], "engine": r["engine"], "same_bytes_as": r["duplicate_of"]}
                        for r in rows if r.get("duplicate_of")],
@@ -485,7 +485,7 @@ def render(summary: dict[str, Any], command: str) -> str:
     dev = summary["device"] or {}
     val = summary["validation"]
     vsrc = val["source_top1"]
-    asked = f" (asked for {val['requested']}: all the training split has besides calibration's)" \
+    asked = f" (asked for {val['requested']}: all there are, {val.get('from')})" \
         if (val.get("requested") or 0) > (val["images"] or 0) else ""
     lines = ["# compress tune", "",
              f"- device: {dev.get('name')} (built and timed on {dev.get('host')}); budget: top-1 within "

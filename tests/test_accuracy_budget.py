@@ -176,3 +176,16 @@ def test_validation_images_are_not_calibration_or_test_images(digits):
     cal = digits.calibration_source.balanced_indices(CALIBRATION, digits.config.calibration.seed)
     assert len(val) == VALIDATION and not set(val) & set(cal)
     assert np.bincount(digits.calibration_source.labels[val]).min() >= VALIDATION // 10 - 1
+
+
+def test_a_budget_validates_on_the_split_data_validation_names(model_files, tmp_path):
+    """data.validation.split = the test split: the budget's images are its validation share (never an
+    evaluated image), and the report says where they came from."""
+    data = open_data(DataConfig(source="digits", calibration={"samples": CALIBRATION},
+                                validation={"split": "test", "share": 0.5}))
+    source = {"torch": load_model(model_files["pickle"], trust=True), "onnx": load_model(model_files["onnx"])}
+    budget = quantize("onnxruntime", source, data, tmp_path, max_drop=5.0, validation_samples=120).metrics[
+        "accuracy_budget"]
+    assert budget["validation_images"] == 120
+    assert "of split 'test'" in budget["validation_split"] and "left out of evaluation" in budget["validation_split"]
+    assert not set(data.validation_indices(120)) & set(data.evaluation_indices())

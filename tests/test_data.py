@@ -81,3 +81,44 @@ def test_cifar10_by_name_without_network_or_local_copy(tmp_path, monkeypatch):
 def test_cifar10_by_name_finds_an_image_folder_copy(image_folder):
     bundle = open_data(DataConfig(source="cifar10", root=str(image_folder)))
     assert bundle.classes == ["cat", "dog", "emu"]
+
+
+def test_validation_on_a_share_of_the_evaluation_split_is_never_evaluated():
+    """data.validation.split = the evaluation split: that share validates budgets, and the evaluated
+    images are the others (with and without evaluation.limit), so a test figure stays on unseen images."""
+    bundle = open_data(DataConfig(source="digits", validation={"split": "test", "share": 0.4, "seed": 3}))
+    test = bundle.evaluation_source
+    assert bundle.validation_mode == "evaluation"
+    pool = bundle._validation_part()
+    assert len(pool) == round(0.4 * len(test))
+    val = bundle.validation_indices(100)
+    assert len(val) == 100 and set(val) <= set(pool)
+    evaluated = bundle.evaluation_indices()
+    assert not set(evaluated) & set(pool) and len(evaluated) + len(pool) == len(test)
+    assert bundle.validation_available() == len(pool)
+    images = bundle.validation_images((8, 8), "L", 20)
+    assert np.array_equal(images.labels, test.labels[bundle.validation_indices(20)])
+    assert "left out of evaluation" in bundle.validation_where()
+    limited = open_data(DataConfig(source="digits", validation={"split": "test"}, evaluation={"limit": 50}))
+    assert len(limited.evaluation_indices()) == 50
+    assert not set(limited.evaluation_indices()) & set(limited._validation_part())
+
+
+def test_validation_on_a_split_of_its_own(image_folder):
+    """A val/ folder beside train/ and test/: every validation image comes from it, evaluation is whole."""
+    import shutil
+
+    shutil.copytree(image_folder / "test", image_folder / "val")
+    bundle = open_data(DataConfig(source="folder", root=str(image_folder), calibration={"samples": 6},
+                                  validation={"split": "val"}))
+    assert bundle.validation_mode == "own" and bundle.validation_available() == 12
+    assert len(bundle.evaluation_indices()) == 12
+    images = bundle.validation_images((12, 12), "RGB", 12)
+    assert all("val" in str(p) for p in images.source.paths)
+    default = open_data(DataConfig(source="folder", root=str(image_folder), calibration={"samples": 6}))
+    assert default.validation_mode == "calibration" and default.validation_available() == 24 - 6
+
+
+def test_a_missing_validation_split_is_a_data_error(image_folder):
+    with pytest.raises(DataError, match="data.validation.split: .* has no val/ directory"):
+        open_data(DataConfig(source="folder", root=str(image_folder), validation={"split": "val"}))

@@ -214,8 +214,8 @@ class QuantizePTQ(Pass):
     def _sweep(self, artifact: ModelArtifact, ctx: PassContext, built: PassResult, used: int,
                cfg: QuantizePTQConfig) -> dict[str, Any] | None:
         """With ``data.calibration.samples`` a list (and no ``samples`` of the pass's own): plain PTQ
-        calibrated on each size, its top-1 on validation images of the training split that none of
-        the sizes calibrates on (never the test split); the built model is the largest size's."""
+        calibrated on each size, its top-1 on validation images (data.validation: by default of the
+        training split, none that the sizes calibrate on; never an evaluated image); the built model is the largest size's."""
         assert ctx.data is not None
         sizes = ctx.data.config.calibration.sweep
         if not sizes or self.config.samples is not None:
@@ -251,7 +251,9 @@ class QuantizePTQ(Pass):
                 work.mkdir(parents=True, exist_ok=True)
                 art = BACKENDS[self.config.backend](artifact, x, plain, work, self.step, budget=None).artifact
             rows.append({"samples_requested": n, "samples_used": len(x), "validation_top1": top1(art)})
-        return {"validation_images": len(labels), "validation_split": ctx.data.config.calibration.split,
+        return {"validation_images": len(labels), "validation_split": ctx.data.config.calibration.split
+                if ctx.data.validation_mode == "calibration" else ctx.data.config.validation.split,
+                "validation_from": ctx.data.validation_where(max(sizes)),
                 "float_top1": top1(artifact), "rows": rows, "built_with": used}
 
     def _budget(self, artifact: ModelArtifact, ctx: PassContext) -> Budget | None:

@@ -73,6 +73,8 @@ class Budget:
     grown_from: int | None = None
     too_few: str | None = None
     """where the images the budget may use cannot prove it even with no disagreement: the line that says so"""
+    where: str = "training split, images not used for calibration"
+    """where the validation images come from (data.validation), in words"""
 
     def top1(self, logits: np.ndarray) -> float:
         return 100.0 * float((np.asarray(logits).argmax(1) == self.labels).mean())
@@ -153,6 +155,8 @@ def make_budget(data: Any, artifact: Any, *, max_drop: float, confidence: float,
                     load=None if validation_samples else load, available=available)
     reach = len(labels) if validation_samples else min(available, cap)
     budget.too_few = too_few_line(what, max_drop, confidence, reach)
+    if hasattr(data, "validation_where"):
+        budget.where = data.validation_where(calibrated)
     if budget.too_few:
         log.warning("%s", budget.too_few)
     return budget
@@ -172,7 +176,7 @@ def metrics_block(budget: Budget, *, method: str, plain: DropBound, final: DropB
         "max_drop": budget.max_drop,
         "validation_images": len(budget.labels),
         **({"validation_images_first": budget.grown_from} if budget.grown_from else {}),
-        "validation_split": "training split, images not used for calibration",
+        "validation_split": budget.where,
         "method": method,
         "float_top1": float_top1,
         "int8_top1_plain": float_top1 - plain.point,
