@@ -20,7 +20,7 @@ from pydantic_core import PydanticCustomError
 
 from .errors import ModelLoadError
 from .fingerprints import update_with_file
-from .preprocessing import geometry_problem, library_fields
+from .preprocessing import COLORS, geometry_problem, library_fields
 from .staging import json_text
 
 
@@ -48,7 +48,8 @@ class Preprocessing(BaseModel):
 
     ``from: torchvision:ResNet50_Weights.IMAGENET1K_V2`` or ``from: timm:MODEL`` (input only) fills
     every field the library's metadata gives (see :mod:`compressor.preprocessing`); fields written
-    beside it override it, and ``origin`` keeps the name.
+    beside it override it (``color: BGR`` beside it puts the library's RGB mean and std in B, G, R order),
+    and ``origin`` keeps the name.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -58,7 +59,9 @@ class Preprocessing(BaseModel):
     std: list[Annotated[float, Field(gt=0)]] = Field(
         default_factory=lambda: [1.0, 1.0, 1.0], description="1 value or 3 (per channel), each > 0")
     layout: str = Field(default="NCHW", pattern="^NCHW$")
-    color: str = Field(default="RGB", pattern="^(RGB|L)$")
+    color: Literal["RGB", "BGR", "L"] = Field(
+        default="RGB", description="RGB; BGR: the same pixels, channels in B, G, R order (models trained on "
+        "OpenCV-loaded images; mean and std in that order too); L: grey, one channel")
     resize: int | list[int] | None = Field(
         default=None, description="an int: the shorter side (the aspect kept; needs center_crop); [height, width]: "
         "that exact size; null: straight to the input size")
@@ -82,8 +85,18 @@ class Preprocessing(BaseModel):
                 fields = library_fields(spec)
             except ValueError as exc:
                 raise PydanticCustomError("from", "{msg}", {"msg": str(exc)}) from None
+            if data.get("color") == "BGR" and fields["color"] == "RGB":  # the library's RGB mean and std, in B, G, R
+                fields = {**fields, "mean": fields["mean"][::-1], "std": fields["std"][::-1]}
             data = {**fields, **{k: v for k, v in data.items() if k != "from"}, "origin": spec.strip()}
         return data
+
+    @field_validator("color", mode="before")
+    @classmethod
+    def _color(cls, value: Any) -> Any:
+        if value not in COLORS:
+            raise PydanticCustomError("color", "give RGB, BGR (channels B, G, R, as OpenCV loads images) or L "
+                                      "(grey), got {got}", {"got": repr(value)})
+        return value
 
     @field_validator("mean", "std")
     @classmethod

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from .artifact import Preprocessing
 from .errors import DataError
 from .fingerprints import image_folder_fingerprint
-from .preprocessing import GeometryError, geometry_key, size_problem, to_input_size
+from .preprocessing import GeometryError, channels, geometry_key, pil_mode, size_problem, to_input_size
 
 if TYPE_CHECKING:
     from .streaming import ImageSet
@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # A "view" says how images are decoded for a model: its Preprocessing (the colour, and the geometry
-# that turns a photo into the input size), or only a colour name ("RGB", "L"): resized straight to the size.
+# that turns a photo into the input size), or only a colour name ("RGB", "BGR", "L"): resized straight to
+# the size. BGR images are decoded as RGB, their channel axis reversed, so they are stored under their own key.
 
 
 def as_preprocessing(view: Preprocessing | str) -> Preprocessing:
@@ -38,7 +39,7 @@ def as_preprocessing(view: Preprocessing | str) -> Preprocessing:
 
 
 def view_key(view: Preprocessing | str) -> str:
-    """What in ``view`` decides the decoded uint8 image (cache keys): the colour and the geometry
+    """What in ``view`` decides the decoded uint8 image (cache keys): the colour (channel order too) and the geometry
     (resize, center_crop, interpolation, antialias). The default geometry adds nothing, so a colour
     name and a Preprocessing that resizes straight to the size share decodes."""
     prep = as_preprocessing(view)
@@ -160,7 +161,8 @@ class ImageSource:
 
     def load_images(self, indices: np.ndarray, size: tuple[int, int], view: Preprocessing | str) -> np.ndarray:
         """uint8 images (N, H, W, C) at ``size`` (height, width), decoded as ``view`` says: converted to
-        its colour, then resized and cropped by :func:`compressor.preprocessing.to_input_size`."""
+        its colour, then resized and cropped by :func:`compressor.preprocessing.to_input_size` (which puts
+        BGR's channels in their order)."""
         prep = as_preprocessing(view)
         problem = size_problem(prep, size)
         if problem:
@@ -170,12 +172,12 @@ class ImageSource:
         from PIL import Image
 
         assert self.paths is not None
-        out = np.empty((len(indices), size[0], size[1], 3 if prep.color == "RGB" else 1), np.uint8)
+        out = np.empty((len(indices), size[0], size[1], channels(prep)), np.uint8)
         for row, i in enumerate(indices):
             path = self.paths[int(i)]
             try:
                 with Image.open(path) as img:
-                    arr = to_input_size(img.convert(prep.color), size, prep)
+                    arr = to_input_size(img.convert(pil_mode(prep)), size, prep)
             except GeometryError as exc:
                 raise DataError(f"{path}: {exc}") from exc
             except Exception as exc:
@@ -191,9 +193,9 @@ def _resize_stack(images: np.ndarray, size: tuple[int, int], view: Preprocessing
     prep = as_preprocessing(view)
     if images.ndim == 3:
         images = images[..., None]
-    out = np.empty((len(images), size[0], size[1], 3 if prep.color == "RGB" else 1), np.uint8)
+    out = np.empty((len(images), size[0], size[1], channels(prep)), np.uint8)
     for row, arr in enumerate(images):
-        img = Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr).convert(prep.color)
+        img = Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr).convert(pil_mode(prep))
         try:
             out[row] = to_input_size(img, size, prep).reshape(out.shape[1:])
         except GeometryError as exc:

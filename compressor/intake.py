@@ -241,7 +241,7 @@ def load_model(
 
     The input shape comes from, in this order: the model itself (a static ONNX or torch.export
     input), ``input_shape`` (the recipe's model.input_shape), the ``model.json`` beside the file,
-    and last ``fallback_shape`` (a shape, or a function of the colour mode, "RGB" or "L", that
+    and last ``fallback_shape`` (a shape, or a function of the colour mode, "RGB", "BGR" or "L", that
     gives one or None; e.g. the data's image size), named ``fallback_source``. Where it came from
     is kept in ``meta["input_shape_source"]``: "model", "recipe", "model.json" or the fallback's.
 
@@ -319,7 +319,7 @@ def _input_shape(path: Path, own: list[int] | None, recipe: list[int] | None, si
         return list(given[0][0]), "recipe" if given[0][1] == "recipe" else "model.json"
     fixed = output_size(prep)
     if fixed is not None:
-        return [1, 3 if color == "RGB" else 1, *fixed], "preprocessing"
+        return [1, 1 if color == "L" else 3, *fixed], "preprocessing"
     shape = fallback(color) if callable(fallback) else fallback
     if shape is not None:
         return list(shape), fallback_source

@@ -1,9 +1,10 @@
 """The geometry that turns a photo into the model's input size, and ``from:`` a library's metadata.
 
 A :class:`~compressor.artifact.Preprocessing` says how a decoded photo (already in its colour, RGB
-or L) is brought to the model's input size: ``resize`` (an int: the shorter side, the aspect kept;
-[height, width]: that exact size), then ``center_crop``, with ``interpolation`` and ``antialias``;
-with neither, it is resized straight to the input size. The pixels come from torchvision's own
+or L; BGR is decoded as RGB, its channels reversed at the end) is brought to the model's input size:
+``resize`` (an int: the shorter side, the aspect kept; [height, width]: that exact size), then
+``center_crop``, with ``interpolation`` and ``antialias``; with neither, it is resized straight to
+the input size. The pixels come from torchvision's own
 ``transforms.v2.functional`` (:func:`to_input_size`), on the PIL image where ``antialias`` is true
 (PIL always antialiases; torchvision does the same with a PIL image), so that the uint8 image is the
 one ``weights.transforms()`` or timm's eval transform makes of the same photo.
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
     from .artifact import Preprocessing
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+COLORS = ("RGB", "BGR", "L")
+"""the channel orders a Preprocessing's ``color`` names: BGR is RGB decoded the same way, its channel axis
+reversed (models trained on OpenCV-loaded images); mean and std are written in the model's own order"""
 LIBRARIES = ("torchvision", "timm")
 
 
@@ -35,6 +39,24 @@ class GeometryError(ValueError):
 
 
 _EXAMPLE = "e.g. from: torchvision:ResNet50_Weights.IMAGENET1K_V2 or from: timm:resnet50.a1_in1k"
+
+
+# ---------------------------------------------------------------------- colour
+
+
+def channels(prep: Preprocessing) -> int:
+    """How many channels ``prep``'s colour gives: 1 for L, 3 for RGB and BGR."""
+    return 1 if prep.color == "L" else 3
+
+
+def pil_mode(prep: Preprocessing) -> str:
+    """The PIL mode a photo is converted to before :func:`to_input_size`: L, or RGB (for BGR too)."""
+    return "L" if prep.color == "L" else "RGB"
+
+
+def channel_order(arr: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """``arr`` (channels last, in :func:`pil_mode`) in ``prep``'s channel order: reversed for BGR."""
+    return np.ascontiguousarray(arr[..., ::-1]) if prep.color == "BGR" else arr
 
 
 # ---------------------------------------------------------------------- geometry
@@ -122,8 +144,8 @@ def geometry_key(prep: Preprocessing) -> str:
 
 
 def to_input_size(img: Image.Image, size: tuple[int, int], prep: Preprocessing) -> np.ndarray:
-    """``img`` (already in ``prep.color``) resized and cropped by torchvision as ``prep`` says, as a
-    uint8 (height, width, channels) array of ``size``.
+    """``img`` (already in :func:`pil_mode`) resized and cropped by torchvision as ``prep`` says, as a
+    uint8 (height, width, channels) array of ``size`` in ``prep``'s channel order (:func:`channel_order`).
 
     Raises GeometryError where the photo is smaller than a center crop taken without a resize
     (torchvision would pad it with black) or where the result is not ``size`` (see :func:`size_problem`).
@@ -136,7 +158,7 @@ def to_input_size(img: Image.Image, size: tuple[int, int], prep: Preprocessing) 
     if problem:
         raise GeometryError(problem)
     if (img.size[1], img.size[0]) == tuple(size) and prep.resize is None and prep.center_crop is None:
-        return np.asarray(img).reshape(size[0], size[1], -1)  # already the input size: nothing to resize
+        return channel_order(np.asarray(img).reshape(size[0], size[1], -1), prep)  # already the input size
     mode = InterpolationMode(prep.interpolation)
     target: list[int]
     if prep.resize is None and prep.center_crop is None:
@@ -159,7 +181,7 @@ def to_input_size(img: Image.Image, size: tuple[int, int], prep: Preprocessing) 
                                f"(e.g. resize: {max(ch, cw)}) so that every photo is large enough")
         out = F.center_crop(out, [ch, cw])
     arr = out.permute(1, 2, 0).numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
-    return arr.reshape(size[0], size[1], -1)
+    return channel_order(arr.reshape(size[0], size[1], -1), prep)
 
 
 # ---------------------------------------------------------------------- from: a library's metadata

@@ -8,7 +8,8 @@ Per engine (``evaluation.serving: true`` in a recipe, or ``compress serve RUN_DI
   ``Target.load``), arg-max; frames per second, latency p50/p99 and the time of each stage.
 * **Preprocessing folded into the engine** where the runtime can (OpenVINO's PrePostProcessor: u8
   NHWC of the photo's own size in; resize, mean and scale inside the model; a center crop's box is
-  cut on the host, as a view): the same frames, the share of each frame's time spent outside the
+  cut on the host, as a view; the u8 frame is in the model's channel order, so ``color: BGR`` feeds
+  B, G, R as OpenCV decodes them): the same frames, the share of each frame's time spent outside the
   engine against host preprocessing, and whether both give the same classes.
 * **Asynchronous, N requests in flight**, each runtime its own way (:mod:`compressor.serving_runtimes`),
   double-buffered: decode threads fill a bounded queue while the engine runs the frames before, so
@@ -214,17 +215,19 @@ def crop_box(width: int, height: int, prep: Preprocessing) -> tuple[int, int, in
 
 
 def native_u8(blob: bytes, prep: Preprocessing) -> np.ndarray:
-    """uint8 (1, h, w, C) at the photo's own size (the center crop's box only, where there is one): what
-    an engine with the preprocessing folded in takes."""
+    """uint8 (1, h, w, C) at the photo's own size (the center crop's box only, where there is one), in the
+    model's channel order (BGR: reversed, as OpenCV decodes): what an engine with the resize folded in takes."""
     from PIL import Image
 
+    from .preprocessing import channel_order, pil_mode
+
     with Image.open(io.BytesIO(blob)) as img:
-        img = img.convert(prep.color)
+        img = img.convert(pil_mode(prep))
         box = crop_box(img.size[0], img.size[1], prep)
         if box is not None:
             img = img.crop(box)
         arr = np.asarray(img)
-    return arr.reshape(1, arr.shape[0], arr.shape[1], -1)
+    return channel_order(arr.reshape(1, arr.shape[0], arr.shape[1], -1), prep)
 
 
 def classes_of(y: np.ndarray) -> np.ndarray:

@@ -39,6 +39,7 @@ import numpy as np
 
 from .artifact import Preprocessing
 from .data import ImageSource, _cache_root, as_preprocessing, preprocess, view_key
+from .preprocessing import channels
 from .staging import OutputError, staged_file
 
 log = logging.getLogger(__name__)
@@ -360,7 +361,7 @@ class ImageSet:
             self.base = np.asarray(base, np.int64)
             self._rows = _positions(self.base, indices)
         self.indices = indices
-        self.channels = 3 if as_preprocessing(view).color == "RGB" else 1
+        self.channels = channels(as_preprocessing(view))
         self.stats = {"images": 0, "seconds": 0.0}  # images this set gave, and the time this process spent getting
         # them (decoding, reading a store, or waiting for the decoding workers)
 

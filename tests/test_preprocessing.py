@@ -1,5 +1,5 @@
 """Preprocessing as users write it (issue 23, part 1): resize, center_crop, interpolation, antialias,
-and ``from:`` torchvision's weight enums or timm's pretrained configs.
+``from:`` torchvision's weight enums or timm's pretrained configs, and ``color: BGR`` (channel order).
 
 The parity tests decode non-square photos of several sizes and modes (JPEG, grey, RGBA) through the
 tool's own path (ImageSource.load_images, then data.preprocess) and compare the float tensor with
@@ -199,6 +199,70 @@ def test_geometry_that_cannot_give_the_input_size_is_refused_at_decode(photos):
         photos.load_images(np.arange(len(photos)), (300, 300), Preprocessing(center_crop=300))
 
 
+# ---------------------------------------------------------------------- channel order (color: BGR)
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+@pytest.mark.parametrize("fields, size", [
+    ({"resize": 240, "center_crop": [200, 220], "interpolation": "bicubic"}, (200, 220)),
+    ({"resize": 256, "center_crop": 224, "antialias": False}, (224, 224)),
+    ({}, (48, 64)),  # straight to the input size
+])
+def test_bgr_is_the_rgb_tensor_with_its_channels_reversed(photos, fields, size):
+    """Non-square photos: the tensor fed with color BGR (mean and std written in B, G, R order) is the RGB
+    tensor with its channel axis reversed, and torchvision's v2 transform of the RGB photo, reversed."""
+    rgb = _ours(photos, Preprocessing(mean=MEAN, std=STD, **fields), size)
+    bgr = _ours(photos, Preprocessing(color="BGR", mean=MEAN[::-1], std=STD[::-1], **fields), size)
+    assert bgr.shape == rgb.shape and bgr.shape[1] == 3
+    assert _max_diff(bgr, rgb.flip(1)) <= 1e-6
+    if fields:
+        theirs = _theirs(photos, _v2(fields["resize"], fields["center_crop"], fields.get("interpolation", "bilinear"),
+                                     fields.get("antialias", True), tensor_first=not fields.get("antialias", True)))
+        assert _max_diff(bgr, theirs.flip(1)) <= TOLERANCE
+
+
+def test_bgr_in_memory_arrays_and_a_photo_already_at_the_input_size():
+    rng = np.random.default_rng(2)
+    arrays = rng.integers(0, 256, (3, 30, 50, 3), dtype=np.uint8)
+    src = ImageSource(name="mem", classes=["a"], labels=np.zeros(3, np.int64), arrays=arrays)
+    for prep, size in ((Preprocessing(resize=[36, 40], center_crop=[28, 32]), (28, 32)), (Preprocessing(), (30, 50))):
+        bgr = Preprocessing(**{**prep.model_dump(), "color": "BGR"})
+        want = src.load_images(np.arange(3), size, prep)[..., ::-1]
+        assert np.array_equal(src.load_images(np.arange(3), size, bgr), want)
+        assert np.array_equal(_resize_stack(arrays, size, bgr), want)
+    assert np.array_equal(src.load_images(np.arange(3), (30, 50), "BGR"), arrays[..., ::-1])
+
+
+def test_rgb_and_bgr_decodes_are_kept_apart(photos, tmp_path, monkeypatch):
+    """The decoded-image store and the in-process caches key RGB and BGR apart: a BGR run after an RGB
+    one of the same photos, size and geometry reads B, G, R."""
+    from compressor import streaming
+    from compressor.streaming import ImageSet, _store_path
+
+    monkeypatch.setenv("COMPRESSOR_DATA_WORKERS", "0")
+    monkeypatch.setattr(streaming, "MIN_STORE_IMAGES", 1)  # these few photos get a store on disk
+    geometry = {"resize": 36, "center_crop": 32}
+    rgb, bgr = Preprocessing(**geometry), Preprocessing(color="BGR", **geometry)
+    assert view_key("RGB") != view_key("BGR") and view_key(rgb) != view_key(bgr)
+    stores = [_store_path(photos, (32, 32), view, "all") for view in (rgb, bgr)]
+    assert stores[0] != stores[1]
+    first = ImageSet(photos, None, (32, 32), rgb)[:]
+    assert stores[0].is_file() and not stores[1].exists()
+    again = ImageSet(photos, None, (32, 32), bgr)[:]
+    assert np.array_equal(again, first[..., ::-1]) and stores[1].is_file()
+    assert np.array_equal(ImageSet(photos, None, (32, 32), bgr)[:], again)  # read back from its own store
+    assert ImageSet(photos, None, (32, 32), rgb).fingerprint() != ImageSet(photos, None, (32, 32), bgr).fingerprint()
+
+
+def test_bgr_beside_from_takes_the_librarys_mean_and_std_in_bgr_order():
+    rgb = Preprocessing(**{"from": "torchvision:ResNet50_Weights.IMAGENET1K_V2"})
+    bgr = Preprocessing(**{"from": "torchvision:ResNet50_Weights.IMAGENET1K_V2", "color": "BGR"})
+    assert (bgr.mean, bgr.std) == (rgb.mean[::-1], rgb.std[::-1]) and bgr.resize == rgb.resize
+    written = Preprocessing(**{"from": "torchvision:resnet50", "color": "BGR", "mean": [0.1, 0.2, 0.3]})
+    assert written.mean == [0.1, 0.2, 0.3] and written.std == rgb.std[::-1]
+
+
 # ---------------------------------------------------------------------- model.json and the recipe
 
 
@@ -220,6 +284,18 @@ def test_model_json_carries_from_and_the_recipe_overrides_it(tmp_path):
     recipe_prep = Preprocessing(resize=36, center_crop=32)
     art = load_model(path, trust=True, preprocessing=recipe_prep, input_shape=[1, 3, 32, 32])
     assert art.preprocessing == recipe_prep and art.input_spec.shape == [1, 3, 32, 32]
+
+
+def test_model_json_color_bgr_is_read_and_a_bad_one_refused(tmp_path):
+    path = _tiny(tmp_path, {"preprocessing": {"color": "BGR", "resize": 36, "center_crop": 32}})
+    art = load_model(path, trust=True)
+    assert art.preprocessing.color == "BGR" and art.input_spec.shape == [1, 3, 32, 32]
+    path = _tiny(tmp_path, {"input_shape": [1, 3, 32, 32], "preprocessing": {"color": "bgr"}})
+    with pytest.raises(ModelLoadError) as caught:
+        load_model(path, trust=True)
+    assert "\n" not in str(caught.value)
+    assert "preprocessing.color: give RGB, BGR (channels B, G, R, as OpenCV loads images) or L (grey), got 'bgr'" \
+        in str(caught.value)
 
 
 def test_a_crop_that_is_not_the_models_input_size_is_refused_at_load(tmp_path):
@@ -260,6 +336,10 @@ targets:
     ("{resize: [300, 200], center_crop: [224, 224]}", "center_crop: 224x224 is larger than the resized image "
                                                       "(300x200)"),
     ("{interpolation: lanczos}", "preprocessing.interpolation: Input should be 'bilinear', 'bicubic' or 'nearest'"),
+    ("{color: bgr}", "preprocessing.color: give RGB, BGR (channels B, G, R, as OpenCV loads images) or L (grey), "
+                     "got 'bgr'"),
+    ("{color: RGBA}", "preprocessing.color: give RGB, BGR"),
+    ("{color: [B, G, R]}", "preprocessing.color: give RGB, BGR"),
 ])
 def test_bad_preprocessing_is_one_line_exit_2(tmp_path, capsys, prep, expected):
     recipe = write_recipe(tmp_path / "r.yaml", RECIPE.replace("PREP", prep))

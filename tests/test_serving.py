@@ -1,7 +1,7 @@
 """Serving-shaped measurement (compressor/serving.py): a run with evaluation.serving on the tiny digits
 model gives figures for every engine (OpenVINO, ONNX Runtime, LiteRT); compress serve RUN_DIR writes
 serving.json/.md and refuses what it cannot serve; double buffering overlaps decoding and inference;
-the engine with the preprocessing folded in gives the host's classes."""
+the engine with the preprocessing folded in gives the host's classes, in RGB and in BGR channel order."""
 
 from __future__ import annotations
 
@@ -165,6 +165,66 @@ def test_folded_engine_matches_host_on_photos_of_other_sizes(served_run):
     assert row["folded_agreement"]["normalize"] == 100.0, row["folded_differs"]
     # OpenVINO's linear resize does not antialias as Pillow's does when it shrinks: close, not equal
     assert row["folded_agreement"]["resize"] >= 50.0, row["folded_differs"]
+
+
+def _colour_photos(sizes: list[tuple[int, int]]) -> list[bytes]:
+    """:func:`_photos` with each channel a different function of the digit, so that channel order matters."""
+    from PIL import Image
+
+    out = []
+    for blob in _photos(sizes):
+        with Image.open(io.BytesIO(blob)) as img:
+            g = np.asarray(img.convert("L")).astype(np.int32)
+        arr = np.stack([g, 255 - g, (g * 3) % 256], -1).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=92)
+        out.append(buf.getvalue())
+    return out
+
+
+def test_bgr_serves_in_the_models_channel_order(served_run):
+    """color: BGR on the host (Pillow and OpenCV decodes) and with the preprocessing folded into ONNX
+    Runtime and OpenVINO: the frame reaches the engine in B, G, R order, and the folded engines give
+    the host's classes (normalize folded: the host's outputs)."""
+    from compressor.data import preprocess
+    from compressor.job import engines_of_run
+    from compressor.serving import host_input, opencv_available, opencv_u8
+    from compressor.serving_runtimes import backend_for
+
+    out, report = served_run
+    blobs = _colour_photos([(40, 28), (28, 40), (64, 48), (33, 17), (23, 31)])
+    rgb = Preprocessing(mean=[0.2, 0.5, 0.7], std=[0.3, 0.6, 0.4])
+    bgr = Preprocessing(color="BGR", mean=rgb.mean[::-1], std=rgb.std[::-1])
+    for blob in blobs:
+        assert np.array_equal(host_u8(blob, (16, 16), bgr), host_u8(blob, (16, 16), rgb)[..., ::-1])
+        assert np.array_equal(native_u8(blob, bgr), native_u8(blob, rgb)[..., ::-1])
+        assert np.abs(host_input(blob, (16, 16), bgr) - host_input(blob, (16, 16), rgb)[:, ::-1]).max() <= 1e-6
+        if opencv_available():
+            cv = opencv_u8(blob, (16, 16), bgr)
+            assert np.array_equal(cv, opencv_u8(blob, (16, 16), rgb)[..., ::-1])
+            assert np.abs(cv.astype(np.int32) - host_u8(blob, (16, 16), bgr)).mean() < 4  # the same order, B, G, R
+    engines = {e.target: e for e in engines_of_run(out, report)}
+    for target in ("onnxruntime", "openvino"):
+        backend = backend_for(engines[target], threads=2, input_shape=(1, 3, 16, 16))
+        runner, folded = backend.sync_runner(), backend.folded_sync(bgr, "normalize")
+        try:
+            runner.prepare(1)
+            for blob in blobs:
+                u8 = host_u8(blob, (16, 16), bgr)
+                host, inside = np.asarray(runner(preprocess(u8, bgr))), np.asarray(folded(u8))
+                assert np.abs(host - inside).max() <= 1e-3 * max(1.0, float(np.abs(host).max())), target
+        finally:
+            runner.close()
+            getattr(folded, "close", lambda: None)()
+            backend.close()
+    frames = Frames(blobs, None, "colour photos", {"JPEG": len(blobs)}, (40, 40))
+    settings = ServingSettings(threads=2, images=len(blobs), in_flight=[1], seconds=0.05, batches=[1],
+                               memory=False, referee=False)
+    row = serve_engine(engines["openvino"], frames, bgr, [1, 3, 16, 16], settings, lambda _m: None)
+    assert row["folded_agreement"]["normalize"] == 100.0, row["folded_differs"]
+    assert row["folded_agreement"]["resize"] >= 50.0, row["folded_differs"]
+    if opencv_available():
+        assert row["opencv_agreement"] >= 80.0
 
 
 def test_crop_box_keeps_what_resize_then_center_crop_keeps():
