@@ -99,7 +99,7 @@ def test_explain_names_the_planted_layer_first_on_every_cpu_backend(planted_run,
                             "--cache-dir", out.parent / "cache")
     assert code == 0, err
     data = json.loads((out / "explain.json").read_text())
-    assert data["images"]["from"].startswith("of split 'train' held out of calibration")
+    assert data["images"]["from"].startswith("split 'train', images not used for calibration")
     for name in INT8:
         e = data["engines"][name]
         layers = [layer["name"] for layer in e["layers"]]

@@ -228,7 +228,9 @@ def test_tune_on_a_state_dict_records_the_validation_images_it_used_and_warns(sd
     summary = json.loads((out / "tune.json").read_text())
     assert summary["validation"]["images"] == 835 and summary["validation"]["requested"] == 20000
     assert "835 validation images (asked for 20000" in (out / "tune.md").read_text()
-    assert "20000 validation images asked for, but the training split holds only 835" in " ".join(console.split())
+    said = " ".join(console.split())
+    assert "20000 validation images asked for, but the validation images (split 'train', images not used for " \
+           "calibration" in said and "are only 835" in said
     assert summary["chosen"] and json.loads((out / "report.json").read_text())["run_options"]["arch"] == ARCH[1]
 
 
