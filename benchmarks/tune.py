@@ -198,7 +198,8 @@ def run_model(key: str, args: argparse.Namespace) -> bool:
     verdict = {True: "pass", False: "**FAIL**", None: "-"}
     head, _, tune_md = (REPO / work / "tune.md").read_text().partition("\n")  # its "# compress tune" title
     lines = [f"# compress tune on {key}: the chosen engine against the peers (issue 14)", "",
-             f"CPU: {cpu_name}; ISA flags: {', '.join(isa) or 'none'} of {', '.join(ISA_FLAGS)}. "
+             f"CPU: {cpu_name}; ISA flags present: {', '.join(isa) or 'none'}; absent: "
+             f"{', '.join(f for f in ISA_FLAGS if f not in isa) or 'none'}. "
              f"{peers['eval_images']} CIFAR-10 test images{' (smoke run)' if args.eval_limit else ''}, 2 threads. "
              f"Peers session (every peer of benchmarks/peers.py and every engine of the tune, timed in one "
              f"interleaved session): `{peers_report.with_suffix('.md')}`.", "",
