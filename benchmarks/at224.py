@@ -809,10 +809,10 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=None, help="test images for agreement (default 500; quick 32)")
     ap.add_argument("--calibration", type=int, default=None, help="calibration images (default 512; quick 16)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 10; quick 2)")
+    ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 30; quick 2)")
     ap.add_argument("--runs", type=int, default=None,
                     help="timed calls per entry over all rounds (default 60; quick 10)")
-    ap.add_argument("--min-seconds", type=float, default=None, help="timed seconds per entry (default 1.0; quick 0.1)")
+    ap.add_argument("--min-seconds", type=float, default=None, help="timed seconds per entry (default 3.0; quick 0.1)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed calls per entry before the rounds (default 3; "
                                                               "quick 1)")
     ap.add_argument("--profile-runs", type=int, default=None, help="profiled calls at batch 16 (4x at batch 1; "
@@ -823,8 +823,8 @@ def main() -> None:
                                                            "quick: benchmarks/work/at224/quick)")
     args = ap.parse_args()
     q = args.quick
-    defaults = {"images": (500, 32), "calibration": (512, 16), "rounds": (10, 2), "runs": (60, 10),
-                "min_seconds": (1.0, 0.1), "warmup": (3, 1), "profile_runs": (5, 1)}
+    defaults = {"images": (500, 32), "calibration": (512, 16), "rounds": (30, 2), "runs": (60, 10),
+                "min_seconds": (3.0, 0.1), "warmup": (3, 1), "profile_runs": (5, 1)}
     for k, (full, quick) in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, quick if q else full)
