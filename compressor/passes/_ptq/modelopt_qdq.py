@@ -24,7 +24,7 @@ from . import accuracy_budget, transformer
 from .accuracy_budget import Budget
 
 if TYPE_CHECKING:
-    from ..quantize_ptq import QuantizePTQConfig
+    from ..quantize_ptq.config import QuantizePTQConfig
 
 log = logging.getLogger(__name__)
 

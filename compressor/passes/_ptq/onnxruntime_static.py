@@ -24,7 +24,7 @@ from . import accuracy_budget, transformer
 from .accuracy_budget import Budget
 
 if TYPE_CHECKING:
-    from ..quantize_ptq import QuantizePTQConfig
+    from ..quantize_ptq.config import QuantizePTQConfig
 
 ENTROPY_BINS = 2048
 """histogram bins over [-max|x|, max|x|] per activation (TensorRT's entropy calibration uses 2048 too)"""
