@@ -562,7 +562,7 @@ def engine_handles(engines: list[Any], *, threads: int, only: set[str] | None = 
             note = f"not built here ({e.info.get('not_built', '')}); its graph on the proxy runtime"
         handles.append(EngineHandle(name=name, target=e.target, precision=e.precision, lineage=lineage,
                                     runner=runner, note=note,
-                                    tapper=lambda ref, e=e, t=t: t.taps(e, ref, threads=threads)))
+                                    tapper=lambda ref, e=e, t=t: t.tapper(e, ref, threads=threads)))
     return handles
 
 

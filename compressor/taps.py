@@ -30,49 +30,7 @@ from typing import Any
 import numpy as np
 
 from .artifact import eval_mode
-
-
-@dataclass
-class LayerInfo:
-    """A conv / linear layer of the reference model, in graph order."""
-
-    name: str
-    kind: str  # conv, depthwise, linear
-    weight_shape: tuple[int, ...]  # torch layout: [O, I/groups, kh, kw] or [O, I]
-    modules: tuple[str, ...] = ()  # the modules its tap covers (conv, its batch norm, its activation)
-
-
-@dataclass
-class Quantizer:
-    """The activation quantizer on a layer's tap: its integer range mapped back to floats."""
-
-    low: float
-    high: float
-
-
-@dataclass
-class TapPlan:
-    layers: list[str] = field(default_factory=list)  # mapped reference names, graph order
-    unmapped: list[str] = field(default_factory=list)  # the engine's own names of layers not mapped
-    quantizers: dict[str, Quantizer] = field(default_factory=dict)
-    note: str = ""
-
-
-class Tapper(ABC):
-    """Runs float NCHW batches and returns {layer name: float32 tensor (channels on axis 1)}."""
-
-    plan: TapPlan
-    can_bypass: bool = False
-
-    @abstractmethod
-    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]: ...
-
-    def bypassed(self, layer: str) -> Any:
-        """A callable x -> logits running the model with ``layer``'s activation quantizer removed."""
-        raise NotImplementedError
-
-    def close(self) -> None:  # noqa: B027 - optional
-        pass
+from .fidelity.tapper import LayerInfo, Quantizer, TapPlan, Tapper
 
 
 # ----------------------------------------------------------------------------- torch (reference)

@@ -21,6 +21,7 @@ from .staging import OutputError, check_writable, json_text, staged_dir, write_f
 
 if TYPE_CHECKING:
     from .devices import Device
+    from .fidelity.tapper import LayerInfo, Tapper
 
 
 @dataclass
@@ -202,11 +203,43 @@ class Target(ABC):
     def load(self, engine: Engine, *, threads: int) -> Runner:
         """A runner for the built engine, using exactly ``threads`` threads."""
 
-    def taps(self, engine: Engine, reference: list[Any], *, threads: int) -> Any:
-        """A :class:`compressor.taps.Tapper` reading the engine's per-layer tensors (``reference``:
-        the reference model's :class:`compressor.taps.LayerInfo` list, for targets that match layers
-        by shape and order)."""
+    def tapper(self, engine: Engine, reference: list[LayerInfo], *, threads: int) -> Tapper:
+        """A :class:`compressor.fidelity.tapper.Tapper` reading the engine's per-layer tensors, the
+        fidelity contract every target that can should meet (explain, the per-layer SQNR of ``compress
+        explain``, and the sensitivity ranking read engines only through it):
+
+        * ``engine``: an engine this target built (``engine.files``; for a target with a proxy, the
+          files written for the device: tap its graph on the proxy runtime and say so in ``plan.note``);
+        * ``reference``: the reference model's layers in graph order (:class:`compressor.fidelity.tapper.LayerInfo`:
+          module name, kind ``conv`` / ``depthwise`` / ``linear``, torch weight shape, the modules its
+          tap covers), for targets whose engine keeps no module names and match layers by kind, shape
+          and order (LiteRT), or whose backend folds a batch norm into its conv under the batch norm's
+          name (OpenVINO); targets whose names map back on their own may ignore it;
+        * ``threads``: exactly this many runtime threads;
+        * returns a Tapper: ``tapper.plan.layers`` the mapped layers (reference names, graph order),
+          ``tapper.plan.unmapped`` the engine's layers it could not name, ``tapper.plan.quantizers``
+          each tapped layer's activation range (INT8); ``tapper(x)`` (float32 NCHW batch of any size)
+          -> ``{layer: float32 array}`` with channels on axis 1, dequantized; sensitivity:
+          ``tapper.bypassed(layer)`` -> a callable x -> logits without that layer's activation
+          quantizer, where ``tapper.can_bypass``; ``tapper.close()``.
+
+        A layer is tapped after the activation the backend fuses into it (see
+        :mod:`compressor.fidelity.tapper`). Default: NotImplementedError (explain reports the
+        engine's layers as not readable, with this message)."""
         raise NotImplementedError(f"target {self.name!r} cannot read its engine's intermediate tensors")
+
+    @classmethod
+    def reference_runner(cls, path: Path, *, threads: int) -> Runner:
+        """A runner of a model file of this target's input form with the runtime's defaults (an
+        intermediate artifact of the pass chain, run as a reference: an ONNX file on ONNX Runtime,
+        an OpenVINO IR on OpenVINO). Default: NotImplementedError."""
+        raise NotImplementedError(f"target {cls.name!r} runs no reference models")
+
+    @classmethod
+    def reference_tapper(cls, path: Path, *, threads: int) -> Tapper:
+        """A :class:`compressor.fidelity.tapper.Tapper` of a float model file of this target's input
+        form used as the reference of explain (an ONNX source model). Default: NotImplementedError."""
+        raise NotImplementedError(f"target {cls.name!r} taps no reference models")
 
     # Targets whose engine is built on the device (TensorRT on a Jetson) set ``has_proxy``: where
     # they are unavailable, they still write what the device needs to build it and name a runtime

@@ -17,6 +17,7 @@ import numpy as np
 from ..artifact import Form, ModelArtifact
 from ..environment import widest_int8_isa
 from ..registry import register_target
+from ..fidelity.tapper import LayerInfo, Tapper
 from ..target_base import Availability, Engine, Runner, Target, TargetConfig
 
 
@@ -59,7 +60,7 @@ class OnnxRuntimeTarget(Target):
         return OrtRunner(engine.path, threads=threads, graph_optimization=self.config.graph_optimization)
 
 
-    def taps(self, engine: Engine, reference: list[Any], *, threads: int) -> Any:
+    def tapper(self, engine: Engine, reference: list[LayerInfo], *, threads: int) -> Tapper:
         from ..taps import OnnxTapper
 
         return OnnxTapper(engine.path, threads=threads)

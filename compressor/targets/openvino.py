@@ -18,6 +18,7 @@ import numpy as np
 from ..artifact import Form, ModelArtifact
 from ..openvino_convert import canonical_names, to_openvino_model
 from ..registry import register_target
+from ..fidelity.tapper import LayerInfo, Tapper
 from ..target_base import Availability, Engine, Runner, Target, TargetConfig
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class OpenVINOTarget(Target):
         return OVRunner(engine.path, threads=threads, device=self.config.device, precision_hint=self.config.precision_hint)
 
 
-    def taps(self, engine: Engine, reference: list[Any], *, threads: int) -> Any:
+    def tapper(self, engine: Engine, reference: list[LayerInfo], *, threads: int) -> Tapper:
         from ..taps import OpenVINOTapper
 
         return OpenVINOTapper(engine.path, threads=threads, precision_hint=self.config.precision_hint,

@@ -21,6 +21,7 @@ from pydantic import Field
 from .. import qdq_rules
 from ..artifact import Form, ModelArtifact
 from ..registry import register_target
+from ..fidelity.tapper import LayerInfo, Tapper
 from ..target_base import Availability, Engine, Runner, Target, TargetConfig
 from .onnxruntime import OrtRunner
 
@@ -107,7 +108,7 @@ class TensorRTTarget(Target):
                                                  "dla_core": cfg.dla_core}}
 
     def load(self, engine: Engine, *, threads: int) -> Runner:
-        return TRTRunner(engine.path)
+        return TRTRunner(engine.path, threads=threads)
 
     # ------------------------------------------------------------------ not built here
     def trtexec_command(self, onnx_name: str, input_name: str, sample_shape: tuple[int, ...]) -> str:
@@ -158,7 +159,7 @@ class TensorRTTarget(Target):
         return "onnxruntime", OrtRunner(engine.path, threads=threads)
 
 
-    def taps(self, engine: Engine, reference: list[Any], *, threads: int) -> Any:
+    def tapper(self, engine: Engine, reference: list[LayerInfo], *, threads: int) -> Tapper:
         """The QDQ graph TensorRT builds from, on ONNX Runtime (a TensorRT engine keeps no names
         of intermediate tensors that map back here)."""
         from ..taps import OnnxTapper
@@ -171,11 +172,12 @@ class TensorRTTarget(Target):
 class TRTRunner(Runner):
     """Runs a serialized engine with torch CUDA tensors as its buffers."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, threads: int = 1) -> None:
         import tensorrt as trt
         import torch
 
         self.name = "tensorrt"
+        self.threads = threads  # the host threads asked for: the engine itself runs on the GPU
         self._torch = torch
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
@@ -199,4 +201,5 @@ class TRTRunner(Runner):
     def runtime_info(self) -> dict[str, Any]:
         import tensorrt as trt
 
-        return {"runtime": f"tensorrt {trt.__version__}", "device": self._torch.cuda.get_device_name()}
+        return {"runtime": f"tensorrt {trt.__version__}", "device": self._torch.cuda.get_device_name(),
+                "threads": self.threads}

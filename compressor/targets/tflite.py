@@ -46,6 +46,7 @@ from ..data import preprocess
 from ..environment import installed_version
 from ..errors import TargetError, first_line
 from ..registry import register_target
+from ..fidelity.tapper import LayerInfo, Tapper
 from ..target_base import Availability, Engine, Runner, Target, TargetConfig
 
 log = logging.getLogger(__name__)
@@ -438,7 +439,7 @@ class TFLiteTarget(Target):
         return TFLiteRunner(engine.path, threads=threads)
 
 
-    def taps(self, engine: Engine, reference: list[Any], *, threads: int) -> Any:
+    def tapper(self, engine: Engine, reference: list[LayerInfo], *, threads: int) -> Tapper:
         from ..taps import TFLiteTapper
 
         return TFLiteTapper(engine.path, reference, threads=threads)
