@@ -1,6 +1,6 @@
 """The geometry that turns a photo into the model's input size, and ``from:`` a library's metadata.
 
-A :class:`~compressor.artifact.Preprocessing` says how a decoded photo (already in its colour, RGB
+A :class:`Preprocessing` (re-exported by :mod:`compressor.artifact`) says how a decoded photo (already in its colour, RGB
 or L; BGR is decoded as RGB, its channels reversed at the end) is brought to the model's input size:
 ``resize`` (an int: the shorter side, the aspect kept; [height, width]: that exact size), then
 ``center_crop``, with ``interpolation`` and ``antialias``; with neither, it is resized straight to
@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 if TYPE_CHECKING:
     from PIL import Image
-
-    from .artifact import Preprocessing
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 COLORS = ("RGB", "BGR", "L")
@@ -39,6 +39,79 @@ class GeometryError(ValueError):
 
 
 _EXAMPLE = "e.g. from: torchvision:ResNet50_Weights.IMAGENET1K_V2 or from: timm:resnet50.a1_in1k"
+
+
+class Preprocessing(BaseModel):
+    """How a decoded photo becomes the model's input tensor: its colour, the geometry that brings it to
+    the input size (resize, center_crop; default: resized straight to the input size), then the
+    scale, mean and std of :func:`compressor.data.preprocess`.
+
+    ``from: torchvision:ResNet50_Weights.IMAGENET1K_V2`` or ``from: timm:MODEL`` (input only) fills
+    every field the library's metadata gives (see :mod:`compressor.preprocessing`); fields written
+    beside it override it (``color: BGR`` beside it puts the library's RGB mean and std in B, G, R order),
+    and ``origin`` keeps the name.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    scale: float = Field(default=1 / 255, gt=0, description="multiplied into uint8 pixel values first")
+    mean: list[float] = Field(default_factory=lambda: [0.0, 0.0, 0.0], description="1 value or 3 (per channel)")
+    std: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [1.0, 1.0, 1.0], description="1 value or 3 (per channel), each > 0")
+    layout: str = Field(default="NCHW", pattern="^NCHW$")
+    color: Literal["RGB", "BGR", "L"] = Field(
+        default="RGB", description="RGB; BGR: the same pixels, channels in B, G, R order (models trained on "
+        "OpenCV-loaded images; mean and std in that order too); L: grey, one channel")
+    resize: int | list[int] | None = Field(
+        default=None, description="an int: the shorter side (the aspect kept; needs center_crop); [height, width]: "
+        "that exact size; null: straight to the input size")
+    center_crop: int | list[int] | None = Field(
+        default=None, description="an int (square) or [height, width], taken from the middle of the resized image; "
+        "it must be the model's input size")
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+    antialias: bool = Field(default=True, description="true: resized as a PIL image (which always antialiases), as "
+                            "torchvision does a PIL image; false: as a uint8 tensor without antialiasing")
+    origin: str | None = Field(default=None, description="the from: these values came from (a record)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_library(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "from" in data:
+            spec = data["from"]
+            if not isinstance(spec, str):
+                raise PydanticCustomError("from", "from: give 'torchvision:WEIGHTS' or 'timm:MODEL', got {got}",
+                                          {"got": repr(spec)})
+            try:
+                fields = library_fields(spec)
+            except ValueError as exc:
+                raise PydanticCustomError("from", "{msg}", {"msg": str(exc)}) from None
+            if data.get("color") == "BGR" and fields["color"] == "RGB":  # the library's RGB mean and std, in B, G, R
+                fields = {**fields, "mean": fields["mean"][::-1], "std": fields["std"][::-1]}
+            data = {**fields, **{k: v for k, v in data.items() if k != "from"}, "origin": spec.strip()}
+        return data
+
+    @field_validator("color", mode="before")
+    @classmethod
+    def _color(cls, value: Any) -> Any:
+        if value not in COLORS:
+            raise PydanticCustomError("color", "give RGB, BGR (channels B, G, R, as OpenCV loads images) or L "
+                                      "(grey), got {got}", {"got": repr(value)})
+        return value
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _one_or_three(cls, values: list[float]) -> list[float]:
+        if len(values) not in (1, 3):
+            raise ValueError(f"give 1 value (every channel) or 3 (one per channel), got {len(values)}")
+        return values
+
+    @model_validator(mode="after")
+    def _geometry(self) -> "Preprocessing":
+        problem = geometry_problem(self)
+        if problem:
+            raise PydanticCustomError("geometry", "{msg}", {"msg": problem})
+        return self
+
 
 
 # ---------------------------------------------------------------------- colour

@@ -1,6 +1,6 @@
 """Images that stream: a split is read in batches, decoded in worker processes, never held whole.
 
-An :class:`ImageSet` names images of one split (an :class:`~compressor.data.ImageSource`) at the
+An :class:`ImageSet` names images of one split (an :class:`~compressor.image_source.ImageSource`) at the
 model's input size, decoded as the model's :class:`~compressor.artifact.Preprocessing` (its ``view``)
 says, optionally preprocessed into the model's float32 input. It reads them
 
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from .artifact import Preprocessing
-from .data import ImageSource, _cache_root, as_preprocessing, preprocess, view_key
+from .image_source import ImageSource, _cache_root, as_preprocessing, preprocess, view_key
 from .preprocessing import channels
 from .staging import OutputError, staged_file
 

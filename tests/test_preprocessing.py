@@ -17,8 +17,9 @@ import torch
 from PIL import Image
 
 from compressor.artifact import Preprocessing
-from compressor.data import ImageSource, _resize_stack, preprocess, scan_image_folder, view_key
+from compressor.data import ImageSource, preprocess, scan_image_folder, view_key
 from compressor.errors import DataError, ModelLoadError
+from compressor.image_source import _resize_stack
 from compressor.intake import load_model
 from compressor.preprocessing import library_fields, to_input_size
 
