@@ -322,7 +322,7 @@ def pass_metrics(report: dict[str, Any], branch: str) -> dict[str, Any]:
 
 
 def worst(entry: dict[str, Any]) -> str | None:
-    from compressor.explain import worst_layer
+    from compressor.fidelity.explain import worst_layer
 
     w = worst_layer(entry) if entry else None
     return f"{w['name']}: {w['why']}" if w else None

@@ -56,7 +56,8 @@ def main() -> int:
     exp = json.loads((work / "explain.json").read_text())
     out = HERE / "results" / name
     out.mkdir(parents=True, exist_ok=True)
-    from compressor.explain import render_markdown, worst_layer
+    from compressor.fidelity.explain import worst_layer
+    from compressor.fidelity.render import render_markdown
 
     rows = []
     for engine, e in exp["engines"].items():

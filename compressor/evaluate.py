@@ -16,6 +16,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .artifact import eval_mode
+from .fidelity.metrics import sqnr_from_sums
 from .load import LoadMonitor
 from .target_base import Runner
 
@@ -223,23 +224,11 @@ class _Tally:
 
     def sqnr_db(self) -> float | None:
         """As :func:`sqnr_db` of the whole logits, from the sums."""
-        if self.noise == 0.0:
-            return None
-        return 10.0 * float(np.log10(self.signal / self.noise))
+        return sqnr_from_sums(self.signal, self.noise)
 
     def top1_top5(self, labels: np.ndarray) -> tuple[float, float]:
         n = max(len(labels), 1)
         return 100.0 * float((self.preds == labels).sum()) / n, 100.0 * self.top5_hits / n
-
-
-def sqnr_db(reference: np.ndarray, output: np.ndarray) -> float | None:
-    """Signal-to-quantization-noise ratio of ``output`` against ``reference`` in dB:
-    10 log10(sum(ref^2) / sum((ref - out)^2)); None where the two are identical (infinite)."""
-    ref = reference.astype(np.float64)
-    noise = float(((ref - output.astype(np.float64)) ** 2).sum())
-    if noise == 0.0:
-        return None
-    return 10.0 * float(np.log10(float((ref ** 2).sum()) / noise))
 
 
 def latency_stats(samples: list[float]) -> dict[str, float]:

@@ -483,3 +483,18 @@ def select_output(model: Any, form: Form, output: int | str | None, shape: list[
     if isinstance(model, torch.jit.ScriptModule):  # stays TorchScript: what the passes take from this form
         return torch.jit.trace(wrapper, example)
     return wrapper
+
+
+def torchscript_to_export(module: Any, sample: Any) -> Any:
+    """A TorchScript module as the FX graph module of an equivalent torch.export program (for
+    backends that convert only those, e.g. litert-torch). Raises what the converter raises."""
+    import torch
+    from torch._export.converter import TS2EPConverter
+
+    from .artifact import plain_graph_module
+
+    # frozen first (conv+BN folded: PT2E would otherwise match its conv-BN patterns for a
+    # long while), and without the program's batch-1 guard: the TorchScript module took any
+    # batch, and PT2E calibrates in batches
+    frozen = torch.jit.freeze(module.eval())
+    return plain_graph_module(TS2EPConverter(frozen, (sample,)).convert().module())

@@ -25,9 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
-EPILOGUE = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Elu", "Selu", "Tanh", "PRelu",
-            "BatchNormalization"}
+from .fidelity.naming import ONNX_LAYER_OPS as WEIGHTED
+from .fidelity.naming import TRT_EPILOGUE as EPILOGUE
+
 RULES = ("weights_per_channel", "activations_per_tensor", "symmetric_int8", "both_operands_int8",
          "residual_add_inputs", "no_qdq_before_activation")
 

@@ -461,7 +461,7 @@ def write_report(report: dict[str, Any], out_dir: Path, *, explain: dict[str, An
     atomic_write(json_path, json_text(report), what="report")
     md = render_markdown(report)
     if explain is not None:
-        from .explain import render_markdown as explain_markdown
+        from .fidelity.render import render_markdown as explain_markdown
 
         md += "\n" + explain_markdown(explain) + "\n"
     atomic_write(md_path, md, what="report")

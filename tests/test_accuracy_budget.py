@@ -159,7 +159,8 @@ def test_max_drop_is_validated():
 
 def test_source_module_names():
     """One naming rule for explain's taps and the accuracy budget's kept layers."""
-    from compressor.taps import _onnx_layer_name, module_name as source_module
+    from compressor.fidelity.naming import module_name as source_module
+    from compressor.fidelity.naming import onnx_layer_name as _onnx_layer_name
 
     assert source_module("node_conv2d_3", "layer1.0.conv1.weight") == "layer1.0.conv1"  # dynamo exporter
     assert source_module("node_conv2d_1", "4.weight") == "4"

@@ -16,7 +16,7 @@ import torch
 
 from compressor import Form, get_pass
 from compressor.data import DataConfig, open_data, preprocess
-from compressor.evaluate import sqnr_db
+from compressor.fidelity.metrics import sqnr_db
 from compressor.intake import load_model
 from compressor.pass_base import PassContext
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compressor.evaluate import EvaluationConfig, ResultRow, TorchRunner, latency, measure_all, sqnr_db
+from compressor.evaluate import EvaluationConfig, ResultRow, TorchRunner, latency, measure_all
+from compressor.fidelity.metrics import sqnr_db
 from compressor.target_base import Runner
 
 from .conftest import digits_tensors

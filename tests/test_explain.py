@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from compressor.taps import OnnxTapper, OpenVINOTapper, TFLiteTapper, TorchTapper
+from compressor.fidelity.torch_tapper import TorchTapper
+from compressor.targets.onnxruntime import OnnxTapper
+from compressor.targets.openvino import OpenVINOTapper
+from compressor.targets.tflite.taps import TFLiteTapper
 
 from .conftest import cli, one_error_line, write_recipe
 

@@ -301,7 +301,8 @@ def _strict(text: str):
 def test_explain_json_and_tune_json_are_strict_json(sd_run, sd_tune, tmp_path, capsys):
     """An SQNR of identical outputs is infinite: explain.json and tune.json write it as null, as
     report.json does, so that jq and other languages' parsers read them."""
-    from compressor.explain import Explanation, write_outputs as write_explain
+    from compressor.fidelity.explain import Explanation
+    from compressor.fidelity.render import write_outputs as write_explain
     from compressor.tune import write_outputs as write_tune
 
     code, _, tuned_out, _, _ = sd_tune

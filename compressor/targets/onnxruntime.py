@@ -16,8 +16,9 @@ import numpy as np
 
 from ..artifact import Form, ModelArtifact
 from ..environment import widest_int8_isa
+from ..fidelity.naming import OnnxGraph
+from ..fidelity.tapper import LayerInfo, Logits, Tapper
 from ..registry import register_target
-from ..fidelity.tapper import LayerInfo, Tapper
 from ..target_base import Availability, Engine, Runner, Target, TargetConfig
 
 
@@ -61,9 +62,15 @@ class OnnxRuntimeTarget(Target):
 
 
     def tapper(self, engine: Engine, reference: list[LayerInfo], *, threads: int) -> Tapper:
-        from ..taps import OnnxTapper
-
         return OnnxTapper(engine.path, threads=threads)
+
+    @classmethod
+    def reference_runner(cls, path: Path, *, threads: int) -> Runner:
+        return OrtRunner(path, threads=threads)
+
+    @classmethod
+    def reference_tapper(cls, path: Path, *, threads: int) -> Tapper:
+        return OnnxTapper(path, threads=threads)
 
 
 class OrtRunner(Runner):
@@ -122,3 +129,55 @@ class OrtRunner(Runner):
 
     def close(self) -> None:
         shutil.rmtree(self._optimized.parent, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- taps
+
+def _ort_session(proto: Any, threads: int) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+class OnnxTapper(Tapper):
+    """Taps an ONNX graph on ONNX Runtime: the taps (:class:`compressor.fidelity.naming.OnnxGraph`) as
+    extra graph outputs; a quantized tap is read as its QuantizeLinear's integer output (so ORT's QDQ
+    fusion is not disturbed) and dequantized here."""
+
+    can_bypass = True
+
+    def __init__(self, path: Path, *, threads: int) -> None:
+        import onnx
+
+        self.threads = threads
+        self.graph = OnnxGraph(onnx.load(str(path)))
+        self.plan = self.graph.plan
+        self.session = _ort_session(self.graph.tapped(), threads)
+        self.input = self.session.get_inputs()[0].name
+        batch = self.session.get_inputs()[0].shape[0]
+        self.fixed = batch if isinstance(batch, int) and batch > 0 else None
+        self.names = [o.name for o in self.session.get_outputs()]
+
+    def _run(self, session: Any, x: np.ndarray) -> list[list[np.ndarray]]:
+        step = self.fixed or len(x)
+        return [session.run(None, {self.input: x[i : i + step]}) for i in range(0, len(x), step)]
+
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        parts = self._run(self.session, x)
+        index = {n: i for i, n in enumerate(self.names)}
+        got = {}
+        for layer in self.plan.layers:
+            arr = np.concatenate([p[index[self.graph.taps[layer]]] for p in parts])
+            if layer in self.graph.dequant:
+                scale, zp = self.graph.dequant[layer]
+                arr = (arr.astype(np.float32) - zp) * scale
+            got[layer] = arr.astype(np.float32, copy=False)
+        return got
+
+    def bypassed(self, layer: str) -> Logits:
+        session = _ort_session(self.graph.without_quantizer(layer), self.threads)
+        return lambda x: np.concatenate([p[0] for p in self._run(session, x)])

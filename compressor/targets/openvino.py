@@ -8,6 +8,7 @@ AVX-512 VNNI, ``..._amx`` on AMX).
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -16,9 +17,10 @@ from typing import Any, Literal
 import numpy as np
 
 from ..artifact import Form, ModelArtifact
+from ..fidelity.naming import OV_MODULE, onnx_layer_name
+from ..fidelity.tapper import LayerInfo, Logits, Quantizer, TapPlan, Tapper
 from ..openvino_convert import canonical_names, to_openvino_model
 from ..registry import register_target
-from ..fidelity.tapper import LayerInfo, Tapper
 from ..target_base import Availability, Engine, Runner, Target, TargetConfig
 
 log = logging.getLogger(__name__)
@@ -102,10 +104,12 @@ class OpenVINOTarget(Target):
     def load(self, engine: Engine, *, threads: int) -> Runner:
         return OVRunner(engine.path, threads=threads, device=self.config.device, precision_hint=self.config.precision_hint)
 
+    @classmethod
+    def reference_runner(cls, path: Path, *, threads: int) -> Runner:
+        return OVRunner(path, threads=threads)
+
 
     def tapper(self, engine: Engine, reference: list[LayerInfo], *, threads: int) -> Tapper:
-        from ..taps import OpenVINOTapper
-
         return OpenVINOTapper(engine.path, threads=threads, precision_hint=self.config.precision_hint,
                               reference=reference)
 
@@ -192,3 +196,129 @@ def isa_from_kernels(kernels: Counter[str]) -> str:
         if any(tag in k for k in kernels):
             return tag
     return "unknown"
+
+
+# ----------------------------------------------------------------------------- taps
+
+_OV_LAYERS = {"Convolution": "conv", "GroupConvolution": "depthwise", "ConvolutionBackpropData": "conv",
+              "MatMul": "linear"}
+_OV_FOLLOW = {"Relu", "Clamp", "HSwish", "Swish", "Sigmoid", "HSigmoid", "Gelu", "Elu", "Mish", "PRelu",
+              "BatchNormInference"}
+_OV_CONST_PATH = {"Constant", "Convert", "Multiply", "Subtract", "Reshape", "Transpose", "FakeQuantize", "Unsqueeze"}
+
+
+def _ov_const(output: Any, depth: int = 0) -> Any:
+    """The Constant an op input comes from (through converts / dequantization), or None."""
+    node = output.get_node()
+    kind = node.get_type_name()
+    if kind == "Constant":
+        return node
+    if kind not in _OV_CONST_PATH or depth > 6:
+        return None
+    return _ov_const(node.input_value(0), depth + 1)
+
+
+class OpenVINOTapper(Tapper):
+    """Taps an OpenVINO IR: layers named by the op's friendly name (converted from torch), else the
+    weight constant's; taps read as extra model outputs (``Model.add_outputs``), after the
+    FakeQuantize that follows a layer where there is one."""
+
+    can_bypass = True
+
+    def __init__(self, xml: Path, *, threads: int, precision_hint: str = "f32", reference: list[LayerInfo] = ()) -> None:
+        import openvino as ov
+
+        # a conv whose batch norm OpenVINO folded in may carry the batch norm's module name
+        alias = {m: layer.name for layer in reference for m in layer.modules}
+
+        self.core = ov.Core()
+        self.xml = Path(xml)
+        self.threads = threads
+        self.config = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": precision_hint}
+        model = self.core.read_model(str(xml))
+        self.plan = TapPlan()
+        self.tap_ops: dict[str, str] = {}  # layer -> friendly name of the tapped op
+        self.fq: dict[str, str] = {}
+        for op in model.get_ordered_ops():
+            kind = op.get_type_name()
+            if kind not in _OV_LAYERS or op.get_input_size() < 2:
+                continue
+            weight = _ov_const(op.input_value(1))
+            if weight is None:
+                continue
+            end = op
+            chain = [op]
+            while True:
+                targets = list(end.output(0).get_target_inputs())
+                if len(targets) != 1:
+                    break
+                nxt = targets[0].get_node()
+                t = nxt.get_type_name()
+                if t in _OV_FOLLOW or (t in ("Add", "Multiply", "Subtract") and any(
+                        _ov_const(nxt.input_value(i)) is not None for i in range(nxt.get_input_size()))):
+                    end = nxt
+                    chain.append(nxt)
+                else:
+                    break
+            names = [n for c in chain for n in (c.get_friendly_name(), *sorted(c.output(0).get_names()))]
+            m = next((hit for n in names if (hit := OV_MODULE.search(n))), None)
+            # converted from ONNX: the ONNX node's scoped name, on the op or (bias split off) the next one
+            scoped = next((n.replace("/WithoutBiases", "").removesuffix("_output_0") for n in names[:4] if "/" in n),
+                          op.get_friendly_name())
+            name = m.group(1) if m else onnx_layer_name(weight.get_friendly_name(), scoped)
+            name = alias.get(name, name)
+            if name in self.tap_ops or (not m and re.fullmatch(r"[A-Za-z]+_c?\d+", name)):
+                self.plan.unmapped.append(op.get_friendly_name())
+                continue
+            fq = next((ti.get_node() for ti in end.output(0).get_target_inputs()
+                       if ti.get_node().get_type_name() == "FakeQuantize"), None)
+            if fq is not None:
+                lo = _ov_const(fq.input_value(1)).get_data()
+                hi = _ov_const(fq.input_value(2)).get_data()
+                self.plan.quantizers[name] = Quantizer(float(np.min(lo)), float(np.max(hi)))
+                self.fq[name] = fq.get_friendly_name()
+                end = fq
+            self.tap_ops[name] = end.get_friendly_name()
+            self.plan.layers.append(name)
+        self._compiled: dict[int, Any] = {}
+
+    def _model(self, batch: int, *, taps: bool, bypass: str | None = None) -> Any:
+        import openvino as ov
+
+        model = self.core.read_model(str(self.xml))
+        ops = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
+        if bypass is not None:
+            fq = ops[self.fq[bypass]]
+            for ti in list(fq.output(0).get_target_inputs()):
+                ti.replace_source_output(fq.input_value(0))
+        index: dict[str, int] = {}
+        if taps:
+            wanted = {self.tap_ops[name] for name in self.plan.layers}
+            have = {r.input_value(0).get_node().get_friendly_name() for r in model.get_results()}
+            model.add_outputs([ops[op].output(0) for op in sorted(wanted - have)])
+            where = {r.input_value(0).get_node().get_friendly_name(): i for i, r in enumerate(model.get_results())}
+            index = {name: where[self.tap_ops[name]] for name in self.plan.layers}
+        shape = list(model.inputs[0].get_partial_shape())
+        shape[0] = ov.Dimension(batch)
+        model.reshape({model.inputs[0]: ov.PartialShape(shape)})
+        return self.core.compile_model(model, "CPU", self.config), index
+
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        if len(x) not in self._compiled:
+            self._compiled[len(x)] = self._model(len(x), taps=True)
+        compiled, index = self._compiled[len(x)]
+        res = compiled.create_infer_request().infer({0: x})
+        return {name: np.asarray(res[compiled.outputs[index[name]]], np.float32) for name in self.plan.layers}
+
+    def bypassed(self, layer: str) -> Logits:
+        compiled: dict[int, Any] = {}
+
+        def run(x: np.ndarray) -> np.ndarray:
+            if len(x) not in compiled:
+                compiled[len(x)] = self._model(len(x), taps=False, bypass=layer)
+            model = compiled[len(x)][0]
+            return np.asarray(model.create_infer_request().infer({0: x})[model.outputs[0]])
+        return run
+
+    def close(self) -> None:
+        self._compiled.clear()

@@ -20,10 +20,10 @@ from pydantic import Field
 
 from .. import qdq_rules
 from ..artifact import Form, ModelArtifact
-from ..registry import register_target
 from ..fidelity.tapper import LayerInfo, Tapper
+from ..registry import register_target
 from ..target_base import Availability, Engine, Runner, Target, TargetConfig
-from .onnxruntime import OrtRunner
+from .onnxruntime import OnnxTapper, OrtRunner
 
 
 class TensorRTConfig(TargetConfig):
@@ -162,8 +162,6 @@ class TensorRTTarget(Target):
     def tapper(self, engine: Engine, reference: list[LayerInfo], *, threads: int) -> Tapper:
         """The QDQ graph TensorRT builds from, on ONNX Runtime (a TensorRT engine keeps no names
         of intermediate tensors that map back here)."""
-        from ..taps import OnnxTapper
-
         tapper = OnnxTapper(engine.path.parent / "model.onnx", threads=threads)
         tapper.plan.note = "the QDQ ONNX graph TensorRT builds from, run on ONNX Runtime"
         return tapper

@@ -40,16 +40,12 @@ import numpy as np
 
 from ...bound import (DEFAULT_CONFIDENCE, IMAGES_CAP, DropBound, images_cap, paired, planned_images, too_few_line,
                       verdict_fields)
-from ...taps import module_name
+from ...fidelity.metrics import nmse
+from ...fidelity.naming import ONNX_LAYER_OPS as LAYER_OPS
+from ...fidelity.naming import ONNX_PASS_THROUGH as PASS_THROUGH
+from ...fidelity.naming import module_name
 
 log = logging.getLogger(__name__)
-
-LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
-"""ONNX ops ranked and kept in float"""
-PASS_THROUGH = frozenset({"MaxPool", "GlobalMaxPool", "AveragePool", "GlobalAveragePool", "Relu", "LeakyRelu",
-                          "Clip", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Pad",
-                          "Resize"})
-"""ops between a layer and the one before it whose input precision follows the layer's"""
 RANKING_IMAGES = 256
 
 
@@ -237,11 +233,6 @@ def ort_logits(model: str | Path | bytes, x: np.ndarray, threads: int, batch: in
     fixed = sess.get_inputs()[0].shape[0]
     step = fixed if isinstance(fixed, int) and fixed > 0 else batch
     return np.concatenate([sess.run(None, {name: x[i : i + step]})[0] for i in range(0, len(x), step)])
-
-
-def nmse(reference: np.ndarray, output: np.ndarray) -> float:
-    ref = reference.astype(np.float64)
-    return float(((ref - output) ** 2).sum() / max(float((ref ** 2).sum()), 1e-30))
 
 
 class QDQGraph:

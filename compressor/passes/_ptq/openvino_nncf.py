@@ -16,7 +16,7 @@ from ...artifact import Form, ModelArtifact
 from ...hooks import library_output
 from ...openvino_convert import canonical_names, to_openvino_model
 from ...pass_base import PassResult
-from ...taps import module_name
+from ...fidelity.naming import module_name
 from .._nncf import nncf_quantize_arguments
 from . import accuracy_budget, transformer
 from .accuracy_budget import Budget
@@ -85,7 +85,7 @@ def _smooth_quant_choice(model: Any, dataset: Any, x: Any, config: QuantizePTQCo
     import nncf
     import openvino as ov
 
-    from ...evaluate import sqnr_db
+    from ...fidelity.metrics import sqnr_db
 
     core = ov.Core()
     xs = np.asarray(x[: transformer.CHOICE_IMAGES], dtype=np.float32)

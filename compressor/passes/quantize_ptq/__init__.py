@@ -110,7 +110,7 @@ class QuantizePTQ(Pass):
         sizes = ctx.data.config.calibration.sweep
         if not sizes or self.config.samples is not None:
             return None
-        from ...explain import artifact_runner
+        from ...fidelity.explain import artifact_runner
 
         threads = ctx.threads or default_threads()
         size = tuple(artifact.input_spec.sample_shape[1:])

@@ -4,7 +4,7 @@ per pass, against the source; and for quantized engines, which layer's quantizer
 For every engine of a run, on N images held out of the calibration (training) split, never the
 test split:
 
-* **layers** (:mod:`compressor.taps`): each conv / linear layer's tap compared with the reference
+* **layers** (:mod:`compressor.fidelity.tapper`, each target's ``tapper``): each conv / linear layer's tap compared with the reference
   model's tensor for the same layer: SQNR (dB), channel SQNR (dB: each channel scaled to its own
   power first, so a per-tensor scale that an outlier channel blows up shows even when that channel
   carries most of the power), cosine similarity, max abs error; for quantized taps the calibrated
@@ -27,19 +27,20 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from .artifact import Form, ModelArtifact
-from .errors import first_line
-from .evaluate import ExplainConfig, sqnr_db
-from .taps import OnnxTapper, Quantizer, Tapper, TorchTapper
+from ..artifact import Form, ModelArtifact
+from ..errors import first_line
+from ..evaluate import ExplainConfig
+from ..registry import get_target
+from .metrics import ZERO_SIGNAL_DB, channel_sqnr_db, cosine, sqnr_db, sqnr_from_sums
+from .tapper import Quantizer, Tapper
+from .torch_tapper import TorchTapper
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("compressor.explain")
 
-EXPLAIN_FILES = ("explain.json", "explain.md", "explain.png")
 DRIFT_MIN_VALUES = 1000  # activations a layer needs on the evaluation images before its drift is judged
 
 
@@ -99,19 +100,15 @@ class LayerStats:
     def result(self, q: Quantizer | None) -> dict[str, Any]:
         if self.shape_error:
             return {"status": self.shape_error}
-        db = (lambda s, n: None if n == 0 else (99.0 if s == 0 else round(10 * np.log10(s / n), 2)))
-        ch = None
-        if self.ch_sig is not None and self.ch_noise is not None and self.ch_noise.sum() > 0:
-            live = self.ch_sig[self.ch_sig > 0]
-            # a channel's noise against its own power, floored at 1% of the typical (median) channel's:
-            # dead channels do not dominate, and an outlier channel does not set the scale of the rest
-            floor = 1e-2 * float(np.median(live)) if live.size else 1e-30
-            ratio = self.ch_noise / np.maximum(self.ch_sig, floor)
-            ch = round(float(-10 * np.log10(ratio.mean())), 2) if ratio.mean() > 0 else None
+        db = sqnr_from_sums(self.sig, self.noise, zero_signal_db=ZERO_SIGNAL_DB)
+        ch = channel_sqnr_db(self.ch_sig, self.ch_noise) if self.ch_sig is not None and self.ch_noise is not None \
+            else None
+        cos = cosine(self.dot, self.sig, self.out2)
         out = {
-            "sqnr_db": db(self.sig, self.noise),
-            "channel_sqnr_db": ch,
-            "cosine": round(self.dot / np.sqrt(self.sig * self.out2), 6) if self.sig > 0 and self.out2 > 0 else None,
+            # rounded as numpy rounds a float64 (the figures explain.json always had)
+            "sqnr_db": None if db is None else (db if db == ZERO_SIGNAL_DB else round(np.float64(db), 2)),
+            "channel_sqnr_db": None if ch is None else round(ch, 2),
+            "cosine": None if cos is None else round(cos, 6),
             "max_abs_err": round(self.max_err, 6),
         }
         if q is not None:
@@ -144,17 +141,17 @@ def _logits(runner: Any, x: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate([np.asarray(runner(x[i : i + batch]), np.float32) for i in range(0, len(x), batch)])
 
 
-def artifact_runner(art: ModelArtifact, threads: int) -> Any:
-    from .evaluate import TorchRunner
-    from .targets.onnxruntime import OrtRunner
-    from .targets.openvino import OVRunner
+REFERENCE_RUNTIMES = {Form.ONNX: "onnxruntime", Form.OPENVINO: "openvino"}
+"""the target (by registry name) whose runtime runs an intermediate artifact of each file form"""
 
-    if art.form is Form.TORCH:
-        return TorchRunner(art.torch_module(), threads=threads, fixed_batch=art.meta.get("fixed_batch"))
-    if art.form is Form.ONNX:
-        return OrtRunner(art.path, threads=threads)
-    if art.form is Form.OPENVINO:
-        return OVRunner(art.path, threads=threads)
+
+def artifact_runner(art: ModelArtifact, threads: int) -> Any:
+    """A runner of an artifact of any form: torch models eagerly, files on their reference runtime
+    (:meth:`compressor.target_base.Target.reference_runner` of :data:`REFERENCE_RUNTIMES`)."""
+    from ..evaluate import TorchRunner
+
+    if art.form in REFERENCE_RUNTIMES:
+        return get_target(REFERENCE_RUNTIMES[art.form]).reference_runner(art.path, threads=threads)
     return TorchRunner(art.torch_module(), threads=threads, fixed_batch=art.meta.get("fixed_batch"))
 
 
@@ -204,13 +201,13 @@ def explain(source: ModelArtifact, engines: list[EngineHandle], x: np.ndarray, l
             stage_rows.append({"step": step, "kind": name, "form": art.form.value,
                                "status": f"not run: {type(exc).__name__}: {first_line(exc)}"})
 
-    references: dict[str, TorchTapper | OnnxTapper] = {}
+    references: dict[str, Tapper] = {}
 
     def reference(art: ModelArtifact) -> Any:
         key = art.content_hash()
         if key not in references:
             references[key] = (TorchTapper(art.torch_module(), threads=threads) if art.form is not Form.ONNX
-                               else OnnxTapper(art.path, threads=threads))
+                               else get_target(REFERENCE_RUNTIMES[art.form]).reference_tapper(art.path, threads=threads))
         return references[key]
 
     out_engines: dict[str, Any] = {}
@@ -412,139 +409,6 @@ def _fmt(v: Any, digits: int = 1) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-# ----------------------------------------------------------------------------- outputs
-
-def render_markdown(data: dict[str, Any], *, heading: str = "##", limit: int = 10) -> str:
-    h = heading
-    lines = [f"{h} Where accuracy is lost", "",
-             f"{data['images']['count']} images {data['images']['from']}; layer SQNR against the float model each "
-             f"engine was made from; flagged below {data['config']['threshold_db']:g} dB.", ""]
-    lines += [f"{h}# Per pass", "", "| step | kind | form | top-1 % | agreement % | output SQNR dB |", "|---|---|---|---|---|---|"]
-    for s in data["stages"]:
-        if "status" in s:
-            lines.append(f"| {s['step']} | {s['kind']} | {s.get('form', '')} | {s['status']} | | |")
-        else:
-            lines.append(f"| {s['step']} | {s['kind']} | {s.get('form', '')} | {s['top1']:.2f} | {s['agreement']:.2f} "
-                         f"| {_fmt(s['output_sqnr_db'])} |")
-    lines.append("")
-    for name, e in data["engines"].items():
-        lines += [f"{h}# {name}", ""]
-        if "status" in e:
-            lines += [e["status"], ""]
-            continue
-        w = worst_layer(e)
-        lines.append(f"output SQNR {_fmt(e.get('output_sqnr_db'))} dB; layers against {e.get('reference', 'source')}"
-                     + (f"; worst: **{w['name']}** ({w['why']})" if w else ""))
-        if e.get("taps"):
-            lines.append(f"taps: {e['taps']}")
-        lines.append("")
-        if "layers_status" in e:
-            lines += [e["layers_status"], ""]
-            continue
-        sens = {s["name"]: s for s in e.get("sensitivity", []) if "gain_db" in s}
-        layers = [layer for layer in e["layers"] if "status" not in layer]
-        layers.sort(key=lambda layer: (-sens[layer["name"]]["gain_db"] if layer["name"] in sens else 1e9,
-                                       lowest_sqnr(layer) if lowest_sqnr(layer) is not None else 1e9))
-        lines += ["| layer | SQNR dB | channel SQNR dB | cosine | max abs err | outside range % | dB won back without its quantizer |",
-                  "|---|---|---|---|---|---|---|"]
-        for layer in layers[:limit]:
-            s = sens.get(layer["name"])
-            outside = layer.get("outside_share")
-            lines.append(f"| {layer['name']} | {_fmt(layer.get('sqnr_db'))} | {_fmt(layer.get('channel_sqnr_db'))} | "
-                         f"{_fmt(layer.get('cosine'), 4)} | {_fmt(layer.get('max_abs_err'), 3)} | "
-                         f"{'-' if outside is None else f'{100 * outside:.2f}'} | {'-' if s is None else _fmt(s['gain_db'])} |")
-        rest = len(layers) - limit
-        if rest > 0:
-            lines.append(f"| ({rest} more in explain.json) | | | | | | |")
-        missing = [layer for layer in e["layers"] if "status" in layer]
-        lines.append("")
-        for layer in missing:
-            lines.append(f"- {layer['name']}: {layer['status']}")
-        if e.get("unmapped"):
-            lines.append(f"- engine layers not mapped to a source layer: {', '.join(e['unmapped'][:8])}")
-        if e.get("sensitivity_status"):
-            lines.append(f"- sensitivity {e['sensitivity_status']}")
-        for d in e.get("verdict", {}).get("drift", [])[:5]:
-            lines.append(f"- calibration drift at {d['name']} (on {data['drift_images']['count']} evaluation "
-                         f"images): {d['why']}")
-        lines.append("")
-    if data["disagreements"]:
-        lines += [f"{h}# Backends that disagree", ""]
-        for d in data["disagreements"]:
-            a, b = d["engines"]
-            f = d["first"]
-            lines.append(f"- {a} and {b} ({d['precision']}): {d['layers']} layer(s) more than "
-                         f"{data['config']['disagreement_db']:g} dB apart, first {f['name']} ({_fmt(f[a])} against "
-                         f"{_fmt(f[b])} dB)")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def plot(data: dict[str, Any], path: Path) -> bool:
-    """SQNR per layer in graph order, one line per engine; False when matplotlib is missing."""
-    from .plots import pyplot, save
-
-    plt = pyplot()
-    if plt is None:
-        return False
-    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=110)
-    labels: list[str] = []
-    for e in data["engines"].values():
-        labels += [layer["name"] for layer in e.get("layers", []) if layer["name"] not in labels]
-    at = {name: i for i, name in enumerate(labels)}
-    drawn = skipped = 0
-    for name, e in data["engines"].items():
-        layers = [layer for layer in e.get("layers", []) if layer.get("sqnr_db") is not None]
-        if not layers or min(layer["sqnr_db"] for layer in layers) >= 80.0:
-            skipped += 1
-            continue
-        ax.plot([at[layer["name"]] for layer in layers], [min(layer["sqnr_db"], 80.0) for layer in layers],
-                marker=".", label=f"{name} ({e['precision']})")
-        drawn += 1
-    if not drawn:
-        plt.close(fig)
-        return False
-    ax.axhline(data["config"]["threshold_db"], color="grey", linestyle="--", linewidth=1, label="threshold")
-    step = max(1, len(labels) // 30)
-    ax.set_xticks(range(0, len(labels), step))
-    ax.set_xticklabels(labels[::step], rotation=70, fontsize=7)
-    ax.set_ylabel("SQNR against the float model, dB (capped at 80)")
-    ax.set_title("Layer fidelity per engine" + (f" ({skipped} engine(s) above 80 dB everywhere not drawn)"
-                                                 if skipped else ""))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return save(fig, path)
-
-
-def write_outputs(exp: Explanation, out_dir: Path) -> list[Path]:
-    from .staging import atomic_write, json_text
-
-    written = [out_dir / "explain.json", out_dir / "explain.md"]
-    atomic_write(written[0], json_text(exp.data))
-    atomic_write(written[1], "# compressor explain\n\n" + render_markdown(exp.data))
-    if plot(exp.data, out_dir / "explain.png"):
-        written.append(out_dir / "explain.png")
-    return written
-
-
-# ----------------------------------------------------------------------------- entry points
-
-def explain_notes(data: dict[str, Any], images: int) -> list[str]:
-    """Console lines for what an explanation could not do as asked: fewer images than ``images``
-    (the training split holds no more besides calibration's), per-pass rows the pass cache lacks."""
-    notes = []
-    used = data["images"]["count"]
-    if used < images:
-        notes.append(f"explained on {used} images, not the {images} asked for: that is every image of the training "
-                     "split that calibration did not use")
-    missing = data.get("stages_not_in_cache") or []
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        notes.append(f"no per-pass rows for {missing[0]}{more}: the pass cache holds no output of them (cleared, "
-                     "another --cache-dir, or a run with --no-cache); run the recipe again to fill it")
-    return notes
-
-
 def engine_handles(engines: list[Any], *, threads: int, only: set[str] | None = None) -> list[EngineHandle]:
     """Handles for built engines (and for engines built elsewhere, e.g. TensorRT: their proxy)."""
     handles = []
@@ -575,7 +439,7 @@ def held_out_images(source: ModelArtifact, data: Any, count: int) -> tuple[Any, 
     held out of calibration), their labels and
     where they come from: an array where they are few (:func:`compressor.streaming.in_memory`), else
     a streamed :class:`compressor.streaming.ImageSet` (sliced like one)."""
-    from .streaming import in_memory
+    from ..streaming import in_memory
 
     size = tuple(source.input_spec.sample_shape[1:])
     images = data.validation_images(size, source.preprocessing, count).preprocessed(source.preprocessing)
@@ -596,7 +460,7 @@ def explain_result(result: Any, data: Any, cfg: ExplainConfig, *, threads: int, 
 def evaluation_sample(source: ModelArtifact, data: Any, count: int) -> tuple[np.ndarray, str]:
     """Up to ``count`` of the evaluation images, spread over the evaluated order (the drift check
     only: no figure that picks anything is measured on them)."""
-    from .streaming import in_memory
+    from ..streaming import in_memory
 
     size = tuple(source.input_spec.sample_shape[1:])
     images = data.evaluation_images(size, source.preprocessing)  # only the picked ones are read
