@@ -309,9 +309,9 @@ def peak_entries(args: argparse.Namespace, owned: list[Runner]) -> list[Entry]:
 
 
 def time_session(entries: list[Entry], args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Every entry in one evaluate.latency session; the load of the machine around it (load.py)."""
+    """Every entry in one evaluate.latency session; the load of the machine around it (machine_load.py)."""
     from compressor.evaluate import EvaluationConfig, latency, latency_stats, timing_method
-    from compressor.load import LoadMonitor
+    from compressor.machine_load import LoadMonitor
 
     cfg = EvaluationConfig(threads=args.threads, warmup=args.warmup, latency_runs=args.runs,
                            latency_rounds=args.rounds, latency_min_seconds=args.min_seconds, paced_rate_hz=None)

@@ -36,7 +36,7 @@ def one_test_image() -> np.ndarray:
 
 def thread_sweep(report: dict) -> tuple[dict, list[str]]:
     """Batch-1 p50 of the source (PyTorch eager) and every INT8 engine at each thread count, one
-    interleaved session (compressor.evaluate.latency), load recorded (compressor.load.LoadMonitor)."""
+    interleaved session (compressor.evaluate.latency), load recorded (compressor.machine_load.LoadMonitor)."""
     from compressor.environment import default_threads
     from compressor.evaluate import EvaluationConfig, TorchRunner
     from compressor.intake import load_model

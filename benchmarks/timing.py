@@ -7,7 +7,7 @@ then times all of them in ``--sessions`` sessions (fresh runtimes each, the same
 uses: evaluate.latency and evaluate.paced_latency with the default EvaluationConfig, 2 threads).
 Figures: per session, the gap between the two copies of each file (loop and paced p50), and the
 largest gap over the sessions (asked: within 3 %). Each session records how busy the machine was
-(compressor/load.py: other processes' share of the cores, steal); a session timed under load is
+(compressor/machine_load.py: other processes' share of the cores, steal); a session timed under load is
 timed again, up to ``--redo`` times, and the report lists the sessions it set aside and why.
 
 Usage: python benchmarks/timing.py [--sessions 5] [--model mobilenetv2|resnet50] [--reuse] [--redo 3]
@@ -32,7 +32,7 @@ require_modules("litert_torch", "ai_edge_litert", "modelopt", "openvino", "onnxr
 from compressor.environment import environment  # noqa: E402
 from compressor.evaluate import EvaluationConfig, latency, paced_latency  # noqa: E402
 from compressor.job import engines_of_run  # noqa: E402
-from compressor.load import LoadMonitor  # noqa: E402
+from compressor.machine_load import LoadMonitor  # noqa: E402
 
 MODELS = {"resnet50": "resnet50_cifar10.pt", "mobilenetv2": "mobilenet_v2_cifar10.pt"}
 COPIED = {"tflite-int8": "model.tflite", "ortq-onnxruntime-int8": "model.onnx"}

@@ -219,6 +219,34 @@ class ModelArtifact:
         return f"ModelArtifact(form={self.form.value}, {where}, precision={self.precision})"
 
 
+def quantized_input(model: ModelArtifact) -> str | None:
+    """Why ``model`` is already quantized (its metadata, QDQ/integer ONNX ops, fake quantizers), or None."""
+    if model.precision == "int8":
+        return "its metadata says precision int8"
+    if model.form is Form.ONNX and model.path is not None:
+        try:
+            import onnx
+
+            ops = {n.op_type for n in onnx.load(str(model.path), load_external_data=False).graph.node}
+        except Exception:  # unreadable here: the passes will say so
+            return None
+        found = sorted(ops & QUANTIZED_ONNX_OPS)
+        if found:
+            return f"its ONNX graph has {', '.join(found)} nodes"
+    if model.form is Form.TORCH and model.model is not None and hasattr(model.model, "modules"):
+        for m in model.model.modules():
+            kind = type(m)
+            if kind.__name__ != "FloatFunctional" and kind.__module__.startswith(QUANTIZED_TORCH_MODULES):
+                return f"it holds quantized or fake-quantized modules ({kind.__name__})"
+    return None
+
+
+QUANTIZED_TORCH_MODULES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized",
+                           "torch.ao.quantization.fake_quantize", "nncf.")
+QUANTIZED_ONNX_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
+                                "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"})
+
+
 def _hash_torch(h: Any, model: Any) -> None:
     import torch
 

@@ -227,8 +227,7 @@ def explain(run_dir: Path, model: Path | None, arch: str | None, num_classes: in
             cache_dir: Path | None, overwrite: bool, verbose: int) -> int:
     """Where accuracy is lost in RUN_DIR's engines: per layer, per pass, per quantizer."""
     from .evaluate import ExplainConfig
-    from .fidelity.explain import worst_line
-    from .fidelity.render import explain_notes
+    from .explain import explain_notes, worst_line
     from .job import JobOptions, explain_run_dir
 
     _setup_logging(verbose)
@@ -291,8 +290,7 @@ def serve(run_dir: Path, images: int | None, threads: int | None, in_flight: lis
           data_root: str | None, overwrite: bool, verbose: int) -> int:
     """Serve RUN_DIR's engines from image bytes to class index: synchronous, N requests in flight,
     preprocessing folded in, dynamic batching, memory, benchmark_app (serving.json / serving.md)."""
-    from .job import JobOptions
-    from .serving import serve_run_dir
+    from .job import JobOptions, serve_run_dir
 
     _setup_logging(verbose)
     options = JobOptions(arch=arch, num_classes=num_classes, trust_model=trust_model, data_root=data_root,

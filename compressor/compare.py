@@ -534,7 +534,7 @@ def gating_checks(cmp: dict[str, Any], fail_on: str = "all") -> Gate:
     """Which regressions of ``cmp`` (from :func:`compare_runs`) fail a job: under ``"all"`` every
     one; under ``"accuracy"`` top-1 and agreement only; under ``"auto"`` every one where the run
     was measured in the baseline's environment (CPU, ISA flags, threads, library versions) and
-    neither run timed under load (load.py), else accuracy only, since latency and size may then
+    neither run timed under load (machine_load.py), else accuracy only, since latency and size may then
     come from the other machine, library or the load."""
     if fail_on not in FAIL_ON:
         raise ValueError(f"fail_on must be one of {FAIL_ON}, not {fail_on!r}")

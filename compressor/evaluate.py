@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .artifact import eval_mode
 from .fidelity.metrics import sqnr_from_sums
-from .load import LoadMonitor
+from .machine_load import LoadMonitor
 from .target_base import Runner
 
 log = logging.getLogger(__name__)

@@ -1,18 +1,14 @@
 """One compression job, as the CLI runs it: recipe + model file + data -> engines and report,
-written atomically into the output directory (a failed job leaves nothing behind).
-
-The output directory rule: a run writes only into a directory that does not exist, is empty, or
-holds a previous run of this tool (its report.json, and nothing but what a run writes), and
-replaces a previous run only with ``overwrite``. Anything else is refused before any pass runs."""
+written atomically into the output directory (a failed job leaves nothing behind). The output
+directory's layout and the rule for writing it are :mod:`compressor.run_dir`'s."""
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .artifact import Form
 from .data import DataBundle, DataConfig, add_search_root, open_data
@@ -22,15 +18,17 @@ from .devices import resolve as resolve_device
 from .errors import CompressorError, ConfigError, TargetUnavailable
 from .hooks import Hook, LoggingHook, TimingHook
 from .intake import load_model
-from .pipeline import PassCache, Pipeline
+from .pass_cache import PassCache, ReadOnlyCache
+from .pipeline import Pipeline
 from .training import world
 from .recipe import Recipe, check_device_targets
 from .compare import save_samples
-from .fidelity.render import EXPLAIN_FILES
-from .fingerprints import file_fingerprint, first_difference
+from .explain import EXPLAIN_FILES
+from .fingerprints import file_fingerprint
 from .report import build_report, write_report
-from .staging import (OutputError, check_writable, describe_os_error, run_tempdir, staged_dir, sweep_stale,
-                      write_failure)
+from .run_dir import (SERVING_FILES, default_out_dir, engines_of_run, preflight_out_dir, refuse_other_inputs,
+                      run_dir_report, with_run_options)
+from .staging import OutputError, check_writable, describe_os_error, run_tempdir, staged_dir, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -63,80 +61,6 @@ class JobResult:
 def guess_form(path: Path) -> Form:
     suffix = path.suffix.lower()
     return {".onnx": Form.ONNX, ".pt2": Form.EXPORTED}.get(suffix, Form.TORCH)
-
-
-def default_out_dir(model_path: Path, recipe: Recipe) -> Path:
-    return Path("compress-out") / f"{model_path.stem}-{recipe.name}"
-
-
-# What a run writes at the top of its output directory, for runs whose report.json predates
-# its own "outputs" list.
-RUN_OUTPUTS = frozenset({"report.json", "report.md", "engines", "predictions.npz", "latency_samples.npz",
-                         "training.png"})
-
-
-def previous_run(path: Path) -> dict[str, Any] | None:
-    """The report of the run that wrote ``path``, or None when ``path`` is not a run's directory."""
-    try:
-        report = json.loads((path / "report.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(report, dict) or "report_version" not in report or "results" not in report:
-        return None
-    return report
-
-
-def _names(paths: list[str]) -> str:
-    return ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
-
-
-def preflight_out_dir(out_dir: Path, *, overwrite: bool, protected: list[tuple[str, Any]] = ()) -> None:
-    """Refuse, before anything runs, an output directory the run may not write or replace.
-
-    Allowed: a directory that does not exist, an empty one, or (with ``overwrite``) one holding
-    only a previous run of this tool. Never the current directory or one that holds the model,
-    the recipe, the data or the cache. Stale staging beside it (a killed run's) is removed."""
-    out_dir = Path(out_dir)
-    where = f"--out {out_dir}"
-    resolved = out_dir.resolve()
-    here = Path.cwd().resolve()
-    if resolved == here or resolved in here.parents:
-        raise OutputError(f"{where} is the current directory (or holds it): a run replaces its output directory "
-                          "as a whole; give a new directory, e.g. --out compress-out/NAME")
-    for what, value in protected:
-        if value is None:
-            continue
-        p = Path(value).resolve()
-        if p == resolved or resolved in p.parents:
-            raise OutputError(f"{where} holds the {what} {value}: a run replaces its output directory as a "
-                              "whole; give a new directory, e.g. --out compress-out/NAME")
-    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
-        raise OutputError(f"{where} exists and is not a directory: not replacing it; give a new directory")
-    if out_dir.is_dir():
-        try:
-            entries = sorted(p.name for p in out_dir.iterdir())
-        except OSError as exc:
-            raise OutputError(f"{where} cannot be read: {exc.strerror}") from exc
-        if entries:
-            report = previous_run(out_dir)
-            if report is None:
-                raise OutputError(f"{where} holds files that are not a compressor run ({_names(entries)}): "
-                                  "not writing there; give a new or empty directory")
-            from .serving import SERVING_FILES
-            from .tune import TUNE_FILES
-
-            known = (set(report.get("outputs") or RUN_OUTPUTS) | set(EXPLAIN_FILES) | set(TUNE_FILES)
-                     | set(SERVING_FILES))
-            foreign = [e for e in entries if e not in known]
-            if foreign:
-                raise OutputError(f"{where} holds a previous run and other files ({_names(foreign)}): not "
-                                  "replacing it; move those files out or give a new directory")
-            if not overwrite:
-                raise OutputError(f"{where} holds a previous run (recipe {report.get('recipe')!r}, "
-                                  f"{report.get('created', 'unknown date')}): pass --overwrite to replace it, "
-                                  "or give a new directory")
-    check_writable(out_dir, "output directory")
-    sweep_stale(out_dir)
 
 
 def prepare_data(recipe: Recipe, recipe_dir: Path | None, options: JobOptions, model_path: Path) -> DataBundle | None:
@@ -331,8 +255,7 @@ def _explain_in_run(plan: JobPlan, result: Any, data: DataBundle | None, report:
     limit, a quick explanation of those (32 images, no sensitivity) so the console can name each
     one's worst layer. Adds report["explain"]; returns explain.json's content."""
     from .evaluate import ExplainConfig
-    from .fidelity.explain import explain_result
-    from .fidelity.render import write_outputs
+    from .explain import explain_result, write_outputs
 
     cfg = plan.evaluation.explain_config()
     failing = sorted({c["result"] for c in report["acceptance"]["checks"]
@@ -364,74 +287,6 @@ def _relocated(exc: Exception, staging: Path, out_dir: Path) -> Exception:
     return type(exc)(str(exc).replace(old, new)) if old in str(exc) else exc
 
 
-class ReadOnlyCache(PassCache):
-    """Reads finished entries but writes none (the other processes of a torchrun job)."""
-
-    def put(self, key: str, artifact: Any, metrics: dict[str, Any]) -> Any:
-        return artifact
-
-
-def engines_of_run(run_dir: Path, report: dict[str, Any]) -> list[Any]:
-    """The engines a finished run directory holds, each with the target that loads it."""
-    from .registry import get_target
-    from .target_base import Engine
-
-    engines = []
-    for entry in report.get("engines", []):
-        d = run_dir / "engines" / entry["name"]
-        try:
-            meta = json.loads((d / "engine.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{d}/engine.json cannot be read ({type(exc).__name__}); is {run_dir} complete?") from None
-        target = get_target(meta["target"])(meta.get("config") or {}, step=entry.get("step") or meta["target"])
-        files = [d / Path(f).name for f in entry.get("files", [])]
-        engines.append(Engine(entry["target"], entry["name"], files, entry.get("precision", meta.get("precision", "")),
-                              entry.get("info", {}), built=entry.get("built", True), builder=target))
-    return engines
-
-
-def _with_run_options(options: JobOptions, recorded: dict[str, Any]) -> JobOptions:
-    """``options`` with what the run recorded (run_options) where the command line gives nothing:
-    the architecture of a state dict (with its class count), the data root, the evaluation limit."""
-    from dataclasses import replace
-
-    arch, num_classes = options.arch, options.num_classes
-    if arch is None:
-        arch, num_classes = recorded.get("arch"), num_classes or recorded.get("num_classes")
-    return replace(options, arch=arch, num_classes=num_classes,
-                   data_root=options.data_root or recorded.get("data_root"),
-                   eval_limit=options.eval_limit or recorded.get("eval_limit"))
-
-
-_INPUTS = {"model": "model file", "calibration": "calibration (training split) images",
-           "evaluation_set": "evaluation images"}
-
-
-def _refuse_other_inputs(recorded: dict[str, Any], current: dict[str, Any], what: str) -> None:
-    """Explaining a run's engines against another model or other images than the run's would blame the
-    wrong layers: refuse when a fingerprint at hand differs from the one the run recorded."""
-    diff = first_difference(recorded, current, [k for k in current if recorded.get(k) is not None])
-    if diff is not None:
-        key, theirs, ours = diff
-        raise ConfigError(f"the {what} is not the run's: its {_INPUTS[key]} fingerprint is {ours}, the run's "
-                          f"{theirs}; explain compares the engines with the model and images they were made from "
-                          "(give the run's own with --model / --data)")
-
-
-def run_dir_report(run_dir: Path, writes: tuple[str, ...], what: str, *, overwrite: bool) -> dict[str, Any]:
-    """The report of the run in ``run_dir``, which a command is about to add ``writes`` (``what``) to:
-    refused where it is no run, where those files are there already without ``overwrite``, or where
-    the directory cannot be written."""
-    report = previous_run(run_dir)
-    if report is None:
-        raise ConfigError(f"{run_dir} is not a compressor run directory (no readable report.json)")
-    there = [f for f in writes if (run_dir / f).exists()]
-    if there and not overwrite:
-        raise OutputError(f"{run_dir} already holds {there[0]}: pass --overwrite to replace {what}")
-    check_writable(run_dir, "run directory")
-    return report
-
-
 def explain_run_dir(run_dir: Path, options: JobOptions, cfg: Any, *, model: Path | None = None,
                     say: Any = None) -> tuple[Any, list[Path]]:
     """``compress explain RUN_DIR``: reload the run's source model, data and engines, take every
@@ -444,8 +299,8 @@ def explain_run_dir(run_dir: Path, options: JobOptions, cfg: Any, *, model: Path
 
 def _explain_run_dir(run_dir: Path, options: JobOptions, cfg: Any, *, model: Path | None,
                      say: Any) -> tuple[Any, list[Path]]:
-    from .fidelity.explain import cached_stages, engine_handles, evaluation_sample, explain, held_out_images
-    from .fidelity.render import write_outputs
+    from .explain import cached_stages, engine_handles, evaluation_sample, explain, held_out_images
+    from .explain import write_outputs
     from .recipe import parse_recipe
 
     run_dir = Path(run_dir)
@@ -455,8 +310,8 @@ def _explain_run_dir(run_dir: Path, options: JobOptions, cfg: Any, *, model: Pat
     if not model_path.is_file():
         raise ConfigError(f"the run's model {model_path} is not found from here; give it with --model PATH")
     recorded = report.get("fingerprints") or {}
-    _refuse_other_inputs(recorded, {"model": file_fingerprint(model_path)}, f"model {model_path}")
-    options = _with_run_options(options, report.get("run_options") or {})
+    refuse_other_inputs(recorded, {"model": file_fingerprint(model_path)}, f"model {model_path}")
+    options = with_run_options(options, report.get("run_options") or {})
     recipe_path = Path(report["recipe_path"]) if report.get("recipe_path") else None
     cache_root = options.cache_dir or PassCache.default_root()
     pipeline = Pipeline(recipe.build_passes(), recipe.build_targets(), baselines=recipe.build_targets("baselines"),
@@ -470,9 +325,9 @@ def _explain_run_dir(run_dir: Path, options: JobOptions, cfg: Any, *, model: Pat
     artifact, data = load_inputs(plan)
     if data is None:
         raise ConfigError("explain needs images: the run's recipe names no data (give --data DIR)")
-    _refuse_other_inputs(recorded, {"calibration": data.fingerprint("calibration"),
-                                    "evaluation_set": data.evaluation_fingerprint()},
-                         f"data {data.config.root or data.config.source}")
+    refuse_other_inputs(recorded, {"calibration": data.fingerprint("calibration"),
+                                   "evaluation_set": data.evaluation_fingerprint()},
+                        f"data {data.config.root or data.config.source}")
     engines = engines_of_run(run_dir, report)
     from .environment import default_threads
 
@@ -485,3 +340,49 @@ def _explain_run_dir(run_dir: Path, options: JobOptions, cfg: Any, *, model: Pat
     if missing:
         exp.data["stages_not_in_cache"] = missing
     return exp, write_outputs(exp, run_dir)
+
+
+def serve_run_dir(run_dir: Path, options: Any, *, model: Path | None = None, say: Callable[[str], None] | None = None,
+                  **overrides: Any) -> tuple[dict[str, Any], list[Path]]:
+    """``compress serve RUN_DIR``: reload the run's model (for its preprocessing and input shape) and data
+    (for the images), serve every engine in RUN_DIR and write serving.json and serving.md there."""
+    with run_tempdir():
+        return _serve_run_dir(Path(run_dir), options, model=model, say=say, overrides=overrides)
+
+
+def _serve_run_dir(run_dir: Path, options: Any, *, model: Path | None, say: Callable[[str], None] | None,
+                   overrides: dict[str, Any]) -> tuple[dict[str, Any], list[Path]]:
+    from .artifact import Preprocessing
+    from .environment import default_threads
+    from .recipe import parse_recipe
+    from .serving import ServingSettings, frames_from_data, serve_engines, write_serving
+
+    report = run_dir_report(run_dir, SERVING_FILES, "the serving figures", overwrite=options.overwrite)
+    engines = engines_of_run(run_dir, report)
+    if not engines:
+        raise ConfigError(f"{run_dir} holds no engines to serve (its recipe built none)")
+    missing = [p for e in engines if e.built for p in e.files if not p.is_file()]
+    if missing:
+        raise ConfigError(f"engine file {missing[0]} is missing: is {run_dir} complete?")
+    recipe = parse_recipe(report.get("recipe_config") or {}, source=f"{run_dir}/report.json")
+    model_path = Path(model or report.get("model", ""))
+    if not model_path.is_file():
+        raise ConfigError(f"the run's model {model_path} is not found from here; give it with --model PATH "
+                          "(serving takes its preprocessing and input shape)")
+    refuse_other_inputs(report.get("fingerprints") or {}, {"model": file_fingerprint(model_path)},
+                        f"model {model_path}")
+    options = with_run_options(options, report.get("run_options") or {})
+    recipe_path = Path(report["recipe_path"]) if report.get("recipe_path") else None
+    plan = JobPlan(model_path=model_path, recipe=recipe, recipe_path=recipe_path, options=options,
+                   pipeline=None, out_dir=run_dir, evaluation=recipe.evaluation, timing=TimingHook(), rank=0,
+                   world_size=1)
+    artifact, data = load_inputs(plan)
+    if data is None:
+        raise ConfigError("serve needs images: the run's recipe names no data (give --data DIR)")
+    threads = options.threads or recipe.evaluation.threads or default_threads()
+    settings = ServingSettings.from_evaluation(recipe.evaluation, threads, **overrides)
+    frames = frames_from_data(data, settings.images)
+    shape = (report.get("model_input") or {}).get("shape") or list(artifact.input_spec.shape)
+    section = serve_engines(engines, frames, artifact.preprocessing or Preprocessing(), shape, settings, say)
+    section["run"] = {"recipe": report.get("recipe"), "created": report.get("created")}
+    return section, write_serving(section, run_dir)

@@ -1,32 +1,30 @@
 """The pass manager: checks a pipeline's chain of forms, runs its passes in order with caching
-and hooks, builds each target's engine, and measures the source model and every engine."""
+(:mod:`compressor.pass_cache`) and hooks, builds each target's engine, and measures the source model
+and every engine (:mod:`compressor.measure`)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
-from .artifact import Form, ModelArtifact, state_dict_bytes
+from .artifact import Form, ModelArtifact, quantized_input
 from .data import DataBundle
 from .devices import Device, or_host
 from .errors import CompressorError, DataError, PassError, PipelineOrderError, TargetError, TargetUnavailable, first_line
-from .environment import default_threads, library_versions
-from .evaluate import EvaluationConfig, ResultRow, TorchRunner, measure_all, timing_method
+from .environment import default_threads
+from .evaluate import EvaluationConfig, ResultRow
 from .hooks import Hook, HookList
-from .load import LoadMonitor
-from .staging import OutputError, json_text, run_scratch, staged_dir, write_failure
+from .measure import measure_run
+from .pass_cache import PassCache
+from .staging import run_scratch
 from .config import require_data
 from .pass_base import Pass, PassContext
 from .records import PassRecord, RunResult, TargetFailure
 from .registry import get_pass
 from .target_base import Target
-from .targets.onnxruntime import OrtRunner
 
 log = logging.getLogger(__name__)
 
@@ -77,34 +75,6 @@ def quantizing_step(passes: Sequence[Pass]) -> str | None:
     return next((p.step for p in reversed(passes) if p.quantizes), None)
 
 
-def quantized_input(model: ModelArtifact) -> str | None:
-    """Why ``model`` is already quantized (its metadata, QDQ/integer ONNX ops, fake quantizers), or None."""
-    if model.precision == "int8":
-        return "its metadata says precision int8"
-    if model.form is Form.ONNX and model.path is not None:
-        try:
-            import onnx
-
-            ops = {n.op_type for n in onnx.load(str(model.path), load_external_data=False).graph.node}
-        except Exception:  # unreadable here: the passes will say so
-            return None
-        found = sorted(ops & QUANTIZED_ONNX_OPS)
-        if found:
-            return f"its ONNX graph has {', '.join(found)} nodes"
-    if model.form is Form.TORCH and model.model is not None and hasattr(model.model, "modules"):
-        for m in model.model.modules():
-            kind = type(m)
-            if kind.__name__ != "FloatFunctional" and kind.__module__.startswith(QUANTIZED_TORCH_MODULES):
-                return f"it holds quantized or fake-quantized modules ({kind.__name__})"
-    return None
-
-
-QUANTIZED_TORCH_MODULES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized",
-                           "torch.ao.quantization.fake_quantize", "nncf.")
-QUANTIZED_ONNX_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
-                                "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"})
-
-
 def assign_engine_names(chains: Sequence[tuple[ModelArtifact, Sequence[Target], str]]) -> dict[int, str]:
     """One unique engine name per target (keyed by ``id(target)``): ``prefix + engine_name``, and
     where two targets of the run would get the same name (e.g. two onnxruntime targets with
@@ -127,69 +97,6 @@ class BranchSpec:
     name: str
     passes: list[Pass]
     targets: list[Target]
-
-
-class PassCache:
-    """Pass outputs keyed by (input hash, pass name and config, library versions, data seen).
-
-    Each entry is written to a temporary directory and renamed into place when complete, so a
-    run killed mid-way leaves only whole entries and the next run resumes after the last one.
-    """
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-
-    @staticmethod
-    def default_root() -> Path:
-        env = os.environ.get("COMPRESSOR_CACHE_DIR")
-        return Path(env) if env else Path.home() / ".cache" / "compressor" / "passes"
-
-    def key(self, p: Pass, artifact: ModelArtifact, data: DataBundle | None,
-            source: ModelArtifact | None = None, device: Device | None = None) -> str:
-        payload: dict[str, Any] = {
-            "input": artifact.content_hash(),
-            "pass": p.name,
-            "config": p.config.model_dump(mode="json"),
-            "versions": library_versions(("compressor", *p.used_libraries())),
-            "data": data.fingerprint("calibration") if (p.requires_data() and data is not None) else None,
-        }
-        files = p.fingerprint()
-        if files is not None:
-            payload["files"] = files
-        if p.uses_source() and source is not None:
-            payload["source"] = source.content_hash()
-        if p.uses_device:  # e.g. reduce_range: auto follows the device
-            payload["device"] = or_host(device).name
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
-
-    def get(self, key: str) -> tuple[ModelArtifact, dict[str, Any]] | None:
-        entry = self.root / key
-        if not (entry / "metrics.json").is_file():
-            return None
-        try:
-            artifact = ModelArtifact.load(entry)
-            metrics = json.loads((entry / "metrics.json").read_text())
-        except Exception as exc:  # stale or unreadable entry: recompute
-            log.warning("ignoring unreadable cache entry %s: %s", entry, exc)
-            return None
-        return artifact, metrics
-
-    def put(self, key: str, artifact: ModelArtifact, metrics: dict[str, Any]) -> ModelArtifact:
-        final = self.root / key
-        hint = "free space there, or run with --no-cache or another --cache-dir"
-        try:
-            with staged_dir(final, replace=True, what="pass cache entry") as tmp:
-                artifact.save(tmp)
-                (tmp / "metrics.json").write_text(json_text(metrics, indent=None))
-        except OutputError as exc:
-            raise OutputError(f"{exc.one_line()} ({hint})") from exc
-        except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
-            reason = write_failure(exc, self.root)
-            if reason is None:
-                raise
-            raise OutputError(f"cannot write pass cache entry {final}: {reason} ({hint})") from exc
-        stored = ModelArtifact.load(final) if artifact.path is not None else artifact
-        return stored
 
 
 class Pipeline:
@@ -343,7 +250,7 @@ class Pipeline:
                         continue
                     self._build_target(t, source, Path(out_dir), result, data, names[id(t)])
         if data is not None and out_dir is not None:
-            self._measure(data, evaluation, threads, result)
+            measure_run(data, evaluation, threads, result, hooks=self.hooks, screen=self.screen)
         self.hooks.on_run_end(result)
         return result
 
@@ -426,87 +333,8 @@ class Pipeline:
             return
         self.hooks.on_target_end(t, engine, None)
 
-    def _measure(self, data: DataBundle, cfg: EvaluationConfig, threads: int, result: RunResult) -> None:
-        """Every row in one measurement session: the source, the stages (if asked), the baselines
-        and the engines; batch-1 latency is timed in rounds interleaved over all of them."""
-        source = result.source
-        size = tuple(source.input_spec.sample_shape[1:])
-        # streamed: decoded by worker processes (or read from the decoded-image store) batch by batch
-        x = data.evaluation_images(size, source.preprocessing).preprocessed(source.preprocessing)  # type: ignore[arg-type]
-        labels = x.labels
-        rows = [ResultRow(
-            name="source",
-            target="torch" if source.form is not Form.ONNX else "onnxruntime",
-            precision=source.precision,
-            runner=source_runner(source, threads),
-            size_bytes=int(source.meta.get("source_size_bytes", 0)),
-            engine=source.meta.get("source_file"),
-        )]
-        if cfg.stages:
-            for record, art in zip(result.records, result.artifacts[1:]):
-                if art.form is Form.TORCH:
-                    rows.append(ResultRow(
-                        name=f"stage{record.index}-{record.name}", target="torch", precision=art.precision,
-                        runner=TorchRunner(art.torch_module(), threads=threads, fixed_batch=art.meta.get("fixed_batch")),
-                        size_bytes=len(state_dict_bytes(art.model)),
-                    ))
-        targets: dict[str, Target] = {}
-        for engine in result.engines:
-            target = engine.builder
-            name, runtime = engine.name, dict(engine.info.get("runtime_build", {}))
-            try:
-                if engine.built:
-                    runner = target.load(engine, threads=threads)
-                else:  # e.g. TensorRT without a GPU: the same graph on the closest runtime here
-                    proxy, runner = target.load_proxy(engine, threads=threads)
-                    name = f"{engine.name}-proxy-{proxy}"
-                    runtime = {"proxy": f"{proxy} runs the graph {target.name} would build; "
-                                        f"{engine.info['not_built']}", **runtime}
-            except Exception as exc:
-                self._runtime_failure(result, target, engine.name, exc)
-                continue
-            targets[name] = target
-            rows.append(ResultRow(name=name, target=engine.target, precision=engine.precision, runner=runner,
-                                    size_bytes=engine.size_bytes, engine=str(engine.path), runtime=runtime))
-
-        def failed(row: ResultRow, exc: Exception) -> None:
-            self._runtime_failure(result, targets.get(row.name), row.name, exc)
-
-        if self.screen is not None:
-            kept = self.screen(rows, result)
-            ids = {id(k) for k in kept}
-            for s in rows:
-                if id(s) not in ids:
-                    s.runner.close()
-            rows = kept
-        for s in rows:
-            self.hooks.on_measure_start(s.name)
-        monitor = LoadMonitor()
-        measured = measure_all(rows, x=x, labels=labels, cfg=cfg, threads=threads,
-                               progress=self.hooks.on_message, on_error=failed, load=monitor)
-        result.timing_load = monitor.summary()
-        result.timing = timing_method(cfg)
-        if result.timing_load["under_load"]:
-            log.warning("timing ran under load: %s", "; ".join(result.timing_load["reasons"]))
-        for m in measured:
-            result.measurements.append(m)
-            self.hooks.on_measure_end(m)
-
-    def _runtime_failure(self, result: RunResult, target: Target | None, engine: str, exc: Exception) -> None:
-        detail = str(exc) if isinstance(exc, CompressorError) else f"{type(exc).__name__}: {exc}"
-        message = f"engine {engine!r} failed to run on its runtime: {detail}"
-        log.error(message)
-        result.failures.append(TargetFailure(target.name if target else engine, target.step if target else engine,
-                                             message, unavailable=False))
-
     def all_targets(self) -> list[Target]:
         return [*self.baselines, *self.targets, *(t for b in self.branches for t in b.targets)]
-
-
-def source_runner(source: ModelArtifact, threads: int) -> Any:
-    if source.form is Form.ONNX:
-        return OrtRunner(source.path, threads=threads)  # type: ignore[arg-type]
-    return TorchRunner(source.torch_module(), threads=threads, fixed_batch=source.meta.get("fixed_batch"))
 
 
 def check_classes(model: ModelArtifact, data: DataBundle) -> None:

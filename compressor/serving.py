@@ -50,6 +50,7 @@ import numpy as np
 
 from .artifact import Preprocessing
 from .errors import ConfigError, first_line
+from .run_dir import SERVING_FILES
 
 if TYPE_CHECKING:
     from .data import DataBundle
@@ -58,8 +59,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SERVING_FILES = ("serving.json", "serving.md")
-"""what ``compress serve RUN_DIR`` writes into the run directory"""
 GOAL_E2E_SHARE = 0.9
 """end-to-end throughput as a share of the engine's inference-only throughput (the issue's goal)"""
 GOAL_REFEREE = 0.10
@@ -686,55 +685,6 @@ def serve_in_run(evaluation: Any, result: Any, data: DataBundle | None, report: 
     source = result.source
     report["serving"] = serve_engines(result.engines, frames, source.preprocessing or Preprocessing(),
                                       list(source.input_spec.shape), settings, say)
-
-
-def serve_run_dir(run_dir: Path, options: Any, *, model: Path | None = None, say: Callable[[str], None] | None = None,
-                  **overrides: Any) -> tuple[dict[str, Any], list[Path]]:
-    """``compress serve RUN_DIR``: reload the run's model (for its preprocessing and input shape) and data
-    (for the images), serve every engine in RUN_DIR and write serving.json and serving.md there."""
-    from .staging import run_tempdir
-
-    with run_tempdir():
-        return _serve_run_dir(Path(run_dir), options, model=model, say=say, overrides=overrides)
-
-
-def _serve_run_dir(run_dir: Path, options: Any, *, model: Path | None, say: Callable[[str], None] | None,
-                   overrides: dict[str, Any]) -> tuple[dict[str, Any], list[Path]]:
-    from .environment import default_threads
-    from .fingerprints import file_fingerprint
-    from .hooks import TimingHook
-    from .job import JobPlan, _refuse_other_inputs, _with_run_options, engines_of_run, load_inputs, run_dir_report
-    from .recipe import parse_recipe
-
-    report = run_dir_report(run_dir, SERVING_FILES, "the serving figures", overwrite=options.overwrite)
-    engines = engines_of_run(run_dir, report)
-    if not engines:
-        raise ConfigError(f"{run_dir} holds no engines to serve (its recipe built none)")
-    missing = [p for e in engines if e.built for p in e.files if not p.is_file()]
-    if missing:
-        raise ConfigError(f"engine file {missing[0]} is missing: is {run_dir} complete?")
-    recipe = parse_recipe(report.get("recipe_config") or {}, source=f"{run_dir}/report.json")
-    model_path = Path(model or report.get("model", ""))
-    if not model_path.is_file():
-        raise ConfigError(f"the run's model {model_path} is not found from here; give it with --model PATH "
-                          "(serving takes its preprocessing and input shape)")
-    _refuse_other_inputs(report.get("fingerprints") or {}, {"model": file_fingerprint(model_path)},
-                         f"model {model_path}")
-    options = _with_run_options(options, report.get("run_options") or {})
-    recipe_path = Path(report["recipe_path"]) if report.get("recipe_path") else None
-    plan = JobPlan(model_path=model_path, recipe=recipe, recipe_path=recipe_path, options=options,
-                   pipeline=None, out_dir=run_dir, evaluation=recipe.evaluation, timing=TimingHook(), rank=0,
-                   world_size=1)
-    artifact, data = load_inputs(plan)
-    if data is None:
-        raise ConfigError("serve needs images: the run's recipe names no data (give --data DIR)")
-    threads = options.threads or recipe.evaluation.threads or default_threads()
-    settings = ServingSettings.from_evaluation(recipe.evaluation, threads, **overrides)
-    frames = frames_from_data(data, settings.images)
-    shape = (report.get("model_input") or {}).get("shape") or list(artifact.input_spec.shape)
-    section = serve_engines(engines, frames, artifact.preprocessing or Preprocessing(), shape, settings, say)
-    section["run"] = {"recipe": report.get("recipe"), "created": report.get("created")}
-    return section, write_serving(section, run_dir)
 
 
 def write_serving(section: dict[str, Any], out_dir: Path) -> list[Path]:

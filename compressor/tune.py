@@ -39,12 +39,12 @@ from .bound import (DEFAULT_CONFIDENCE, IMAGES_CAP, DropBound, fixed_count_probl
 from .devices import Device
 from .evaluate import ResultRow, accuracy, figure_ms
 from .registry import get_target
+from .run_dir import engines_of_run
 from .staging import atomic_write, json_text
 
 log = logging.getLogger(__name__)
 
-TUNE_FILES = ("tune.json", "tune.md", "pareto.png", "tuned.yaml")
-TARGETS = ("openvino", "onnxruntime", "tflite", "tensorrt")
+TARGETS = ("openvino", "onnxruntime", "tflite", "executorch", "tensorrt")
 """the targets a tune considers (--targets picks among them)"""
 VALIDATION_BATCH = 100
 SLICE_IMAGES = 256
@@ -94,8 +94,13 @@ def search_space(device: Device, input_form: str, max_drop: float,
         if not avail.ok:
             left_out.append({"what": t, "why": f"{t} cannot build here: {avail.reason}"})
             continue
-        if t == "tflite" and input_form == "onnx":
-            left_out.append({"what": t, "why": "tflite takes a torch model, and the input is ONNX"})
+        if t in ("tflite", "executorch") and input_form == "onnx":
+            left_out.append({"what": t, "why": f"{t} takes a torch model, and the input is ONNX"})
+            continue
+        own = getattr(get_target(t), "tune_candidates", None)
+        if own is not None:  # the target's own list (so far executorch's; the others are listed below)
+            out.extend(Candidate(c["name"], t, c["precision"], c["what"], [], {t: c["config"]})
+                       for c in own(max_drop))
             continue
         if t == "openvino":
             ov = {"openvino": {"precision_hint": "f32"}}
@@ -263,7 +268,7 @@ class Screen:
         return sorted(kept, key=lambda r: order[id(r)])
 
     def _load(self, source: Any, data: Any, count: int) -> tuple[np.ndarray, np.ndarray]:
-        from .fidelity.explain import held_out_images
+        from .explain import held_out_images
 
         x, labels, self.where = held_out_images(source, data, count)
         if len(labels) < count:
@@ -282,7 +287,7 @@ class Screen:
                reference: np.ndarray) -> tuple[ResultRow, dict[str, Any]]:
         """The first stage: disagreement with the source, output SQNR and the bounds of the drop on the slice."""
         from .bound import lower_bound
-        from .fidelity.metrics import sqnr_db
+        from .evaluate import sqnr_db
 
         started = time.perf_counter()
         logits = self._logits(row, x)
@@ -568,7 +573,7 @@ def p50_at_threads(loaders: dict[str, Any], counts: list[int], one: np.ndarray,
     timed in one interleaved session (evaluate.latency) with the machine's load recorded
     (load.LoadMonitor). Returns ({(name, threads): p50}, the load summary)."""
     from .evaluate import latency
-    from .load import LoadMonitor
+    from .machine_load import LoadMonitor
 
     runners, keys = [], []
     try:
@@ -677,8 +682,7 @@ def run_tune(model_path: Path, options: Any, *, max_drop: float, device_name: st
     summary = summarise(job.report, candidates, left_out, screen, device, max_drop, time.monotonic() - started)
     if summary["chosen"] is not None:
         from .environment import default_threads
-        from .fidelity.explain import held_out_images
-        from .job import engines_of_run
+        from .explain import held_out_images
 
         one = held_out_images(artifact, bundle, 1)[0]
         summary["threads"] = thread_sweep(engines_of_run(job.out_dir, job.report), summary, one, plan.evaluation,

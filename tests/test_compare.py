@@ -66,7 +66,7 @@ def runs(tmp_path_factory, trained_tiny):
             out[name] = d / name
             assert main([str(a) for a in [*args, *common, "-o", out[name]]]) == 0, name
             # these tests plant their own latencies; what the machine's load was while they ran is not
-            # theirs to judge (test_load.py covers a run timed under load)
+            # theirs to judge (test_machine_load.py covers a run timed under load)
             report = json.loads((out[name] / "report.json").read_text())
             report["timing_load"] = {**report["timing_load"], "under_load": False, "reasons": []}
             (out[name] / "report.json").write_text(json.dumps(report))

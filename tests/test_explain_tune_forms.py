@@ -261,7 +261,7 @@ def test_tune_drops_and_names_a_candidate_whose_engine_bytes_equal_anothers(mode
     from compressor.devices import resolve
     from compressor.evaluate import ResultRow
     from compressor.intake import load_model
-    from compressor.pipeline import source_runner
+    from compressor.measure import source_runner
     from compressor.records import RunResult
     from compressor.tune import Candidate, Screen, render, summarise
 

@@ -98,7 +98,7 @@ def test_every_result_has_a_row(run):
     for row, r in zip(rows, report["results"]):
         assert len(row) == header.count("|") - 1
         assert row[1:4] == [r["target"], r["precision"], f"{r['top1']:.2f}"]
-        # a run timed under load (the machine's other processes) marks its speedups: test_load.py
+        # a run timed under load (the machine's other processes) marks its speedups: test_machine_load.py
         load = " (load)" if r.get("speedup_reliable") is False else ""
         assert row[7] == f"{r['latency_ms']['p50']:.3f}" and row[11] == f"{r['speedup']:.2f}x{load}"
         assert row[10] == f"{r['paced_latency_ms']['p50']:.3f}"  # requests 30 a second, the cores idle between

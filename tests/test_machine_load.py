@@ -8,7 +8,7 @@ import multiprocessing
 import time
 
 from compressor.compare import gating_checks
-from compressor.load import CpuSample, LoadMonitor, between, judge
+from compressor.machine_load import CpuSample, LoadMonitor, between, judge
 
 from .conftest import TINY_RECIPE, cli, write_recipe
 
@@ -48,7 +48,7 @@ def test_a_busy_sibling_process_is_seen():
 
 
 def test_a_run_records_its_timing_load_and_marks_speedups_under_load(model_files, tmp_path, capsys, monkeypatch):
-    import compressor.load as load
+    import compressor.machine_load as load
 
     monkeypatch.setattr(load, "OTHERS_LIMIT", -1.0)  # whatever the machine does, count it as load
     recipe = write_recipe(tmp_path / "r.yaml", TINY_RECIPE)
