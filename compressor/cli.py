@@ -227,7 +227,8 @@ def explain(run_dir: Path, model: Path | None, arch: str | None, num_classes: in
             cache_dir: Path | None, overwrite: bool, verbose: int) -> int:
     """Where accuracy is lost in RUN_DIR's engines: per layer, per pass, per quantizer."""
     from .evaluate import ExplainConfig
-    from .explain import explain_notes, worst_line
+    from .fidelity.explain import worst_line
+    from .fidelity.render import explain_notes
     from .job import JobOptions, explain_run_dir
 
     _setup_logging(verbose)

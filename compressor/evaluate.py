@@ -456,7 +456,7 @@ def measure_all(
     """Accuracy of every row (agreement against the first one's predictions), then batch-1
     latency in shuffled warm blocks across all of them (:func:`latency`), then the paced figure
     (:func:`paced_latency`, where ``paced_rate_hz`` is set), then throughput. Closes every runner. ``load``
-    records how busy the machine was just before and during the latency rounds (load.py).
+    records how busy the machine was just before and during the latency rounds (machine_load.py).
 
     ``x``: the model's input, an array or an :class:`compressor.streaming.ImageSet`. The accuracy pass
     reads it once, batch by batch, and runs every row on each batch: only the predictions, the SQNR's

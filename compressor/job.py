@@ -23,7 +23,7 @@ from .pipeline import Pipeline
 from .training import world
 from .recipe import Recipe, check_device_targets
 from .compare import save_samples
-from .explain import EXPLAIN_FILES
+from .fidelity.render import EXPLAIN_FILES
 from .fingerprints import file_fingerprint
 from .report import build_report, write_report
 from .run_dir import (SERVING_FILES, default_out_dir, engines_of_run, preflight_out_dir, refuse_other_inputs,
@@ -255,7 +255,8 @@ def _explain_in_run(plan: JobPlan, result: Any, data: DataBundle | None, report:
     limit, a quick explanation of those (32 images, no sensitivity) so the console can name each
     one's worst layer. Adds report["explain"]; returns explain.json's content."""
     from .evaluate import ExplainConfig
-    from .explain import explain_result, write_outputs
+    from .fidelity.explain import explain_result
+    from .fidelity.render import write_outputs
 
     cfg = plan.evaluation.explain_config()
     failing = sorted({c["result"] for c in report["acceptance"]["checks"]
@@ -299,8 +300,8 @@ def explain_run_dir(run_dir: Path, options: JobOptions, cfg: Any, *, model: Path
 
 def _explain_run_dir(run_dir: Path, options: JobOptions, cfg: Any, *, model: Path | None,
                      say: Any) -> tuple[Any, list[Path]]:
-    from .explain import cached_stages, engine_handles, evaluation_sample, explain, held_out_images
-    from .explain import write_outputs
+    from .fidelity.explain import cached_stages, engine_handles, evaluation_sample, explain, held_out_images
+    from .fidelity.render import write_outputs
     from .recipe import parse_recipe
 
     run_dir = Path(run_dir)

@@ -79,7 +79,7 @@ def preflight_out_dir(out_dir: Path, *, overwrite: bool, protected: list[tuple[s
             if report is None:
                 raise OutputError(f"{where} holds files that are not a compressor run ({_names(entries)}): "
                                   "not writing there; give a new or empty directory")
-            from .explain import EXPLAIN_FILES
+            from .fidelity.render import EXPLAIN_FILES
 
             known = (set(report.get("outputs") or RUN_OUTPUTS) | set(EXPLAIN_FILES) | set(TUNE_FILES)
                      | set(SERVING_FILES))

@@ -268,7 +268,7 @@ class Screen:
         return sorted(kept, key=lambda r: order[id(r)])
 
     def _load(self, source: Any, data: Any, count: int) -> tuple[np.ndarray, np.ndarray]:
-        from .explain import held_out_images
+        from .fidelity.explain import held_out_images
 
         x, labels, self.where = held_out_images(source, data, count)
         if len(labels) < count:
@@ -287,7 +287,7 @@ class Screen:
                reference: np.ndarray) -> tuple[ResultRow, dict[str, Any]]:
         """The first stage: disagreement with the source, output SQNR and the bounds of the drop on the slice."""
         from .bound import lower_bound
-        from .evaluate import sqnr_db
+        from .fidelity.metrics import sqnr_db
 
         started = time.perf_counter()
         logits = self._logits(row, x)
@@ -682,7 +682,7 @@ def run_tune(model_path: Path, options: Any, *, max_drop: float, device_name: st
     summary = summarise(job.report, candidates, left_out, screen, device, max_drop, time.monotonic() - started)
     if summary["chosen"] is not None:
         from .environment import default_threads
-        from .explain import held_out_images
+        from .fidelity.explain import held_out_images
 
         one = held_out_images(artifact, bundle, 1)[0]
         summary["threads"] = thread_sweep(engines_of_run(job.out_dir, job.report), summary, one, plan.evaluation,
