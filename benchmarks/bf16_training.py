@@ -51,7 +51,8 @@ def run(name: str, model: Any, tdata: Any, cfg: TrainConfig) -> dict[str, Any]:
         return {"bf16": cfg.bf16, "channels_last": cfg.channels_last, "error": str(exc).splitlines()[0]}
     last = result.history[-1] if result.history else {}
     return {"bf16": cfg.bf16, "channels_last": cfg.channels_last, "precision": result.precision,
-            "memory_format": result.memory_format, "probe": result.probe, "device": result.device, "steps": result.steps,
+            "memory_format": result.memory_format, "probe": result.probe, "device": result.torch_device,
+            "steps": result.steps,
             "seconds": round(result.seconds, 2), "wall_seconds": round(time.perf_counter() - started, 2),
             "s_per_step": round(result.seconds / max(result.steps, 1), 4), "skipped_steps": result.skipped_steps,
             "last_train_loss": last.get("train_loss"), "val_top1": result.final_val_top1, "history": result.history}

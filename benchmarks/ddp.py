@@ -3,7 +3,7 @@
 (recipes/mobilenetv2_prune_finetune.yaml on the real MobileNetV2: prune a quarter of the channels,
 fine-tune one epoch of CIFAR-10): the same optimizer steps, the same samples, and top-1 within
 0.5 point. The processes take the single process's global batches, augmentation and batch-norm
-statistics (compressor/training.py); only dropout masks and rounding differ.
+statistics (compressor/training/launch.py); only dropout masks and rounding differ.
 
     .venv/bin/python benchmarks/ddp.py [--epochs E]   (E < 1 trains on a share of the epoch)
 """

@@ -99,7 +99,7 @@ def _timed_loss(seconds):
 def _probe(loss, options):
     import types
 
-    import compressor.training as training
+    import compressor.training.probe as training  # probe_step reads the clock of its own module
 
     probe_step = training.probe_step
     clock = types.SimpleNamespace(perf_counter=_CLOCK.perf_counter)
@@ -163,8 +163,8 @@ def test_training_reports_its_layout_and_hands_back_contiguous_weights():
 def test_bf16_the_probe_chose_falls_back_to_fp32_at_a_loss_that_is_not_finite(monkeypatch):
     import compressor.training as training
 
-    monkeypatch.setattr(training, "has_native_bf16", lambda flags=None: True)
-    monkeypatch.setattr(training, "probe_step", lambda model, *a, **k: (
+    monkeypatch.setattr(training.probe, "has_native_bf16", lambda flags=None: True)
+    monkeypatch.setattr(training.loop, "probe_step", lambda model, *a, **k: (
         training.StepOption(True, False), {"s_per_step": {"fp32 contiguous": 1.0, "bf16 contiguous": 0.5},
                                             "failed": {}, "chosen": "bf16 contiguous", "batch": 16, "note": None}))
     ce = cross_entropy_loss()

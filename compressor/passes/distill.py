@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..artifact import Form, ModelArtifact
 from ..errors import CompressorError, ConfigError
@@ -26,30 +26,9 @@ from ..intake import build_arch, load_model
 from ..pass_base import Pass, PassConfig, PassContext, PassResult
 from ..registry import register_pass
 from ..training import TrainConfig, TrainData, evaluate_top1, train, training_data
+from ..training.losses import LogitLoss, logit_loss
 
 log = logging.getLogger(__name__)
-
-
-class LogitLoss(BaseModel):
-    """The logit-distillation term's settings, shared by distill and by prune_structured's
-    fine-tuning (one loss function, logit_loss, for both)."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-
-    temperature: float = Field(default=4.0, gt=0)
-    """softening temperature of student and teacher logits (the term is scaled by its square)"""
-    loss: Literal["kd", "dkd", "dist"] = "kd"
-    """the logit loss: kd (Hinton: KL of softened outputs), dkd (decoupled KD, Zhao et al. 2022:
-    target-class and non-target-class terms weighted apart), dist (Huang et al. 2022: Pearson
-    correlation of class probabilities within each image and of each class across the batch)"""
-    dkd_alpha: float = Field(default=1.0, ge=0)
-    """dkd: weight of the target-class term (TCKD)"""
-    dkd_beta: float = Field(default=8.0, ge=0)
-    """dkd: weight of the non-target-class term (NCKD)"""
-    dist_beta: float = Field(default=1.0, ge=0)
-    """dist: weight of the inter-class relation (within each image)"""
-    dist_gamma: float = Field(default=1.0, ge=0)
-    """dist: weight of the intra-class relation (across the batch)"""
 
 
 class DistillConfig(PassConfig, LogitLoss):
@@ -341,36 +320,6 @@ class Distill(Pass):
             meta["student"] = cfg.student
             meta["num_outputs"] = artifact.meta.get("num_outputs")
         return PassResult(artifact.derive(Form.TORCH, model=student.eval(), **meta), metrics)
-
-
-def logit_loss(cfg: LogitLoss, s: Any, t: Any, y: Any) -> Any:
-    """The distillation term on student and teacher logits (float32), scaled by T^2 where it softens."""
-    import torch
-    import torch.nn.functional as F
-
-    temp = cfg.temperature
-    if cfg.loss == "kd":
-        return F.kl_div(F.log_softmax(s / temp, 1), F.log_softmax(t / temp, 1), reduction="batchmean",
-                        log_target=True) * temp * temp
-    if cfg.loss == "dkd":  # Zhao et al., Decoupled Knowledge Distillation (CVPR 2022), as in mdistiller
-        gt = F.one_hot(y, s.shape[1]).bool()
-        ps, pt = F.softmax(s / temp, 1), F.softmax(t / temp, 1)
-        bs = torch.stack([(ps * gt).sum(1), (ps * ~gt).sum(1)], 1).clamp_min(1e-8)
-        bt = torch.stack([(pt * gt).sum(1), (pt * ~gt).sum(1)], 1).clamp_min(1e-8)
-        tckd = F.kl_div(bs.log(), bt, reduction="batchmean") * temp * temp
-        nckd = F.kl_div(F.log_softmax(s / temp - 1000.0 * gt, 1), F.softmax(t / temp - 1000.0 * gt, 1),
-                        reduction="batchmean") * temp * temp
-        return cfg.dkd_alpha * tckd + cfg.dkd_beta * nckd
-    # dist: Huang et al., Knowledge Distillation from A Stronger Teacher (NeurIPS 2022)
-    ps, pt = F.softmax(s / temp, 1), F.softmax(t / temp, 1)
-
-    def pearson(a: Any, b: Any) -> Any:  # along the last dimension
-        a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
-        return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + 1e-8)
-
-    inter = (1 - pearson(ps, pt)).mean()
-    intra = (1 - pearson(ps.t(), pt.t())).mean()
-    return temp * temp * (cfg.dist_beta * inter + cfg.dist_gamma * intra)
 
 
 def _with_projector_type() -> Any:

@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..pass_base import Pass, PassConfig, PassContext, PassResult
 from ..registry import register_pass
 from ..training import TrainConfig, evaluate_top1, train, training_data
-from .distill import LogitLoss, logit_loss
+from ..training.losses import LogitLoss, logit_loss
 
 log = logging.getLogger(__name__)
 
@@ -336,8 +336,8 @@ def _taylor_gradients(model: Any, data: Any, batches: int, seed: int) -> None:
 
 
 class _Unpruned:
-    """Fine-tuning loss distilling from the unpruned model or the run's source (distill.logit_loss, weight
-    ``alpha`` against the labels' cross-entropy). With ``augment`` on, its outputs on stored augmented
+    """Fine-tuning loss distilling from the unpruned model or the run's source (training.losses.logit_loss,
+    weight ``alpha`` against the labels' cross-entropy). With ``augment`` on, its outputs on stored augmented
     views of the training images are computed once (teacher_cache.TeacherViews, in the pass cache,
     shared by later runs and by every pruning step) and the student sees exactly those views;
     without augmentation the teacher runs on each batch."""
