@@ -232,14 +232,36 @@ evaluation:
 """)
 
 
-def run(name: str, recipe_path: Path, data: Path, threads: int, training_images: int) -> dict[str, Any]:
-    """One compress run in its own process, with fresh stores and pass cache: its peak RSS, wall time,
-    the lines the data path logged, and its report."""
+def _reused(name: str, args: list[str], training_images: int) -> dict[str, Any] | None:
+    """``--reuse``: the figures of an earlier run of the same command (its run.json, or the result.json and
+    report.json an earlier version of this script left), or None."""
     out, state = WORK / "runs" / name, WORK / "state" / name
-    shutil.rmtree(state, ignore_errors=True)
-    state.mkdir(parents=True)
+    if (state / "run.json").is_file():
+        got = json.loads((state / "run.json").read_text())
+        return got if got.get("command") == "compress " + " ".join(args) else None
+    if (state / "result.json").is_file() and (out / "report.json").is_file():
+        got = json.loads((state / "result.json").read_text())
+        if got.get("code") not in (0, 1):
+            return None
+        return {**got, "process_seconds": got["seconds"], "training_images": training_images,
+                "command": "compress " + " ".join(args), "report": json.loads((out / "report.json").read_text()),
+                "stores_mb": None}
+    return None
+
+
+def run(name: str, recipe_path: Path, data: Path, threads: int, training_images: int, *,
+        reuse: bool = False) -> dict[str, Any]:
+    """One compress run in its own process, with fresh stores and pass cache: its peak RSS, wall time,
+    the lines the data path logged, and its report. ``reuse``: an earlier run's figures where it ran the
+    same command."""
+    out, state = WORK / "runs" / name, WORK / "state" / name
     args = [str(MODEL), "--recipe", str(recipe_path), "--trust-model", "--data", str(data), "--threads", str(threads),
             "--out", str(out), "--overwrite", "--no-cache"]
+    if reuse and (got := _reused(name, args, training_images)) is not None:
+        print(f"reusing run {name}: peak RSS {got['peak_rss_mb']:.0f} MB, {got['seconds']:.0f} s", flush=True)
+        return got
+    shutil.rmtree(state, ignore_errors=True)
+    state.mkdir(parents=True)
     env = {**os.environ, "COMPRESSOR_DATA_DIR": str(state / "data"), "COMPRESSOR_CACHE_DIR": str(state / "cache")}
     result = state / "result.json"
     print(f"$ compress {' '.join(args)}", flush=True)
@@ -257,6 +279,7 @@ def run(name: str, recipe_path: Path, data: Path, threads: int, training_images:
     store = state / "data" / "decoded"
     got["stores_mb"] = round(sum(p.stat().st_size for p in store.glob("*.npy")) / 1e6, 1) if store.is_dir() else 0.0
     shutil.rmtree(state / "data", ignore_errors=True)  # the decoded stores: up to 7.5 GB each
+    (state / "run.json").write_text(json.dumps(got))
     print(f"  peak RSS {got['peak_rss_mb']:.0f} MB, {got['seconds']:.0f} s", flush=True)
     return got
 
@@ -335,33 +358,40 @@ def main() -> None:
                     "images of the training run [50000]")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-path-images", type=int, default=5000, help="images the reader alone reads [5000]")
+    ap.add_argument("--training-images", type=int, help="training images of the larger training run [--images]")
     ap.add_argument("--skip-training", action="store_true")
+    ap.add_argument("--reuse", action="store_true", help="keep the figures of earlier runs of the same commands "
+                    "(benchmarks/work/streaming/state/); run the others")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "streaming")
+    ap.add_argument("--note", default="", help="a line for the report (e.g. what else ran on the machine)")
     args = ap.parse_args()
     from compressor.environment import environment
 
     n = args.images
+    tn = args.training_images or n
     started = time.perf_counter()
-    pool, items = make_pool(max(n, CALIBRATION_SPLIT, SMALL))
+    pool, items = make_pool(max(n, tn, CALIBRATION_SPLIT, SMALL))
     photos = sizes_of(items[:n])
     print(f"photos: {photos}", flush=True)
-    val_n, val_small = min(2000, n // 5), min(2000, SMALL // 5)
+    val_n, val_small = min(2000, tn // 5), min(2000, SMALL // 5)
     folders = {"eval-small": folder(f"eval-{SMALL}", items, CALIBRATION_SPLIT, SMALL),
                "eval-n": folder(f"eval-{n}", items, CALIBRATION_SPLIT, n)}
     if not args.skip_training:
         folders["train-small"] = folder(f"train-{SMALL}", items, SMALL, SMALL)
-        folders["train-n"] = folder(f"train-{n}", items, n, SMALL)
+        folders["train-n"] = folder(f"train-{tn}", items, tn, SMALL)
 
     runs: dict[str, dict[str, Any]] = {}
     recipes = {"evaluation": evaluation_recipe()}
     runs["eval-small"] = run(f"eval-{SMALL}", recipes["evaluation"], folders["eval-small"], args.threads,
-                             CALIBRATION_SPLIT)
-    runs["eval-n"] = run(f"eval-{n}", recipes["evaluation"], folders["eval-n"], args.threads, CALIBRATION_SPLIT)
+                             CALIBRATION_SPLIT, reuse=args.reuse)
+    runs["eval-n"] = run(f"eval-{n}", recipes["evaluation"], folders["eval-n"], args.threads, CALIBRATION_SPLIT,
+                         reuse=args.reuse)
     if not args.skip_training:
         recipes["training-small"], recipes["training-n"] = training_recipe(val_small), training_recipe(val_n)
         runs["train-small"] = run(f"train-{SMALL}", recipes["training-small"], folders["train-small"], args.threads,
-                                  SMALL)
-        runs["train-n"] = run(f"train-{n}", recipes["training-n"], folders["train-n"], args.threads, n)
+                                  SMALL, reuse=args.reuse)
+        runs["train-n"] = run(f"train-{tn}", recipes["training-n"], folders["train-n"], args.threads, tn,
+                              reuse=args.reuse)
     reader = data_path(folders["eval-n"], min(args.data_path_images, n), args.threads)
 
     engine = row(runs["eval-n"]["report"], "openvino-int8")
@@ -377,7 +407,7 @@ def main() -> None:
         f"<= {GOAL_RSS}", e_n <= GOAL_RSS * e_small)
     if not args.skip_training:
         t_small, t_n = runs["train-small"]["peak_rss_mb"], runs["train-n"]["peak_rss_mb"]
-        fig(f"training: peak RSS, {n:,} training images / {SMALL}", f"{t_n / t_small:.3f} ({t_n:.0f} / {t_small:.0f} MB)",
+        fig(f"training: peak RSS, {tn:,} training images / {SMALL}", f"{t_n / t_small:.3f} ({t_n:.0f} / {t_small:.0f} MB)",
             f"<= {GOAL_RSS}", t_n <= GOAL_RSS * t_small)
     cold = reader["decoded by the workers"]
     fig("data path alone, decoding (img/s) / OpenVINO INT8 throughput (img/s, batch 64)",
@@ -395,17 +425,18 @@ def main() -> None:
     if not args.skip_training:
         ft = finetune(runs["train-n"])
         if ft:
-            fig(f"fine-tuning on {n:,} images: share of the steps' time waiting for images",
+            fig(f"fine-tuning on {tn:,} images: share of the steps' time waiting for images",
                 f"{ft['waiting_share']:.3f} ({ft['data_seconds']:.0f} of {ft['seconds']:.0f} s)",
                 f"<= {GOAL_WAIT_SHARE}", ft["waiting_share"] <= GOAL_WAIT_SHARE)
     for k, r in runs.items():
-        fig(f"wall time: {k.replace('-n', f' {n:,}').replace('-small', f' {SMALL}')}", f"{r['seconds']:.0f} s", "", None)
+        size = f" {tn if k.startswith('train') else n:,}"
+        fig(f"wall time: {k.replace('-n', size).replace('-small', f' {SMALL}')}", f"{r['seconds']:.0f} s", "", None)
 
     env = environment(args.threads)
     report = {
         "benchmark": "streaming", "issue": 23, "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "cpu": env["cpu"], "isa_flags": env["isa_flags"], "cores_available": env["cores_available"],
-        "threads": args.threads, "versions": env["versions"], "images": n, "small": SMALL, "size": SIZE,
+        "threads": args.threads, "versions": env["versions"], "images": n, "training_images": tn, "small": SMALL, "size": SIZE,
         "model": str(MODEL), "photos": photos,
         "runs": {k: {kk: v for kk, v in r.items() if kk != "report"} | {
             "results": [{f: x.get(f) for f in ("name", "top1", "agreement", "throughput_ips", "latency_ms")}
@@ -418,6 +449,7 @@ def main() -> None:
                       "engine_throughput_batch": engine.get("throughput_batch"),
                       "source_throughput_ips": source["throughput_ips"]},
         "figures": figures,
+        "note": args.note,
         "recipes": {k: p.read_text() for k, p in recipes.items()},
         "command": "python benchmarks/streaming.py " + " ".join(sys.argv[1:]),
         "seconds": round(time.perf_counter() - started, 1),
@@ -440,6 +472,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"{p['median_width']}x{p['median_height']}, sides {p['min_side']}-{p['max_side']} px, {p['mean_jpeg_kb']} KB "
         f"on average), read at {r['size']}x{r['size']} by MobileNetV2 ({r['model']}). Every run decodes every image: "
         "its decoded-image store and pass cache start empty.", "",
+        *([f"Note: {r['note']}", ""] if r.get("note") else []),
         "## Figures", "", "| figure | value | asked | verdict |", "|---|---|---|---|"]
     lines += [f"| {f['figure']} | {f['value']} | {f['asked'] or '-'} | {verdict(f['passed'])} |" for f in r["figures"]]
     lines += ["", "## Runs", "",
@@ -449,7 +482,7 @@ def markdown(r: dict[str, Any]) -> str:
         a, ft = run.get("accuracy_pass") or {}, run.get("finetune") or {}
         lines.append(f"| {k} | {run['training_images']:,} | {a.get('images', '-')} | {run['peak_rss_mb']:.0f} | "
                      f"{run['seconds']:.0f} | {a.get('images_per_s', '-')} | {a.get('waiting_share', '-')} | "
-                     f"{ft.get('images_per_s', '-')} | {ft.get('waiting_share', '-')} | {run['stores_mb']} |")
+                     f"{ft.get('images_per_s', '-')} | {ft.get('waiting_share', '-')} | {'-' if run['stores_mb'] is None else run['stores_mb']} |")
     d = r["data_path"]
     lines += ["", "## Data path against the engine", "",
               f"The reader alone on {d['images']:,} test images ({d['workers']} decoding workers), preprocessed to "
