@@ -4,9 +4,10 @@ session (batch-1 latency timed in rounds interleaved over every row).
 
 Peers (each library's defaults; see PEERS below for exactly what each one does): PyTorch eager
 FP32, torch.compile FP32, ONNX Runtime FP32, OpenVINO FP32, NNCF PTQ into OpenVINO, ONNX Runtime
-quantize_static, PT2E with the X86InductorQuantizer then torch.compile, and TFLite INT8 (the
-project's tflite target). Ours: every engine of the shipped recipes cpu_targets_side_by_side and
-int8_cpu_openvino, built by the CLI and loaded again here.
+quantize_static, PT2E with the X86InductorQuantizer then torch.compile, TFLite INT8 (the
+project's tflite target) and ExecuTorch INT8 (the project's executorch target). Ours: every engine
+of the shipped recipes cpu_targets_side_by_side and int8_cpu_openvino, built by the CLI and loaded
+again here.
 
 Asked, per model: no peer is both more accurate and faster (batch-1 p50) than our best row, i.e.
 our best lies on the Pareto front of top-1 against batch-1 latency.
@@ -79,6 +80,11 @@ PEERS: dict[str, str] = {
         "the project's tflite target with quantization int8 and its defaults (PT2E with litert-torch's "
         "PT2EQuantizer: per-channel int8 weights, histogram-observed int8 activations, 512 calibration images), "
         "built on the unfused source; LiteRT interpreter on XNNPACK, 2 threads"),
+    "executorch-int8": (
+        "the project's executorch target with quantization int8 and its defaults (torch.export, PT2E with "
+        "ExecuTorch's XNNPACKQuantizer: per-channel symmetric int8 weights, int8 activations, 512 calibration "
+        "images; to_edge_transform_and_lower with XnnpackPartitioner), built on the unfused source; ExecuTorch's "
+        "Python runtime on its XNNPACK delegate, 2 threads"),
 }
 
 
@@ -138,6 +144,7 @@ class PeerBuilder:
             ("ort-quantize-static-int8", self.ort_int8),
             ("pt2e-x86-inductor-int8", self.pt2e_int8),
             ("tflite-int8", self.tflite_int8),
+            ("executorch-int8", self.executorch_int8),
         ):
             say(f"peer {name}: building")
             t0 = time.perf_counter()
@@ -321,14 +328,21 @@ class PeerBuilder:
             "size_note": "bytes of the converted graph's tensor constants (int8 weights, scales)"})
 
     def tflite_int8(self, name: str) -> Any:
+        return self.project_int8(name, "tflite")
+
+    def executorch_int8(self, name: str) -> Any:
+        return self.project_int8(name, "executorch")
+
+    def project_int8(self, name: str, target_name: str) -> Any:
+        """The project's ``target_name`` target with quantization int8 and its defaults."""
         from compressor.evaluate import ResultRow
         from compressor.registry import get_target
 
-        target = get_target("tflite")({"quantization": "int8"})
+        target = get_target(target_name)({"quantization": "int8"})
         engine = target.build(self.artifact, self.work, prefix="peer-", data=self.data)
-        return ResultRow(name, "tflite", engine.precision, target.load(engine, threads=THREADS), engine.size_bytes,
-                       engine=str(engine.path), runtime={"build": {k: engine.info.get(k) for k in
-                                                                   ("route", "export", "calibration_samples")}})
+        return ResultRow(name, target_name, engine.precision, target.load(engine, threads=THREADS),
+                         engine.size_bytes, engine=str(engine.path),
+                         runtime={"build": {k: engine.info.get(k) for k in ("route", "export", "calibration_samples")}})
 
 
 class NoEval:

@@ -54,7 +54,7 @@ class Device:
                 "int8_isa": self.int8_isa}
 
 
-_CPU_TARGETS = ("openvino", "onnxruntime", "tflite")
+_CPU_TARGETS = ("openvino", "onnxruntime", "tflite", "executorch")
 DEVICES: dict[str, Device] = {d.name: d for d in (
     Device("x86-avx2", "x86-64 CPU with AVX2 and no 8-bit dot product (e.g. AMD Zen 2/3, Intel before Cascade Lake)",
            "x86_64", int8_dot_product=False, amx=False, native_bf16=False, targets=_CPU_TARGETS),
@@ -65,7 +65,8 @@ DEVICES: dict[str, Device] = {d.name: d for d in (
     Device("x86-amx", "x86-64 CPU with AMX INT8/BF16 (Intel Sapphire Rapids and later)",
            "x86_64", int8_dot_product=True, amx=True, native_bf16=True, targets=_CPU_TARGETS),
     Device("arm64", "64-bit ARM CPU (phone, Raspberry Pi, Graviton) with the dot-product extension",
-           "arm64", int8_dot_product=True, amx=False, native_bf16=False, targets=("tflite", "onnxruntime")),
+           "arm64", int8_dot_product=True, amx=False, native_bf16=False,
+           targets=("tflite", "executorch", "onnxruntime")),
     Device("jetson-orin", "NVIDIA Jetson Orin (TensorRT on its GPU; ONNX Runtime on its ARM cores)",
            "arm64", int8_dot_product=True, amx=False, native_bf16=False, targets=("tensorrt", "onnxruntime")),
 )}

@@ -10,7 +10,10 @@ from functools import lru_cache
 from typing import Any
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
-LIBRARIES = ("compressor", "torch", "torchvision", "onnx", "onnxruntime", "onnxslim", "openvino", "nncf", "numpy")
+LIBRARIES = ("compressor", "torch", "torchvision", "onnx", "onnxruntime", "onnxslim", "openvino", "nncf", "numpy",
+             "executorch")
+"""the versions a report records; an optional one that is not installed is left out (a baseline made
+before it was listed then still reads as the same environment)"""
 
 
 @lru_cache(maxsize=1)
@@ -92,5 +95,5 @@ def environment(threads: int) -> dict[str, Any]:
         "threads": threads,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "versions": library_versions(LIBRARIES),
+        "versions": {k: v for k, v in library_versions(LIBRARIES).items() if v != "absent"},
     }

@@ -80,8 +80,21 @@ def test_registered_with_config_and_data_needs(tiny, tmp_path):
         ExecuTorchTarget(quantization="none", max_drop=1.0)
     with pytest.raises((ConfigError, TargetError), match="calibration data"):
         ExecuTorchTarget().build(tiny, tmp_path)
-    labels = [label for label, _ in ExecuTorchTarget.tune_candidates()]
-    assert labels == ["executorch FP32", "executorch INT8"]
+    for c in ExecuTorchTarget.tune_candidates(0.5):  # every config tune would build is valid
+        ExecuTorchTarget(c["config"])
+
+
+def test_tune_and_devices_take_it():
+    from compressor.devices import DEVICES, resolve
+    from compressor.tune import search_space
+
+    assert all("executorch" in DEVICES[d].targets for d in ("x86-avx2", "x86-avx512-vnni", "x86-amx", "arm64"))
+    cands, _ = search_space(resolve("arm64"), "torch", 0.5, ("executorch",))
+    assert [(c.name, c.precision) for c in cands] == [("et_fp32", "fp32"), ("et_int8", "int8"),
+                                                      ("et_int8_budget", "int8")]
+    assert cands[2].target_step == {"executorch": {"quantization": "int8", "max_drop": 0.5}}
+    cands, left = search_space(resolve("x86-avx2"), "onnx", 0.5, ("executorch",))
+    assert not cands and "takes a torch model" in left[0]["why"]
 
 
 def test_fp32_engine_equals_eager(engines, eval_set):

@@ -32,7 +32,6 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -117,15 +116,25 @@ class ExecuTorchTarget(Target):
         try:
             backends = Runtime.get().backend_registry.registered_backend_names
         except Exception as exc:
-            return Availability(False, f"the ExecuTorch runtime does not start: {type(exc).__name__}: {first_line(exc)}")
+            return Availability(False, f"the ExecuTorch runtime does not start: {type(exc).__name__}: "
+                                       f"{first_line(exc)}")
         if "XnnpackBackend" not in backends:
-            return Availability(False, f"this ExecuTorch runtime has no XNNPACK backend (it has: {', '.join(backends)})")
+            return Availability(False, f"this ExecuTorch runtime has no XNNPACK backend (it has: "
+                                       f"{', '.join(backends)})")
         return Availability(True, f"executorch {installed_version('executorch')} runtime, XNNPACK delegate")
 
     @classmethod
-    def tune_candidates(cls) -> list[tuple[str, dict[str, Any]]]:
-        """The engines ``compress tune`` tries for this target: (label, config)."""
-        return [("executorch FP32", {"quantization": "none"}), ("executorch INT8", {"quantization": "int8"})]
+    def tune_candidates(cls, max_drop: float) -> list[dict[str, Any]]:
+        """The engines ``compress tune`` tries for this target, cheapest first: its branch name,
+        precision, description and target config."""
+        return [
+            {"name": "et_fp32", "precision": "fp32", "what": "ExecuTorch FP32 (XNNPACK)",
+             "config": {"quantization": "none"}},
+            {"name": "et_int8", "precision": "int8", "what": "ExecuTorch INT8 (PT2E, XNNPACKQuantizer)",
+             "config": {"quantization": "int8"}},
+            {"name": "et_int8_budget", "precision": "int8", "what": f"ExecuTorch INT8, sensitive layers kept in float "
+             f"(max_drop {max_drop} on validation images)", "config": {"quantization": "int8", "max_drop": max_drop}},
+        ]
 
     def engine_precision(self, artifact: ModelArtifact) -> str:
         return artifact.precision if self.config.quantization == "none" else "int8"
@@ -225,9 +234,10 @@ class ExecuTorchTarget(Target):
 
     def _within_budget(self, module: Any, capture: Capture, x: np.ndarray, plain: Any, info: dict[str, Any],
                        artifact: ModelArtifact, data: Any, tmp_dir: Path) -> Any:
-        """max_drop: :func:`keep_float_search` with ExecuTorch programs; engine.json gets ``accuracy_budget``."""
+        """max_drop: :func:`compressor.fidelity.budget.keep_float_search` (the budget loop the tflite target
+        runs too) with ExecuTorch programs; engine.json gets ``accuracy_budget``."""
         from ..environment import default_threads
-        from ..passes._ptq.accuracy_budget import make_budget
+        from ..fidelity.budget import keep_float_search, make_budget
 
         cfg = self.config
         budget = make_budget(data, artifact, max_drop=cfg.max_drop, confidence=cfg.confidence,
@@ -237,12 +247,12 @@ class ExecuTorchTarget(Target):
         work = Path(tempfile.mkdtemp(prefix=".budget-", dir=tmp_dir))
         count = iter(range(10**6))
 
-        def build(keep: tuple[str, ...]) -> Candidate:
+        def build(keep: tuple[str, ...]) -> Built:
             graph = plain if not keep else self._quantize(capture, x, artifact, keep_float=keep)
             lowered = self._lower(graph, capture, artifact)
             path = work / f"try{next(count)}.pte"
             path.write_bytes(lowered.pte)
-            return Candidate(graph, path, lowered)
+            return Built(graph, path, lowered)
 
         try:
             best, block = keep_float_search(
@@ -296,7 +306,7 @@ class Lowered:
 
 
 @dataclass
-class Candidate:
+class Built:
     """One program a budget search tried: its graph, .pte file and lowering."""
 
     graph: Any
@@ -546,7 +556,8 @@ class ExecuTorchTapper(Tapper):
         got = {}
         for name, i in zip(self.plan.layers, self._index):
             scale, zero = self._scales.get(name, (None, 0.0))
-            got[name] = outs[i] if scale is None else (outs[i].astype(np.float32) - np.float32(zero)) * np.float32(scale)
+            value = outs[i]
+            got[name] = value if scale is None else (value.astype(np.float32) - np.float32(zero)) * np.float32(scale)
         return got
 
     def close(self) -> None:
@@ -558,86 +569,3 @@ def _input_shape(program: Any) -> tuple[int, ...]:
     spec = next(s for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT")
     node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == spec.arg.name)
     return tuple(int(d) for d in node.meta["val"].shape[1:])
-
-
-# ---------------------------------------------------------------------- the budget loop
-
-
-def keep_float_search(budget: Any, module: Any, build: Callable[[tuple[str, ...]], Any], *,
-                      runner: Callable[[Any], Runner], tapper: Callable[[Any, list[LayerInfo]], Tapper],
-                      method: str, runtime: str) -> tuple[Any, dict[str, Any]]:
-    """An accuracy budget met by keeping layers in float: ``build(keep)`` makes a candidate with the
-    modules ``keep`` unquantized (``()``: plain INT8), ``runner(candidate)`` runs it, ``tapper(candidate,
-    reference layers)`` taps it. Plain INT8 first; where it misses, the layers are ranked by the SQNR
-    each one loses against the float model (``module``'s taps, on validation images), and the top 1,
-    2, ... layers are kept until the drop holds or ``budget.max_kept_layers`` is reached. Returns the
-    best candidate and the ``accuracy_budget`` block. Backend-neutral: any target with a keep-float build."""
-    import torch
-
-    from ..fidelity.explain import LayerStats, lowest_sqnr
-    from ..passes._ptq.accuracy_budget import latency_costs, metrics_block, try_row
-    from ..fidelity.torch_tapper import TorchTapper
-
-    def runs(candidate: Any) -> Callable[[np.ndarray], np.ndarray]:
-        def run(x: np.ndarray) -> np.ndarray:
-            r = runner(candidate)
-            try:
-                return np.concatenate([r(x[i : i + 64]) for i in range(0, len(x), 64)])
-            finally:
-                r.close()
-        return run
-
-    def float_logits(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return np.concatenate([module(torch.from_numpy(x[i : i + 64])).numpy() for i in range(0, len(x), 64)])
-
-    budget.set_reference(float_logits)
-    plain = build(())
-    plain_verdict = budget.verdict(runs(plain))
-    best, best_verdict, kept, tries, ranking = plain, plain_verdict, [], [], []
-    ref = TorchTapper(module)
-    modules = {layer.name: layer.modules or (layer.name,) for layer in ref.layers}
-    if not budget.holds(plain_verdict):
-        tap = tapper(plain, ref.layers)
-        try:
-            xs = budget.x[:64]
-            want, got = ref(xs), tap(xs)
-        finally:
-            tap.close()
-        prev = 60.0
-        for name in ref.plan.layers:
-            if name not in got:
-                continue
-            acc = LayerStats()
-            acc.add(want[name], got[name], None)
-            low = lowest_sqnr(acc.result(None))
-            low = 99.0 if low is None else low
-            ranking.append({"layer": name, "sqnr_db": round(low, 2), "loss_db": round(max(0.0, prev - low), 2)})
-            prev = min(prev, low)
-        ranking.sort(key=lambda r: -r["loss_db"])
-        for k in range(1, min(budget.max_kept_layers, len(ranking)) + 1):
-            layers = [r["layer"] for r in ranking[:k]]
-            candidate = build(tuple(m for layer in layers for m in modules.get(layer, (layer,))))
-            found = budget.verdict(runs(candidate))
-            tries.append(try_row(found, kept=layers, int8_top1=budget.reference_top1 - found.point))
-            if found.point < best_verdict.point or (found.point == best_verdict.point and not kept) \
-                    or budget.holds(found):
-                best, best_verdict, kept = candidate, found, layers
-            if budget.holds(found):
-                break
-    plain_verdict = budget.current(plain_verdict, runs(plain))
-    best_verdict = budget.current(best_verdict, runs(best))
-    rows = [{"node": layer, "source_module": layer, "op_type": "conv/linear", "latency_cost_ms": None}
-            for layer in kept]
-    extra: dict[str, Any] = {"ranking": ranking}
-    if kept and budget.layer_latency:
-        variants = {}
-        for layer in kept:
-            others = tuple(m for other in kept if other != layer for m in modules.get(other, (other,)))
-            variants[layer] = runner(build(others) if others else plain)
-        final_p50, costs = latency_costs(runner(best), variants, budget.x[:1])
-        for r in rows:
-            r["latency_cost_ms"] = round(costs[r["node"]], 4)
-        extra["latency_ms"] = {"budgeted": round(final_p50, 4), "runtime": runtime, "threads": budget.threads}
-    return best, metrics_block(budget, method=method, plain=plain_verdict, final=best_verdict, kept=rows,
-                               tries=tries, **extra)
