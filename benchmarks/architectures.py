@@ -83,6 +83,13 @@ COMPARISONS = {  # transformers only: the same backends with other settings
 
 # ---------------------------------------------------------------------- models
 
+def build_label(arch: str, vit: str) -> str:
+    """The display name of an architecture (build_model's)."""
+    if arch != "vit":
+        return arch
+    return "vit_b_16" if vit == "b16" else "vit (4 layers, 6 heads, 384 wide)"
+
+
 def build_model(arch: str, vit: str, bn_images: Any) -> tuple[Any, str]:
     """The seeded random model and its display name."""
     import torch
@@ -91,13 +98,14 @@ def build_model(arch: str, vit: str, bn_images: Any) -> tuple[Any, str]:
     torch.manual_seed(0)
     if arch == "vit":
         if vit == "b16":
-            model, label = torchvision.models.vit_b_16(weights=None, num_classes=NUM_CLASSES), "vit_b_16"
+            model = torchvision.models.vit_b_16(weights=None, num_classes=NUM_CLASSES)
         else:
             from torchvision.models.vision_transformer import VisionTransformer
 
-            model, label = VisionTransformer(**SMALL_VIT, num_classes=NUM_CLASSES), "vit (4 layers, 6 heads, 384 wide)"
+            model = VisionTransformer(**SMALL_VIT, num_classes=NUM_CLASSES)
     else:
-        model, label = torchvision.models.get_model(arch, weights=None, num_classes=NUM_CLASSES), arch
+        model = torchvision.models.get_model(arch, weights=None, num_classes=NUM_CLASSES)
+    label = build_label(arch, vit)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2 and not p.any():  # ViT's head: zero logits otherwise
@@ -226,6 +234,34 @@ def run_arch(arch: str, args: argparse.Namespace, bn_images: Any) -> dict[str, A
             "explain": explained, "compare": args.compare,
             "explain_error": None if code == 0 else line, "dropped": dropped,
             "run_seconds": round(run_seconds), "seconds": round(time.perf_counter() - started)}
+
+
+def reused(arch: str, args: argparse.Namespace, bn_images: Any) -> dict[str, Any] | None:
+    """``--reuse``: the result of an architecture whose run and explanation an earlier invocation finished
+    (work/ARCH/run/report.json and explain.json newer than work/ARCH/model.pt), with its MACs and noise SQNR
+    computed again from the saved model; None where there is none."""
+    import torch
+
+    d = WORK / arch
+    out = d / "run"
+    model_file, report_file, explain_file = d / "model.pt", out / "report.json", out / "explain.json"
+    if not (model_file.is_file() and report_file.is_file()):
+        return None
+    if report_file.stat().st_mtime < model_file.stat().st_mtime:
+        return None
+    explain_done = explain_file.is_file() and explain_file.stat().st_mtime >= report_file.stat().st_mtime
+    model = torch.load(model_file, weights_only=False)
+    _, names = recipe(arch, args, set())
+    kept = re.findall(r"^  - name: (\S+)", (d / "recipe.yaml").read_text(), flags=re.M)
+    label = build_label(arch, args.vit)
+    seconds = round(max(report_file.stat().st_mtime, explain_file.stat().st_mtime if explain_done else 0)
+                    - model_file.stat().st_mtime)
+    return {"arch": arch, "label": label, "macs": count_macs(model), "noise_sqnr_db": noise_sqnr(model, bn_images[:8]),
+            "report": json.loads(report_file.read_text()),
+            "explain": json.loads(explain_file.read_text()) if explain_done else None, "compare": args.compare,
+            "explain_error": None if explain_done else "no explanation kept", "reused": True,
+            "dropped": {n: "left out (its failing line was not kept)" for n in names if n not in kept},
+            "run_seconds": round(report_file.stat().st_mtime - model_file.stat().st_mtime), "seconds": seconds}
 
 
 def noise_sqnr(model: Any, images: Any, snr_db: float = 40.0) -> float:
@@ -424,6 +460,8 @@ def main() -> int:
     parser.add_argument("--sensitivity", action="store_true", help="explain's per-quantizer ranking (slow at 224)")
     parser.add_argument("--no-compare", dest="compare", action="store_false",
                         help="transformers: leave out the CNN-default and SmoothQuant-off branches")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take an architecture's finished run and explanation from work/ (runs the others)")
     parser.add_argument("--keep-cache", action="store_true",
                         help="reuse the pass outputs of the previous run of this benchmark (same settings)")
     parser.add_argument("--smoke", action="store_true",
@@ -446,11 +484,11 @@ def main() -> int:
     results = []
     for arch in archs:
         print(f"== {arch}", flush=True)
-        results.append(run_arch(arch, args, bn_images))
+        results.append((args.reuse and reused(arch, args, bn_images)) or run_arch(arch, args, bn_images))
     rows = [r for res in results for r in rows_of(res)]
     architectures = []
     for res in results:
-        entry = {k: res.get(k) for k in ("arch", "label", "seconds", "run_seconds", "noise_sqnr_db", "dropped",
+        entry = {k: res.get(k) for k in ("arch", "label", "seconds", "run_seconds", "noise_sqnr_db", "dropped", "reused",
                                          "explain_error")}
         entry["gmacs"] = round(res["macs"] / 1e9, 2) if res.get("macs") else None
         if "report" in res:
