@@ -32,14 +32,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ...bound import (DEFAULT_CONFIDENCE, IMAGES_CAP, DropBound, images_cap, paired, planned_images, too_few_line,
-                      verdict_fields)
+from ...fidelity.budget import LEAST_IMAGES, make_budget  # noqa: F401 - quantize_ptq's, through here
+from ...fidelity.budget import Budget, Candidate, keep_float_loop, latency_costs, metrics_block
 from ...fidelity.metrics import nmse
 from ...fidelity.naming import ONNX_LAYER_OPS as LAYER_OPS
 from ...fidelity.naming import ONNX_PASS_THROUGH as PASS_THROUGH
@@ -47,174 +46,6 @@ from ...fidelity.naming import module_name
 
 log = logging.getLogger(__name__)
 RANKING_IMAGES = 256
-
-
-@dataclass
-class Budget:
-    """The validation images (preprocessed), their labels, the float model's per-image correctness
-    on them, and the limits of the search. ``load(count)`` gives ``count`` validation images and
-    labels (None: the set cannot grow); ``available`` how many the split holds."""
-
-    max_drop: float
-    x: np.ndarray
-    labels: np.ndarray
-    max_kept_layers: int
-    threads: int
-    layer_latency: bool = True
-    confidence: float = DEFAULT_CONFIDENCE
-    load: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None
-    available: int = 0
-    reference: Callable[[np.ndarray], np.ndarray] | None = None
-    reference_correct: np.ndarray | None = None
-    grown_from: int | None = None
-    too_few: str | None = None
-    """where the images the budget may use cannot prove it even with no disagreement: the line that says so"""
-    where: str = "training split, images not used for calibration"
-    """where the validation images come from (data.validation), in words"""
-
-    def top1(self, logits: np.ndarray) -> float:
-        return 100.0 * float((np.asarray(logits).argmax(1) == self.labels).mean())
-
-    def set_reference(self, run: Callable[[np.ndarray], np.ndarray]) -> float:
-        """The float model (``run``: images to logits) every verdict is paired with; its top-1."""
-        self.reference = run
-        self.reference_correct = np.asarray(run(self.x)).argmax(1) == self.labels
-        return self.reference_top1
-
-    @property
-    def reference_top1(self) -> float:
-        assert self.reference_correct is not None, "set_reference first"
-        return 100.0 * float(self.reference_correct.mean())
-
-    def judge(self, logits: np.ndarray) -> DropBound:
-        """The drop of a model with these ``logits`` (on ``x``) against the float model's, with its bound."""
-        assert self.reference_correct is not None, "set_reference first"
-        return paired(self.reference_correct, np.asarray(logits).argmax(1) == self.labels,
-                      confidence=self.confidence, budget=self.max_drop)
-
-    def verdict(self, run: Callable[[np.ndarray], np.ndarray]) -> DropBound:
-        """:meth:`judge` of the model ``run``; where its bound misses only for lack of images and the
-        split has more, on a validation set grown to what the bound needs (then the float model too)."""
-        found = self.judge(run(self.x))
-        if found.short_of_images() and self._grow(found):
-            found = self.judge(run(self.x))
-        return found
-
-    def holds(self, verdict: DropBound) -> bool:
-        return bool(verdict.met)
-
-    def current(self, verdict: DropBound, run: Callable[[np.ndarray], np.ndarray]) -> DropBound:
-        """``verdict`` of the model ``run``, judged again if the validation set grew since."""
-        return verdict if verdict.images == len(self.labels) else self.judge(run(self.x))
-
-    def _grow(self, found: DropBound) -> bool:
-        cap = images_cap(self.x[0].nbytes) if isinstance(self.x, np.ndarray) and len(self.x) else IMAGES_CAP
-        count = planned_images(self.max_drop, self.confidence, self.available, cap=cap,
-                               disagreement=(found.lost + found.gained) / found.images, point=found.point)
-        if self.load is None or self.reference is None or count <= len(self.labels):
-            return False
-        log.info("accuracy budget: %s misses max_drop %.2f for lack of images: validating on %d images",
-                 found.describe(), self.max_drop, count)
-        self.grown_from = self.grown_from or len(self.labels)
-        self.x, self.labels = self.load(count)
-        self.set_reference(self.reference)
-        return True
-
-
-LEAST_IMAGES = 500
-"""the fewest validation images a budget starts from when ``validation_samples`` is not given"""
-
-
-def make_budget(data: Any, artifact: Any, *, max_drop: float, confidence: float, validation_samples: int | None,
-                calibrated: int | None, max_kept_layers: int, threads: int, layer_latency: bool,
-                what: str) -> Budget:
-    """The budget of a pass or target (``what``) and its first validation images (training split,
-    not calibration images): ``validation_samples`` of them, fixed, or (None) what the bound needs
-    with no disagreement (at least LEAST_IMAGES), grown by :meth:`Budget.verdict` where a setting's
-    bound needs more. Logs one line where the split cannot prove the budget even with no disagreement."""
-    from ...streaming import in_memory
-
-    size = tuple(artifact.input_spec.sample_shape[1:])
-    available = data.validation_available(calibrated=calibrated)
-
-    def load(count: int) -> tuple[Any, np.ndarray]:
-        # streamed (an ImageSet sliced like an array: its first pass writes a decoded-image store that the
-        # next ones read), or an array where they are few
-        images = data.validation_images(size, artifact.preprocessing, count, calibrated=calibrated)
-        return in_memory(images.preprocessed(artifact.preprocessing)), images.labels
-
-    cap = IMAGES_CAP  # streamed: no memory bound on the count
-    first = validation_samples or planned_images(max_drop, confidence, available, least=LEAST_IMAGES, cap=cap)
-    x, labels = load(first)
-    budget = Budget(max_drop=max_drop, x=x, labels=labels, max_kept_layers=max_kept_layers, threads=threads,
-                    layer_latency=layer_latency, confidence=confidence,
-                    load=None if validation_samples else load, available=available)
-    reach = len(labels) if validation_samples else min(available, cap)
-    budget.too_few = too_few_line(what, max_drop, confidence, reach)
-    if hasattr(data, "validation_where"):
-        budget.where = data.validation_where(calibrated)
-    if budget.too_few:
-        log.warning("%s", budget.too_few)
-    return budget
-
-
-def metrics_block(budget: Budget, *, method: str, plain: DropBound, final: DropBound, kept: list[dict[str, Any]], tries: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    """The ``accuracy_budget`` block of the pass metrics (report.json passes[].metrics): the point
-    drop (``drop``), its upper bound (``drop_bound``) at ``confidence``, and ``met`` by the bound.
-    ``plain`` and ``final`` are judged on the final validation set."""
-    met = budget.holds(final)
-    if not met:
-        log.warning("quantize_ptq: no setting met max_drop %.2f points at %.0f%% confidence: best validation %s "
-                    "(%d layers kept in float)%s", budget.max_drop, 100 * budget.confidence, final.describe(),
-                    len(kept), _needed(final))
-    float_top1 = budget.reference_top1
-    return {
-        "max_drop": budget.max_drop,
-        "validation_images": len(budget.labels),
-        **({"validation_images_first": budget.grown_from} if budget.grown_from else {}),
-        "validation_split": budget.where,
-        "method": method,
-        "float_top1": float_top1,
-        "int8_top1_plain": float_top1 - plain.point,
-        "int8_top1": float_top1 - final.point,
-        "drop_plain": plain.point,
-        "drop_plain_bound": round(plain.bound, 4),
-        "drop": final.point,
-        "met": met,
-        **verdict_fields(final),
-        **({"too_few_images": budget.too_few} if budget.too_few else {}),
-        "kept_in_float": [k["node"] for k in kept],
-        "kept_layers": kept,
-        "tries": tries,
-        **extra,
-    }
-
-
-def _needed(verdict: DropBound) -> str:
-    return (f"; {verdict.needed()} validation images would prove it at this disagreement"
-            if verdict.short_of_images() else "")
-
-
-def try_row(verdict: DropBound, **fields: Any) -> dict[str, Any]:
-    """One try of a search: what it kept and its verdict (the point drop, its bound, the images)."""
-    return {**fields, "drop": verdict.point, "drop_bound": round(verdict.bound, 4), "images": verdict.images,
-            "met": bool(verdict.met)}
-
-
-def latency_costs(final: Any, variants: dict[str, Any], sample: np.ndarray) -> tuple[float, dict[str, float]]:
-    """Batch-1 p50 latency (ms) of ``final`` and, for each kept layer, what keeping it costs: the
-    final model's p50 less that of ``variants[layer]`` (the same model with that layer in INT8),
-    timed in interleaved rounds. Closes the runners."""
-    from ...evaluate import EvaluationConfig, latency
-
-    cfg = EvaluationConfig(warmup=5, latency_runs=60, latency_min_seconds=0.4, latency_rounds=4)
-    runners = [final, *variants.values()]
-    try:
-        p50 = [float(np.median(s)) for s in latency(runners, sample, cfg)]
-    finally:
-        for r in runners:
-            r.close()
-    return p50[0], {name: p50[0] - p for name, p in zip(variants, p50[1:])}
 
 
 # ---------------------------------------------------------------------- ONNX (onnxruntime, tensorrt)
@@ -465,10 +296,7 @@ def search_onnx(float_path: Path, plain_path: Path, budget: Budget, requantize: 
     budget.set_reference(run(float_path))
     plain = budget.verdict(run(plain_path))
     paths = FloatPaths(onnx.load(str(float_path), load_external_data=False))
-    chosen: tuple[DropBound, Path, list[str], list[str]] = (plain, plain_path, [], [])
-    tries: list[dict[str, Any]] = []
     ranking: list[tuple[str, float]] = []
-    scores: dict[str, float] = {}  # the output NMSE with each chosen node in float, when it was chosen
     made: dict[tuple[str, ...], tuple[Path, list[str]]] = {(): (plain_path, [])}
     owners_seen: dict[str, list[str]] = {}
 
@@ -493,28 +321,17 @@ def search_onnx(float_path: Path, plain_path: Path, budget: Budget, requantize: 
 
     if not budget.holds(plain):
         ranking = rank_layers(plain_path, float_path, budget)
-        ranked = list(ranking)
-        layers, base_drop = [], plain.point
-        while ranked and len(layers) < budget.max_kept_layers:
-            node, scores[node] = ranked.pop(0)
-            layers = [*layers, node]
-            path, excluded = build(layers, f"try-{len(layers)}")
-            found = budget.verdict(run(path))
-            met = budget.holds(found)
-            tries.append(try_row(found, kept=layers, excluded_nodes=excluded,
-                                 int8_top1=budget.reference_top1 - found.point))
-            log.info("accuracy budget: %d nodes in float (%s): validation %s", len(layers), ", ".join(layers),
-                     found.describe())
-            if found.point < chosen[0].point or met:
-                chosen = (found, path, layers, excluded)
-            if met:
-                break
-            if base_drop - found.point < 0.5 * (base_drop - budget.max_drop):
-                # less than half the way: other layers spoil it too; rank the rest on this model
-                ranked = rank_layers(path, float_path, budget, skip=excluded)
-            base_drop = min(base_drop, found.point)
-    best, path, layers, excluded = chosen
-    plain, best = budget.current(plain, run(plain_path)), budget.current(best, run(path))
+
+    def candidate(layers: list[str]) -> Candidate:
+        path, excluded = build(layers, f"try-{len(layers)}")
+        return Candidate((path, excluded), run(path), {"excluded_nodes": excluded})
+
+    found = keep_float_loop(budget, Candidate((plain_path, []), run(plain_path)), plain, ranking, candidate,
+                            rerank=lambda c: rank_layers(c.model[0], float_path, budget, skip=c.model[1]),
+                            noun="nodes")
+    (path, excluded), layers, scores = found.best.model, found.kept, found.scores
+    plain, best = budget.current(plain, run(plain_path)), budget.current(found.verdict, run(path))
+    tries = found.tries
 
     latencies: dict[str, float] = {}
     extra: dict[str, Any] = {}

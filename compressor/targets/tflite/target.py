@@ -246,14 +246,16 @@ class TFLiteTarget(Target):
 
     def _within_budget(self, module: Any, sample: Any, x: np.ndarray, content: bytes, info: dict[str, Any],
                        artifact: ModelArtifact, data: Any, tmp_dir: Path) -> bytes:
-        """max_drop on the PT2E path: rank the layers by the SQNR each one loses against the float
-        model (taps on validation images), then convert again with the top 1, 2, ... layers (their
-        batch norm and activation, and the pooling / reshaping after them) left unannotated, so
-        they run in float, until the validation drop holds. The metrics go to engine.json's
-        ``accuracy_budget`` (the run fails its acceptance when ``met`` is false)."""
+        """max_drop on the PT2E path, through the one budget loop (:func:`compressor.fidelity.budget.keep_float_search`):
+        rank the layers by the SQNR each one loses against the float model (taps on validation images),
+        then convert again with the top 1, 2, ... layers (their batch norm and activation, and the
+        pooling / reshaping after them) left unannotated, so they run in float, until the validation
+        drop holds. The metrics go to engine.json's ``accuracy_budget`` (the run fails its acceptance
+        when ``met`` is false)."""
+        import shutil
+
         from ...environment import default_threads
-        from ...passes._ptq.accuracy_budget import latency_costs, make_budget, metrics_block, try_row
-        from ...fidelity.torch_tapper import TorchTapper
+        from ...fidelity.budget import keep_float_search, make_budget
 
         cfg = self.config
         budget = make_budget(data, artifact, max_drop=cfg.max_drop, confidence=cfg.confidence,
@@ -262,88 +264,22 @@ class TFLiteTarget(Target):
                              layer_latency=cfg.kept_layer_latency, what=self.step)
         work = tmp_dir / ".budget"
         work.mkdir()
+        count = iter(range(10**6))
 
-        def saved(blob: bytes, tag: str) -> Path:
-            path = work / f"{tag}.tflite"
+        def build(keep: tuple[str, ...]) -> Path:
+            blob = self._convert_pt2e(module, sample, x, {}, artifact, keep_float=keep) if keep else content
+            path = work / f"try{next(count)}.tflite"
             path.write_bytes(blob)
             return path
 
-        def runs(blob: bytes, tag: str) -> Any:
-            path = saved(blob, tag)
-
-            def run(x: np.ndarray) -> np.ndarray:
-                runner = TFLiteRunner(path, threads=budget.threads)
-                try:
-                    return np.concatenate([runner(x[i : i + 64]) for i in range(0, len(x), 64)])
-                finally:
-                    runner.close()
-
-            return run
-
-        import torch
-
-        def float_logits(x: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                return np.concatenate([module(torch.from_numpy(x[i : i + 64])).numpy() for i in range(0, len(x), 64)])
-
-        budget.set_reference(float_logits)
-        plain = budget.verdict(runs(content, "plain"))
-        best, best_verdict, kept, tries = content, plain, [], []
-        ranking: list[dict[str, Any]] = []
-        if not budget.holds(plain):
-            ref = TorchTapper(module)
-            tap = TFLiteTapper(saved(content, "plain"), ref.layers, threads=budget.threads)
-            xs = budget.x[:64]
-            want, got = ref(xs), tap(xs)
-            from ...fidelity.explain import LayerStats, lowest_sqnr
-
-            prev = 60.0
-            for name in ref.plan.layers:
-                if name not in got:
-                    continue
-                acc = LayerStats()
-                acc.add(want[name], got[name], None)
-                low = lowest_sqnr(acc.result(None))
-                low = 99.0 if low is None else low
-                ranking.append({"layer": name, "sqnr_db": round(low, 2), "loss_db": round(max(0.0, prev - low), 2)})
-                prev = min(prev, low)
-            ranking.sort(key=lambda r: -r["loss_db"])
-            modules = {layer.name: layer.modules for layer in ref.layers}
-            for k in range(1, min(cfg.max_kept_layers, len(ranking)) + 1):
-                layers = [r["layer"] for r in ranking[:k]]
-                keep = tuple(m for layer in layers for m in modules.get(layer, (layer,)))
-                blob = self._convert_pt2e(module, sample, x, {}, artifact, keep_float=keep)
-                found = budget.verdict(runs(blob, f"keep{k}"))
-                tries.append(try_row(found, kept=layers, int8_top1=budget.reference_top1 - found.point))
-                if found.point < best_verdict.point or (found.point == best_verdict.point and not kept) \
-                        or budget.holds(found):
-                    best, best_verdict, kept = blob, found, layers
-                if budget.holds(found):
-                    break
-        plain, best_verdict = budget.current(plain, runs(content, "plain")), budget.current(best_verdict,
-                                                                                           runs(best, "best"))
-        rows = [{"node": layer, "source_module": layer, "op_type": "CONV_2D/FULLY_CONNECTED", "latency_cost_ms": None}
-                for layer in kept]
-        extra: dict[str, Any] = {"ranking": ranking}
-        if kept and budget.layer_latency:
-            variants = {}
-            for layer in kept:
-                others = tuple(m for other in kept if other != layer for m in modules.get(other, (other,)))
-                blob = self._convert_pt2e(module, sample, x, {}, artifact, keep_float=others) if others else content
-                variants[layer] = TFLiteRunner(saved(blob, f"without-{layer}"), threads=budget.threads)
-            final_p50, costs = latency_costs(TFLiteRunner(saved(best, "final"), threads=budget.threads), variants,
-                                             budget.x[:1])
-            for r in rows:
-                r["latency_cost_ms"] = round(costs[r["node"]], 4)
-            extra["latency_ms"] = {"budgeted": round(final_p50, 4), "runtime": "tflite (XNNPACK)",
-                                   "threads": budget.threads}
-        info["accuracy_budget"] = metrics_block(budget, method="per-layer SQNR loss ranking, layers left "
-                                                "unannotated in PT2E", plain=plain, final=best_verdict, kept=rows,
-                                                tries=tries, **extra)
-        import shutil
-
+        best, info["accuracy_budget"] = keep_float_search(
+            budget, module, build, runner=lambda path: TFLiteRunner(path, threads=budget.threads),
+            tapper=lambda path, ref: TFLiteTapper(path, ref, threads=budget.threads),
+            method="per-layer SQNR loss ranking, layers left unannotated in PT2E", runtime="tflite (XNNPACK)",
+            op_type="CONV_2D/FULLY_CONNECTED")
+        content = best.read_bytes()
         shutil.rmtree(work, ignore_errors=True)
-        return best
+        return content
 
     def _captures(self, module: Any, sample: Any, x: np.ndarray, errors: list[str]) -> Iterator[tuple[Any, str, int]]:
         """torch.export captures of the module for PT2E, best first: strict if possible (it records
