@@ -27,11 +27,14 @@ and the data movement after them run in float) until the validation drop holds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -404,19 +407,43 @@ def _runtime() -> Any:
     return Runtime.get()
 
 
+_POOL_LOCK = threading.Lock()
+_RUNNING = [0]
+"""calls executing now, in any runner: the pool is resized only while none is (resizing it under a
+running call is what makes the reset "unsafe")"""
+
+
 def set_threads(threads: int) -> int:
-    """Size ExecuTorch's process-wide thread pool (XNNPACK's workers) to ``threads``; the size it has."""
+    """Size ExecuTorch's process-wide thread pool (XNNPACK's workers) to ``threads`` where no call is
+    running; the size it has."""
+    with _running(threads) as size:
+        return size
+
+
+@contextlib.contextmanager
+def _running(threads: int) -> Iterator[int]:
+    """One call on ExecuTorch's process-wide thread pool, sized to ``threads`` first where no other call
+    is running; yields the pool's size."""
     from executorch.extension.pybindings import portable_lib
 
-    if portable_lib._threadpool_get_thread_count() != threads:
-        portable_lib._unsafe_reset_threadpool(threads)
-    return int(portable_lib._threadpool_get_thread_count())
+    with _POOL_LOCK:
+        if _RUNNING[0] == 0 and portable_lib._threadpool_get_thread_count() != threads:
+            portable_lib._unsafe_reset_threadpool(threads)
+        _RUNNING[0] += 1
+        size = int(portable_lib._threadpool_get_thread_count())
+    try:
+        yield size
+    finally:
+        with _POOL_LOCK:
+            _RUNNING[0] -= 1
 
 
 class ExecuTorchRunner(Runner):
     """One loaded ``forward`` method of a .pte; float NCHW batches in, float logits out. Batches above
     the program's capacity (its planned batch bound) are run in slices. ExecuTorch's thread pool is
-    one per process: the runner sets it to ``threads`` before each call where another runner changed it."""
+    one per process: each call sizes it to ``threads`` first where another runner changed it and no
+    call is running (runners called at once, as serving's N in flight, share it: ``runtime_info``
+    says the size it had at the last call)."""
 
     def __init__(self, path: Path | bytes, *, threads: int, pad: bool = False) -> None:
         self.name = "executorch"
@@ -436,15 +463,14 @@ class ExecuTorchRunner(Runner):
         """Every output of the program for ``x`` (sliced to the capacity and joined)."""
         import torch
 
-        if self.pool != self.threads or not _pool_is(self.threads):
-            self.pool = set_threads(self.threads)
         x = np.ascontiguousarray(x, dtype=np.float32)
         parts = []
         for i in range(0, len(x), self.capacity):
             part = x[i : i + self.capacity]
             if self.pad and len(part) < self.capacity:
                 part = np.concatenate([part, np.zeros((self.capacity - len(part), *part.shape[1:]), np.float32)])
-            outs = self.method.execute([torch.from_numpy(part)])
+            with _running(self.threads) as self.pool:
+                outs = self.method.execute([torch.from_numpy(part)])
             parts.append([o.numpy()[: len(x) - i] for o in outs])  # execute clones its outputs
         return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
 
@@ -460,12 +486,6 @@ class ExecuTorchRunner(Runner):
     def close(self) -> None:
         self.method = None
         self._program = None
-
-
-def _pool_is(threads: int) -> bool:
-    from executorch.extension.pybindings import portable_lib
-
-    return portable_lib._threadpool_get_thread_count() == threads
 
 
 # ---------------------------------------------------------------------- taps
