@@ -115,7 +115,7 @@ def run(model: Path | None, recipe: str, out: Path | None, overwrite: bool, arch
     options = JobOptions(out_dir=out, arch=arch, num_classes=num_classes, trust_model=trust_model,
                          data_root=data_root, threads=threads, eval_limit=eval_limit, cache_dir=cache_dir,
                          use_cache=not no_cache, require_targets=require_targets, overwrite=overwrite,
-                         hooks=hooks, device=device)
+                         hooks=hooks, device_profile=device)
     job = run_job(model, rec, rec_path, options)
     if not job.report:  # a non-first process of a torchrun job: the first one reports
         return job.exit_code
@@ -364,7 +364,7 @@ def tune(model: Path, data_root: str, max_drop: float, device: str | None, budge
     options = JobOptions(out_dir=out or Path("compress-out") / f"{model.stem}-tune", arch=arch,
                          num_classes=num_classes, trust_model=trust_model, data_root=data_root, threads=threads,
                          eval_limit=eval_limit, cache_dir=cache_dir, use_cache=not no_cache, overwrite=overwrite,
-                         device=device,
+                         device_profile=device,
                          hooks=[] if quiet else [ProgressHook()])
     command = "compress tune " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["tune"] else "compress tune"
     summary, out_dir, code = run_tune(model, options, max_drop=max_drop, device_name=device, budget_min=budget_min,

@@ -45,7 +45,7 @@ class JobOptions:
     cache_dir: Path | None = None
     use_cache: bool = True
     require_targets: bool = False
-    device: str | None = None  # --device: overrides the recipe's device
+    device_profile: str | None = None  # --device: the device profile the engines are for; overrides the recipe's device
     overwrite: bool = False  # replace a previous run's output directory
     hooks: list[Hook] = field(default_factory=list)
     extra_files: list[Path] = field(default_factory=list)  # copied into the output beside the report
@@ -135,8 +135,8 @@ def plan_job(model_path: Path, recipe: Recipe, recipe_path: Path | None, options
     hooks = [LoggingHook(), timing, *options.hooks] if rank == 0 else [LoggingHook()]
     pipeline = Pipeline(recipe.build_passes(), targets, baselines=recipe.build_targets("baselines"),
                         branches=recipe.build_branches(), hooks=hooks, cache=cache, seed=recipe.seed,
-                        device=resolve_device(options.device or recipe.device))
-    check_device_targets(options.device or recipe.device, pipeline.all_targets())
+                        device=resolve_device(options.device_profile or recipe.device))
+    check_device_targets(options.device_profile or recipe.device, pipeline.all_targets())
     pipeline.check(guess_form(model_path))  # fail fast, before loading anything heavy
     pipeline.check_data(recipe.data is not None or options.data_root is not None)
     if options.require_targets:
@@ -222,7 +222,7 @@ def run_and_write(plan: JobPlan, artifact: Any, data: DataBundle | None) -> JobR
                 outputs=sorted([*(p.name for p in staging.iterdir()), "report.json", "report.md"]),
                 built_in=staging,
                 published_as=out_dir,
-                device=describe_device(plan.options.device or plan.recipe.device),
+                device=describe_device(plan.options.device_profile or plan.recipe.device),
             )
             if plan.recipe_path is not None:
                 report["recipe_path"] = str(plan.recipe_path)  # compress explain resolves the data from there

@@ -72,15 +72,15 @@ def test_an_engine_for_a_device_is_the_same_bytes_on_any_build_host(backend, mod
 
 
 def test_the_device_keys_the_pass_cache(model_files, digits):
-    from compressor.pipeline import PassCache
+    from compressor.pass_cache import PassCache
 
     art = load_model(model_files["onnx"])
     p = get_pass("quantize_ptq")(backend="onnxruntime")
     cache = PassCache(Path("/nonexistent"))
-    assert cache.key(p, art, digits, device=resolve("x86-avx2")) != cache.key(p, art, digits, device=resolve("x86-amx"))
+    avx2, amx = resolve("x86-avx2"), resolve("x86-amx")
+    assert cache.key(p, art, digits, device_profile=avx2) != cache.key(p, art, digits, device_profile=amx)
     fuse = get_pass("fuse")()
-    assert cache.key(fuse, art, digits, device=resolve("x86-avx2")) == cache.key(fuse, art, digits,
-                                                                               device=resolve("x86-amx"))
+    assert cache.key(fuse, art, digits, device_profile=avx2) == cache.key(fuse, art, digits, device_profile=amx)
 
 
 def test_bf16_is_not_built_for_a_device_without_it(model_files, tmp_path, monkeypatch):
