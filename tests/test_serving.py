@@ -99,6 +99,9 @@ def test_a_run_serves_every_engine(served_run):
     ov = next(r for r in rows.values() if r["target"] == "openvino")
     assert ov["async"]["optimal_infer_requests"] in {w["in_flight"] for w in ov["async"]["sweep"]}
     assert ov["referee"]["benchmark_app_fps"] > 0 and ov["referee"]["ours_fps"] > 0, ov["referee"]
+    rounds = ov["referee"]["rounds"]  # alternating rounds; the figures are their medians
+    assert len(rounds) == 3 and all(x["ours_fps"] > 0 and x["benchmark_app_fps"] > 0 for x in rounds)
+    assert ov["referee"]["ours_fps"] == sorted(x["ours_fps"] for x in rounds)[1]
     assert ov["memory"]["unshared_mb"] >= ov["memory"]["in_flight_mb"]
     from compressor.serving import opencv_available
 
