@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -57,9 +58,11 @@ def _explain_rows(run: Path) -> dict[str, str]:
     return out
 
 
-def _run(cmd: list[str]) -> None:
+def _run(cmd: list[str], work: Path) -> None:
     print("+", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # this checkout's own pass cache and decoded-image store: nothing reused from the other checkout's runs
+    env = {**os.environ, "COMPRESSOR_CACHE_DIR": str(work / "cache"), "COMPRESSOR_DATA_DIR": str(work / "data")}
+    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     if proc.returncode not in (0, 1):  # 1: an acceptance limit missed, the engines are still there
         sys.exit(f"{cmd[1]} failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
 
@@ -67,12 +70,12 @@ def _run(cmd: list[str]) -> None:
 def build(work: Path, threads: int) -> dict:
     cache = work / "cache"
     demo, side = work / "demo", work / "side"
-    _run([str(COMPRESS), "demo", "--out", str(demo), "--threads", str(threads), "-q"])
+    _run([str(COMPRESS), "demo", "--out", str(demo), "--threads", str(threads), "-q"], work)
     _run([str(COMPRESS), "run", str(MODEL), "--recipe", str(RECIPE), "--trust-model", "--out", str(side),
-          "--eval-limit", "500", "--no-cache", "--cache-dir", str(cache), "--threads", str(threads), "-q"])
+          "--eval-limit", "500", "--no-cache", "--cache-dir", str(cache), "--threads", str(threads), "-q"], work)
     # --overwrite: a run that misses an acceptance limit has explained its engines already
     _run([str(COMPRESS), "explain", str(side), "--trust-model", "--threads", str(threads), "--cache-dir", str(cache),
-          "--overwrite"])
+          "--overwrite"], work)
     return {"cpu": _cpu(), "demo": {"engines": _engines(demo)},
             "cpu_targets_side_by_side": {"engines": _engines(side), "explain_rows": _explain_rows(side)}}
 
