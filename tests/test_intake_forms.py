@@ -49,6 +49,7 @@ EXPECT: dict[str, dict[str, str | None]] = {
     "cpu_targets_side_by_side": {"onnx": ONNX_IN},
     "demo_digits": {"onnx": ONNX_IN},
     "int8_cpu_openvino": {"onnx": ONNX_IN},
+    "int8_executorch": {"onnx": ONNX_IN},
     "int8_jetson": {"onnx": ONNX_IN},
     "int8_mobile_tflite": {"onnx": "target 'tflite' cannot take an onnx model"},
     "mobilenetv2_distill_resnet50": {"onnx": ONNX_IN, "exported": EXPORTED_IN, "torchscript": TS_TRAIN},
