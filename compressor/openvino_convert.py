@@ -16,7 +16,9 @@ def to_openvino_model(artifact: ModelArtifact) -> Any:
     import openvino as ov
 
     if artifact.form is Form.OPENVINO:
-        return ov.Core().read_model(str(artifact.path))
+        from .ov_core import core
+
+        return core().read_model(str(artifact.path))
     if artifact.form is Form.ONNX:
         model = ov.convert_model(str(artifact.path))
     else:

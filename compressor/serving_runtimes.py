@@ -308,8 +308,10 @@ class OpenVINOBackend(Backend):
         super().__init__(engine, threads=threads, input_shape=input_shape)
         import openvino as ov
 
+        from .ov_core import core
+
         self._ov = ov
-        self.core = ov.Core()
+        self.core = core()
         self.device = self.target.config.device
         self.precision_hint = self.target.config.precision_hint
         self._compiled: dict[tuple[int, str], Any] = {}

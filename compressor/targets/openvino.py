@@ -19,6 +19,7 @@ import numpy as np
 from ..artifact import Form, ModelArtifact
 from ..fidelity.naming import OV_MODULE, onnx_layer_name
 from ..fidelity.tapper import LayerInfo, Logits, Quantizer, TapPlan, Tapper
+from ..ov_core import core
 from ..openvino_convert import canonical_names, to_openvino_model
 from ..registry import register_target
 from ..target_base import Availability, Engine, Runner, Target, TargetConfig
@@ -49,7 +50,7 @@ class OpenVINOTarget(Target):
             import openvino as ov
         except ImportError as exc:
             return Availability(False, f"openvino is not installed ({exc})")
-        devices = ov.Core().available_devices
+        devices = core().available_devices
         if "CPU" not in devices:
             return Availability(False, f"no OpenVINO CPU device (devices: {devices})")
         return Availability(True, "OpenVINO CPU plugin")
@@ -89,11 +90,10 @@ class OpenVINOTarget(Target):
         else:
             ov.save_model(canonical_names(to_openvino_model(artifact)), str(xml),
                           compress_to_fp16=self.config.compress_to_fp16)
-        core = ov.Core()
         info = {
             "runtime_build": {
-                "device_name": core.get_property(self.config.device, "FULL_DEVICE_NAME"),
-                "optimization_capabilities": list(core.get_property(self.config.device, "OPTIMIZATION_CAPABILITIES")),
+                "device_name": core().get_property(self.config.device, "FULL_DEVICE_NAME"),
+                "optimization_capabilities": list(core().get_property(self.config.device, "OPTIMIZATION_CAPABILITIES")),
             }
         }
         return [xml, xml.with_suffix(".bin")], info
@@ -119,10 +119,8 @@ class OVRunner(Runner):
 
     def __init__(self, xml: Path, *, threads: int, device: str = "CPU", precision_hint: str | None = "f32") -> None:
         """``precision_hint`` None: OpenVINO's own default for the CPU (bf16 where it has AMX/AVX512-BF16)."""
-        import openvino as ov
-
         self.name = "openvino"
-        self.core = ov.Core()
+        self.core = core()
         self.xml = xml
         self.threads = threads
         self.device = device
@@ -226,12 +224,10 @@ class OpenVINOTapper(Tapper):
     can_bypass = True
 
     def __init__(self, xml: Path, *, threads: int, precision_hint: str = "f32", reference: list[LayerInfo] = ()) -> None:
-        import openvino as ov
-
         # a conv whose batch norm OpenVINO folded in may carry the batch norm's module name
         alias = {m: layer.name for layer in reference for m in layer.modules}
 
-        self.core = ov.Core()
+        self.core = core()
         self.xml = Path(xml)
         self.threads = threads
         self.config = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": precision_hint}

@@ -17,6 +17,7 @@ from ...hooks import library_output
 from ...openvino_convert import canonical_names, to_openvino_model
 from ...pass_base import PassResult
 from ...fidelity.naming import module_name
+from ...ov_core import core as ov_core, kept_signal_stack
 from .._nncf import nncf_quantize_arguments
 from . import accuracy_budget, transformer
 from .accuracy_budget import Budget
@@ -53,7 +54,8 @@ def quantize(artifact: ModelArtifact, x: np.ndarray, config: QuantizePTQConfig, 
     )
     extra: dict[str, Any] = {}
     alphas = transformer.nncf_smooth_quant_candidates(config)
-    with library_output("NNCF"):  # its progress bars: only with -v
+    # NNCF compiles through Cores of its own: the thread's signal stack is fenced (ov_core)
+    with library_output("NNCF"), kept_signal_stack():  # its progress bars: only with -v
         built: dict[float | None, Any] = {}
         if len(alphas) > 1:  # smooth_quant auto: where it helps
             built, extra["smooth_quant_choice"] = _smooth_quant_choice(model, dataset, x, config, arguments, ignored,
@@ -87,7 +89,7 @@ def _smooth_quant_choice(model: Any, dataset: Any, x: Any, config: QuantizePTQCo
 
     from ...fidelity.metrics import sqnr_db
 
-    core = ov.Core()
+    core = ov_core()
     xs = np.asarray(x[: transformer.CHOICE_IMAGES], dtype=np.float32)
 
     def logits(m: Any) -> np.ndarray:
@@ -297,7 +299,7 @@ def _within_budget(model: Any, dataset: Any, budget: Budget, config: QuantizePTQ
             quantized, final, final_xml = again, second, again_xml
     plain = budget.judge(_runs(plain_xml, budget.threads)(budget.x))
     final = budget.current(final, _runs(final_xml, budget.threads))
-    core = ov.Core()
+    core = ov_core()
     plain_layers = quantized_layers(core.read_model(str(plain_xml)))
     reverted = [name for name in plain_layers if name not in quantized_layers(quantized)]
     if not budget.holds(final) and plain.point < final.point:  # NNCF's last step made it worse
