@@ -17,7 +17,7 @@ from typing import Any, Callable
 from pydantic import ValidationError
 
 from .artifact import Form, InputSpec, ModelArtifact, Preprocessing, require_file
-from .errors import ModelLoadError, first_line, validation_message
+from .errors import ModelLoadError, TargetError, first_line, validation_message
 from .preprocessing import describe as describe_geometry
 from .preprocessing import output_size, size_problem
 
@@ -498,3 +498,14 @@ def torchscript_to_export(module: Any, sample: Any) -> Any:
     # batch, and PT2E calibrates in batches
     frozen = torch.jit.freeze(module.eval())
     return plain_graph_module(TS2EPConverter(frozen, (sample,)).convert().module())
+
+
+def torchscript_for_target(target: str, module: Any, sample: Any) -> Any:
+    """:func:`torchscript_to_export` for a target that converts only torch.export programs, its
+    failure said as that target's (TargetError)."""
+    try:
+        return torchscript_to_export(module, sample)
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        raise TargetError(f"{target}: the TorchScript model cannot be converted to a torch.export program "
+                          f"(the target converts only those): {reason}; give an nn.Module or a .pt2 instead") from exc

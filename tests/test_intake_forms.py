@@ -162,7 +162,10 @@ def _check(name: str, form: str, models: dict[str, Path], tmp_path: Path, capsys
             problems.append(f"{form}: a refused run left {out_dir}")
         return problems
     if code != 0:
-        return [*problems, f"{form}: run exits {code}: {err[-800:]!r}"]
+        written = out_dir / "report.json"
+        said = json.loads(written.read_text()) if written.exists() else {}
+        return [*problems, f"{form}: run exits {code}: {err[-800:]!r}; failures {said.get('failures')}, "
+                           f"acceptance {said.get('acceptance')}"]
     report = json.loads((out_dir / "report.json").read_text())
     shape, source = (SHAPE, "model") if form in ("exported", "onnx") else (DIGITS_SHAPE, "data")
     if report["model_input"] != {"shape": shape, "source": source}:

@@ -48,6 +48,7 @@ from ..data import preprocess
 from ..environment import installed_version
 from ..errors import TargetError, first_line
 from ..fidelity.tapper import LayerInfo, Quantizer, TapPlan, Tapper
+from ..intake import torchscript_for_target
 from ..registry import register_target
 from ..target_base import Availability, Engine, Runner, Target, TargetConfig
 
@@ -148,9 +149,9 @@ class ExecuTorchTarget(Target):
 
         cfg = self.config
         module = eval_mode(artifact.torch_module())
-        if isinstance(module, torch.jit.ScriptModule):
-            raise TargetError(f"{self.step}: target 'executorch' lowers torch.export programs: a TorchScript model "
-                              "cannot be captured; give an nn.Module or a .pt2 instead")
+        if isinstance(module, torch.jit.ScriptModule):  # torch.export captures modules: TorchScript converted first
+            sample = torch.zeros(artifact.input_spec.with_batch(1), dtype=torch.float32)
+            module = torchscript_for_target("executorch", module, sample)
         info: dict[str, Any] = {"quantization": cfg.quantization}
         started = time.perf_counter()
         if cfg.quantization == "int8":

@@ -21,7 +21,7 @@ from ...data import preprocess
 from ...environment import installed_version
 from ...errors import TargetError, first_line
 from ...fidelity.tapper import LayerInfo, Tapper
-from ...intake import torchscript_to_export
+from ...intake import torchscript_for_target
 from ...registry import register_target
 from ...target_base import Availability, Engine, Runner, Target, TargetConfig
 from .flatbuffer import float_io, flatbuffer_summary
@@ -159,7 +159,7 @@ class TFLiteTarget(Target):
         module = eval_mode(artifact.torch_module())
         sample = torch.zeros(artifact.input_spec.with_batch(1), dtype=torch.float32)
         if isinstance(module, torch.jit.ScriptModule):  # litert-torch converts via torch.export: no TorchScript
-            module = _from_torchscript(module, sample)
+            module = torchscript_for_target("tflite", module, sample)
         path = tmp_dir / "model.tflite"
         info: dict[str, Any] = {"quantization": cfg.quantization, "input_shape": list(sample.shape)}
         started = time.perf_counter()
@@ -356,16 +356,6 @@ class TFLiteTarget(Target):
 
     def tapper(self, engine: Engine, reference: list[LayerInfo], *, threads: int) -> Tapper:
         return TFLiteTapper(engine.path, reference, threads=threads)
-
-
-def _from_torchscript(module: Any, sample: Any) -> Any:
-    """:func:`compressor.intake.torchscript_to_export`, its failure said as this target's."""
-    try:
-        return torchscript_to_export(module, sample)
-    except Exception as exc:
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        raise TargetError(f"tflite: the TorchScript model cannot be converted to a torch.export program "
-                          f"(litert-torch converts only those): {reason}; give an nn.Module or a .pt2 instead") from exc
 
 
 def unsupported_op(exc: BaseException) -> str | None:
