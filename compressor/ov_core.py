@@ -32,6 +32,7 @@ class _Stack(ctypes.Structure):
     _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
 
 
+@functools.lru_cache(maxsize=None)
 def _libc() -> Any:
     if not sys.platform.startswith("linux"):
         return None
