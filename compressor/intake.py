@@ -384,9 +384,9 @@ def _forward_zeros(artifact: ModelArtifact, batch: int) -> Any:
 
     shape = artifact.input_spec.with_batch(batch)
     if artifact.form is Form.ONNX:
-        import onnxruntime as ort
+        from .ort_session import cpu_session
 
-        sess = ort.InferenceSession(str(artifact.path), providers=["CPUExecutionProvider"])
+        sess = cpu_session(artifact.path)
         return sess.run(None, {sess.get_inputs()[0].name: np.zeros(shape, np.float32)})[0]
     import torch
 

@@ -18,6 +18,7 @@ from ..artifact import Form, ModelArtifact
 from ..environment import widest_int8_isa
 from ..fidelity.naming import OnnxGraph
 from ..fidelity.tapper import LayerInfo, Logits, Tapper
+from ..ort_session import cpu_session, session_options
 from ..registry import register_target
 from ..target_base import Availability, Engine, Runner, Target, TargetConfig
 
@@ -80,9 +81,7 @@ class OrtRunner(Runner):
         self.name = "onnxruntime"
         self.threads = threads
         self._optimized = Path(tempfile.mkdtemp(prefix="ort-")) / "optimized.onnx"
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
+        opts = session_options(threads)
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         # the workers spin while a run is on, and stop when it returns: a pool still spinning after
         # its run would take the cores from whatever runs next (another engine timed in the session,
@@ -95,7 +94,7 @@ class OrtRunner(Runner):
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[graph_optimization]
         opts.optimized_model_filepath = str(self._optimized)
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(path, opts)
         self.input_name = self.session.get_inputs()[0].name
         batch = self.session.get_inputs()[0].shape[0]
         self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None  # e.g. a fixed-batch torch.export
@@ -133,16 +132,6 @@ class OrtRunner(Runner):
 
 # ----------------------------------------------------------------------------- taps
 
-def _ort_session(proto: Any, threads: int) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-
 class OnnxTapper(Tapper):
     """Taps an ONNX graph on ONNX Runtime: the taps (:class:`compressor.fidelity.naming.OnnxGraph`) as
     extra graph outputs; a quantized tap is read as its QuantizeLinear's integer output (so ORT's QDQ
@@ -156,7 +145,7 @@ class OnnxTapper(Tapper):
         self.threads = threads
         self.graph = OnnxGraph(onnx.load(str(path)))
         self.plan = self.graph.plan
-        self.session = _ort_session(self.graph.tapped(), threads)
+        self.session = cpu_session(self.graph.tapped().SerializeToString(), session_options(threads))
         self.input = self.session.get_inputs()[0].name
         batch = self.session.get_inputs()[0].shape[0]
         self.fixed = batch if isinstance(batch, int) and batch > 0 else None
@@ -179,5 +168,6 @@ class OnnxTapper(Tapper):
         return got
 
     def bypassed(self, layer: str) -> Logits:
-        session = _ort_session(self.graph.without_quantizer(layer), self.threads)
+        session = cpu_session(self.graph.without_quantizer(layer).SerializeToString(),
+                              session_options(self.threads))
         return lambda x: np.concatenate([p[0] for p in self._run(session, x)])

@@ -53,13 +53,9 @@ RANKING_IMAGES = 256
 
 def ort_logits(model: str | Path | bytes, x: np.ndarray, threads: int, batch: int = 64) -> np.ndarray:
     """Logits of an ONNX model (a file or serialized bytes) on ONNX Runtime's CPU provider."""
-    import onnxruntime as ort
+    from ...ort_session import cpu_session, session_options
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts,
-                                providers=["CPUExecutionProvider"])
+    sess = cpu_session(model, session_options(threads))
     name = sess.get_inputs()[0].name
     fixed = sess.get_inputs()[0].shape[0]
     step = fixed if isinstance(fixed, int) and fixed > 0 else batch
