@@ -126,8 +126,11 @@ class Target(ABC):
             )
 
     def requires_data(self) -> bool:
-        """Whether building with this config reads the recipe's data. Override where the config decides."""
-        return type(self).needs_data
+        """Whether building with this config reads the recipe's data: ``needs_data``, and where the config
+        has a ``quantization`` field (the mobile targets), only for full-integer ``int8`` (the one that
+        calibrates activation ranges). Override where the config decides otherwise."""
+        quantization = getattr(self.config, "quantization", None)
+        return type(self).needs_data and (quantization is None or quantization == "int8")
 
     def engine_precision(self, artifact: ModelArtifact) -> str:
         """The precision of the engine built from ``artifact`` (the artifact's, unless the target quantizes)."""

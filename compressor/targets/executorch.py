@@ -104,10 +104,7 @@ class ExecuTorchTarget(Target):
     consumes = frozenset({Form.TORCH, Form.EXPORTED})
     libraries = ("executorch", "torchao")
     needs_data = True
-    """the default (int8) calibrates on the recipe's data; instances set it from their config"""
-
-    def requires_data(self) -> bool:
-        return self.config.quantization == "int8"
+    """int8 (the default) calibrates on the recipe's data; Target.requires_data reads the config"""
 
     @classmethod
     def availability(cls) -> Availability:

@@ -127,10 +127,7 @@ class TFLiteTarget(Target):
     """an ExportedProgram converts as the module it unpacks to; TorchScript through torch.export's converter"""
     libraries = ("litert-torch", "ai-edge-litert", "ai-edge-quantizer", "torchao")
     needs_data = True
-    """the default (int8) calibrates on the recipe's data; instances set it from their config"""
-
-    def requires_data(self) -> bool:
-        return self.config.quantization == "int8"
+    """full-integer int8, the default, calibrates; fp16 and dynamic_int8 need no data (Target.requires_data)"""
 
     @classmethod
     def availability(cls) -> Availability:
