@@ -374,11 +374,11 @@ def worst_layer(entry: dict[str, Any]) -> dict[str, Any] | None:
     if v.get("first_below"):
         f = v["first_below"]
         return {"name": f["name"], "why": f"first layer below {v['threshold_db']:g} dB "
-                                          f"(SQNR {_fmt(f.get('sqnr_db'))}, channel {_fmt(f.get('channel_sqnr_db'))})"}
+                                          f"(SQNR {fmt_value(f.get('sqnr_db'))}, channel {fmt_value(f.get('channel_sqnr_db'))})"}
     layers = [layer for layer in entry.get("layers", []) if lowest_sqnr(layer) is not None]
     if layers and entry.get("precision") not in ("fp32", "fp16"):
         w = min(layers, key=lowest_sqnr)
-        return {"name": w["name"], "why": f"lowest SQNR ({_fmt(lowest_sqnr(w))} dB)"}
+        return {"name": w["name"], "why": f"lowest SQNR ({fmt_value(lowest_sqnr(w))} dB)"}
     return None
 
 
@@ -405,7 +405,7 @@ def _disagreements(engines: dict[str, Any], cfg: ExplainConfig) -> list[dict[str
     return out
 
 
-def _fmt(v: Any, digits: int = 1) -> str:
+def fmt_value(v: Any, digits: int = 1) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 

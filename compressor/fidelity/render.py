@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .explain import Explanation, _fmt, lowest_sqnr, worst_layer
+from .explain import Explanation, fmt_value, lowest_sqnr, worst_layer
 
 EXPLAIN_FILES = ("explain.json", "explain.md", "explain.png")
 
@@ -22,7 +22,7 @@ def render_markdown(data: dict[str, Any], *, heading: str = "##", limit: int = 1
             lines.append(f"| {s['step']} | {s['kind']} | {s.get('form', '')} | {s['status']} | | |")
         else:
             lines.append(f"| {s['step']} | {s['kind']} | {s.get('form', '')} | {s['top1']:.2f} | {s['agreement']:.2f} "
-                         f"| {_fmt(s['output_sqnr_db'])} |")
+                         f"| {fmt_value(s['output_sqnr_db'])} |")
     lines.append("")
     for name, e in data["engines"].items():
         lines += [f"{h}# {name}", ""]
@@ -30,7 +30,7 @@ def render_markdown(data: dict[str, Any], *, heading: str = "##", limit: int = 1
             lines += [e["status"], ""]
             continue
         w = worst_layer(e)
-        lines.append(f"output SQNR {_fmt(e.get('output_sqnr_db'))} dB; layers against {e.get('reference', 'source')}"
+        lines.append(f"output SQNR {fmt_value(e.get('output_sqnr_db'))} dB; layers against {e.get('reference', 'source')}"
                      + (f"; worst: **{w['name']}** ({w['why']})" if w else ""))
         if e.get("taps"):
             lines.append(f"taps: {e['taps']}")
@@ -47,9 +47,9 @@ def render_markdown(data: dict[str, Any], *, heading: str = "##", limit: int = 1
         for layer in layers[:limit]:
             s = sens.get(layer["name"])
             outside = layer.get("outside_share")
-            lines.append(f"| {layer['name']} | {_fmt(layer.get('sqnr_db'))} | {_fmt(layer.get('channel_sqnr_db'))} | "
-                         f"{_fmt(layer.get('cosine'), 4)} | {_fmt(layer.get('max_abs_err'), 3)} | "
-                         f"{'-' if outside is None else f'{100 * outside:.2f}'} | {'-' if s is None else _fmt(s['gain_db'])} |")
+            lines.append(f"| {layer['name']} | {fmt_value(layer.get('sqnr_db'))} | {fmt_value(layer.get('channel_sqnr_db'))} | "
+                         f"{fmt_value(layer.get('cosine'), 4)} | {fmt_value(layer.get('max_abs_err'), 3)} | "
+                         f"{'-' if outside is None else f'{100 * outside:.2f}'} | {'-' if s is None else fmt_value(s['gain_db'])} |")
         rest = len(layers) - limit
         if rest > 0:
             lines.append(f"| ({rest} more in explain.json) | | | | | | |")
@@ -71,8 +71,8 @@ def render_markdown(data: dict[str, Any], *, heading: str = "##", limit: int = 1
             a, b = d["engines"]
             f = d["first"]
             lines.append(f"- {a} and {b} ({d['precision']}): {d['layers']} layer(s) more than "
-                         f"{data['config']['disagreement_db']:g} dB apart, first {f['name']} ({_fmt(f[a])} against "
-                         f"{_fmt(f[b])} dB)")
+                         f"{data['config']['disagreement_db']:g} dB apart, first {f['name']} ({fmt_value(f[a])} against "
+                         f"{fmt_value(f[b])} dB)")
         lines.append("")
     return "\n".join(lines)
 
