@@ -132,6 +132,33 @@ def model_files(trained_tiny, tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+def open_digits(samples: int = 32, limit: int | None = None):
+    """scikit-learn's bundled digits as a data source: ``samples`` calibration images, the evaluation
+    split cut to ``limit`` images where given."""
+    from compressor.data import DataConfig, open_data
+
+    return open_data(DataConfig(source="digits", calibration={"samples": samples},
+                                **({"evaluation": {"limit": limit}} if limit else {})))
+
+
+@pytest.fixture(scope="module")
+def tiny(model_files):
+    """The trained tiny CNN loaded through the intake (the pickled form), once per test module."""
+    from compressor.intake import load_model
+
+    return load_model(model_files["pickle"], trust=True)
+
+
+def tiny_eval_set(tiny, digits, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The digits evaluation images preprocessed for ``tiny`` (the first ``limit``), their labels, and
+    the tiny model's own logits on them (the reference an engine is compared with)."""
+    images, labels = digits.evaluation_set((16, 16), "RGB")
+    x = preprocess(images, tiny.preprocessing)[:limit]
+    with torch.inference_mode():
+        ref = tiny.torch_module()(torch.from_numpy(x)).numpy()
+    return x, labels[:limit], ref
+
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     """train/ and test/ with 3 classes of 12x12 PNGs whose colour tells the class."""

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from compressor import Form, get_target
-from compressor.data import DataConfig, open_data, preprocess
 from compressor.errors import ConfigError, TargetError
 from compressor.intake import load_model
+
+from .conftest import open_digits, tiny_eval_set
 
 try:  # the target's own availability check says what to install
     from compressor.targets.executorch import ExecuTorchTarget
@@ -34,21 +35,12 @@ IMAGES = 200
 
 @pytest.fixture(scope="module")
 def digits():
-    return open_data(DataConfig(source="digits", calibration={"samples": 64}))
-
-
-@pytest.fixture(scope="module")
-def tiny(model_files):
-    return load_model(model_files["pickle"], trust=True)
+    return open_digits(64)
 
 
 @pytest.fixture(scope="module")
 def eval_set(tiny, digits):
-    images, labels = digits.evaluation_set((16, 16), "RGB")
-    x = preprocess(images, tiny.preprocessing)[:IMAGES]
-    with torch.inference_mode():
-        ref = tiny.torch_module()(torch.from_numpy(x)).numpy()
-    return x, labels[:IMAGES], ref
+    return tiny_eval_set(tiny, digits, IMAGES)
 
 
 @pytest.fixture(scope="module")

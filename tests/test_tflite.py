@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from compressor import Form, Pipeline, get_target
-from compressor.data import DataConfig, open_data, preprocess
 from compressor.errors import ConfigError, TargetError
-from compressor.intake import load_model
+
+from .conftest import open_digits, tiny_eval_set
 
 try:  # the target's own availability check says what to install
     from compressor.targets.tflite import TFLiteTarget
@@ -28,21 +28,12 @@ pytestmark = pytest.mark.skipif(_AVAIL is None or not _AVAIL.ok, reason=f"litert
 
 @pytest.fixture(scope="module")
 def digits():
-    return open_data(DataConfig(source="digits", calibration={"samples": 64}))
-
-
-@pytest.fixture(scope="module")
-def tiny(model_files):
-    return load_model(model_files["pickle"], trust=True)
+    return open_digits(64)
 
 
 @pytest.fixture(scope="module")
 def eval_set(tiny, digits):
-    images, labels = digits.evaluation_set((16, 16), "RGB")
-    x = preprocess(images, tiny.preprocessing)
-    with torch.inference_mode():
-        ref = tiny.torch_module()(torch.from_numpy(x)).numpy()
-    return x, labels, ref
+    return tiny_eval_set(tiny, digits, None)
 
 
 @pytest.fixture(scope="module")
