@@ -114,3 +114,18 @@ def publish(name: str, report: dict, figures: list[dict], sections: list[str] | 
 
 def figure(name: str, value: float, asked: str, passed: bool, unit: str = "") -> dict:
     return {"figure": name, "value": f"{value:.3f}{unit}", "asked": asked, "passed": bool(passed)}
+
+
+def monitored(cores: int, work):
+    """Run ``work()`` with the machine's load watched before and during it: (result, seconds, load summary)."""
+    import time
+
+    from compressor.machine_load import LoadMonitor
+
+    load = LoadMonitor(cores=cores)
+    load.before()
+    started = time.perf_counter()
+    result = work()
+    seconds = time.perf_counter() - started
+    load.during()
+    return result, seconds, load.summary()

@@ -7,6 +7,8 @@ kind), it says file by file what is byte-identical and what is not.
     python benchmarks/identity.py --out benchmarks/results/identity/before.json     # before the refactor
     python benchmarks/identity.py --against benchmarks/results/identity/before.json  # after it
 
+Engine files are compared byte for byte; an engine.json (the build's record) less the wall-clock
+times it holds (keys ending in ``seconds``), which differ between two builds of one commit.
 Every run gets a fresh pass cache (--no-cache) so nothing is reused from the other checkout. Timing
 figures are not compared (only bytes); the evaluation is limited to 500 test images to save time (it
 does not touch the engines). The CPU is named: engines may differ across ISAs by design (ONNX
@@ -44,9 +46,25 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _timeless(doc: object) -> object:
+    """``doc`` without the wall-clock figures a build records (keys ending in ``seconds``, e.g. TFLite's
+    ``convert_seconds``): they differ from one build to the next of the same code."""
+    if isinstance(doc, dict):
+        return {k: _timeless(v) for k, v in doc.items() if not str(k).endswith("seconds")}
+    if isinstance(doc, list):
+        return [_timeless(v) for v in doc]
+    return doc
+
+
 def _engines(run: Path) -> dict[str, str]:
+    """SHA-256 of every engine file; an engine.json's of its content less the build's wall-clock times."""
     root = run / "engines"
-    return {str(p.relative_to(run)): _sha(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(run))] = (_sha(p) if p.name != "engine.json" else hashlib.sha256(
+                json.dumps(_timeless(json.loads(p.read_text())), sort_keys=True).encode()).hexdigest())
+    return out
 
 
 def _explain_rows(run: Path) -> dict[str, str]:

@@ -21,18 +21,16 @@ import json
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-from _common import HERE, SHARED, require_modules, run_compress, write_text
+from _common import HERE, SHARED, monitored, require_modules, run_compress, write_text
 
 require_modules("litert_torch", "ai_edge_litert", "modelopt", "openvino", "onnxruntime")
 
 from compressor.environment import environment  # noqa: E402
 from compressor.evaluate import EvaluationConfig, latency, paced_latency  # noqa: E402
 from compressor.job import engines_of_run  # noqa: E402
-from compressor.machine_load import LoadMonitor  # noqa: E402
 
 MODELS = {"resnet50": "resnet50_cifar10.pt", "mobilenetv2": "mobilenet_v2_cifar10.pt"}
 COPIED = {"tflite-int8": "model.tflite", "ortq-onnxruntime-int8": "model.onnx"}
@@ -55,18 +53,12 @@ def one_session(engines: list, copies: dict[str, Path], x: np.ndarray, cfg: Eval
                            builder=e.builder)
             runners.append(e.builder.load(copy, threads=2))
             names.append(e.name + " (copy)")
-    load = LoadMonitor(cores=2)
     try:
-        load.before()
-        started = time.perf_counter()
-        loop = latency(runners, x, cfg)
-        paced = paced_latency(runners, x, cfg)
-        seconds = time.perf_counter() - started
-        load.during()
+        (loop, paced), seconds, load = monitored(2, lambda: (latency(runners, x, cfg), paced_latency(runners, x, cfg)))
     finally:
         for r in runners:
             r.close()
-    return {"seconds": round(seconds, 1), "load": load.summary(),
+    return {"seconds": round(seconds, 1), "load": load,
             "loop_p50_ms": {n: float(np.median(s)) for n, s in zip(names, loop)},
             "paced_p50_ms": {n: float(np.median(s)) for n, s in zip(names, paced)}}
 
