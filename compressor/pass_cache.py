@@ -8,13 +8,14 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .artifact import ModelArtifact
 from .devices import Device, or_host
 from .environment import library_versions
-from .staging import OutputError, json_text, staged_dir, write_failure
+from .staging import OutputError, json_text, staged_dir, staging_path, write_failure
 
 if TYPE_CHECKING:
     from .data import DataBundle
@@ -32,6 +33,7 @@ class PassCache:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self.wrote = False  # the last put wrote its entry (False: another process's was there first)
 
     @staticmethod
     def default_root() -> Path:
@@ -69,19 +71,37 @@ class PassCache:
         return artifact, metrics
 
     def put(self, key: str, artifact: ModelArtifact, metrics: dict[str, Any]) -> ModelArtifact:
+        """Store a pass's output under ``key``, whole (staged, then renamed into place) and once: where
+        another process (a cluster worker, a second run) has stored the key meanwhile, its entry is
+        kept and returned, and this one is dropped. ``self.wrote`` says which happened."""
         final = self.root / key
         hint = "free space there, or run with --no-cache or another --cache-dir"
+        self.wrote = False
+        theirs = self.get(key)
+        if theirs is not None:
+            return theirs[0]
+        if final.exists():  # an entry that cannot be read (get said so): set aside, then written anew
+            stale = staging_path(final, "old")
+            try:
+                os.replace(final, stale)
+            except OSError:
+                pass
+            shutil.rmtree(stale, ignore_errors=True)
         try:
-            with staged_dir(final, replace=True, what="pass cache entry") as tmp:
+            with staged_dir(final, replace=False, what="pass cache entry") as tmp:
                 artifact.save(tmp)
                 (tmp / "metrics.json").write_text(json_text(metrics, indent=None))
         except OutputError as exc:
+            theirs = self.get(key)
+            if theirs is not None:  # another process renamed its entry into place first: one entry, theirs
+                return theirs[0]
             raise OutputError(f"{exc.one_line()} ({hint})") from exc
         except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
             reason = write_failure(exc, self.root)
             if reason is None:
                 raise
             raise OutputError(f"cannot write pass cache entry {final}: {reason} ({hint})") from exc
+        self.wrote = True
         stored = ModelArtifact.load(final) if artifact.path is not None else artifact
         return stored
 
