@@ -92,11 +92,15 @@ def _setup_logging(verbose: int) -> None:
               help="fail (exit 2) when a target cannot build on this machine, instead of reporting it 'not built here'")
 @click.option("--device", type=click.Choice(DEVICE_NAMES), multiple=True, callback=_once,
               help="the device the engines are for (overrides the recipe's device:) [host: this machine]")
+@click.option("--cluster", metavar="auto|HOST:PORT|ray://HOST:PORT",
+              help="build branches as Ray tasks and time each device's engines on a node carrying device:NAME "
+                   "(auto: this machine's cluster, or a local one for this command) [this process]")
 @click.option("--quiet", "-q", is_flag=True, help="no progress display")
 @click.option("--verbose", "-v", count=True, help="log more (-vv for debug)")
 def run(model: Path | None, recipe: str, out: Path | None, overwrite: bool, arch: str | None, num_classes: int | None,
         trust_model: bool, data_root: str | None, threads: int | None, eval_limit: int | None, no_cache: bool,
-        cache_dir: Path | None, require_targets: bool, device: str | None, quiet: bool, verbose: int) -> int:
+        cache_dir: Path | None, require_targets: bool, device: str | None, cluster: str | None, quiet: bool,
+        verbose: int) -> int:
     """Compress MODEL with RECIPE: passes, engines, measurements, report."""
     from .hooks import ProgressHook
     from .job import JobOptions, run_job
@@ -115,7 +119,7 @@ def run(model: Path | None, recipe: str, out: Path | None, overwrite: bool, arch
     options = JobOptions(out_dir=out, arch=arch, num_classes=num_classes, trust_model=trust_model,
                          data_root=data_root, threads=threads, eval_limit=eval_limit, cache_dir=cache_dir,
                          use_cache=not no_cache, require_targets=require_targets, overwrite=overwrite,
-                         hooks=hooks, device_profile=device)
+                         hooks=hooks, device_profile=device, cluster=cluster)
     job = run_job(model, rec, rec_path, options)
     if not job.report:  # a non-first process of a torchrun job: the first one reports
         return job.exit_code
@@ -143,12 +147,12 @@ def validate(recipe: str) -> int:
     """Check a recipe: schema, pass/target configs and the chain of forms."""
     from .artifact import Form
     from .job import guess_form
-    from .recipe import check_device_targets, load_recipe
+    from .recipe import check_pipeline_devices, load_recipe
 
     rec, path = load_recipe(recipe)
     form = guess_form(Path(rec.model.path)) if rec.model.path else Form.TORCH
     pipeline = rec.pipeline()
-    check_device_targets(rec.device, pipeline.all_targets())
+    check_pipeline_devices(rec.device, pipeline)
     forms = pipeline.check(form)
     chain = " -> ".join(f.value for f in forms)
     steps = ", ".join(p.name for p in pipeline.passes) or "none"
@@ -343,12 +347,15 @@ def serve(run_dir: Path, images: int | None, threads: int | None, in_flight: lis
 @click.option("--latency-figure", type=click.Choice(["loop", "paced"]), default="loop", show_default=True,
               help="the batch-1 p50 to optimise: back-to-back calls (loop) or requests 30 per second with the cores "
                    "idle between them (paced); tuned.yaml keeps it as evaluation.latency_figure")
+@click.option("--cluster", metavar="auto|HOST:PORT|ray://HOST:PORT",
+              help="build branches as Ray tasks and time each device's engines on a node carrying device:NAME "
+                   "(auto: this machine's cluster, or a local one for this command) [this process]")
 @click.option("--quiet", "-q", is_flag=True, help="no progress display")
 @click.option("--verbose", "-v", count=True)
 def tune(model: Path, data_root: str, max_drop: float, device: str | None, budget_min: float | None, only: str | None,
          validation_images: int | None, out: Path | None, overwrite: bool, arch: str | None, num_classes: int | None,
          trust_model: bool, threads: int | None, eval_limit: int | None, no_cache: bool, cache_dir: Path | None,
-         quick: bool, latency_figure: str, quiet: bool, verbose: int) -> int:
+         quick: bool, latency_figure: str, cluster: str | None, quiet: bool, verbose: int) -> int:
     """The fastest engine for MODEL that keeps top-1 within --max-drop: built, screened, timed, proven."""
     from .hooks import ProgressHook
     from .job import JobOptions
@@ -364,7 +371,7 @@ def tune(model: Path, data_root: str, max_drop: float, device: str | None, budge
     options = JobOptions(out_dir=out or Path("compress-out") / f"{model.stem}-tune", arch=arch,
                          num_classes=num_classes, trust_model=trust_model, data_root=data_root, threads=threads,
                          eval_limit=eval_limit, cache_dir=cache_dir, use_cache=not no_cache, overwrite=overwrite,
-                         device_profile=device,
+                         device_profile=device, cluster=cluster,
                          hooks=[] if quiet else [ProgressHook()])
     command = "compress tune " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["tune"] else "compress tune"
     summary, out_dir, code = run_tune(model, options, max_drop=max_drop, device_name=device, budget_min=budget_min,

@@ -37,6 +37,12 @@ def cpu_flags() -> frozenset[str]:
     return _cpuinfo()[1]
 
 
+def cpu_model() -> str:
+    """/proc/cpuinfo's model name with the ISA flags a report names, e.g. ``Intel Xeon [avx2, amx_int8]``."""
+    model, flags = _cpuinfo()
+    return f"{model} [{', '.join(f for f in ISA_FLAGS if f in flags)}]"
+
+
 def has_int8_dot_product(flags: frozenset[str] | None = None) -> bool:
     """An 8-bit dot-product instruction that cannot saturate (AVX-512 VNNI, AVX-VNNI or AMX).
     ``flags``: /proc/cpuinfo flags to judge instead of this machine's (a device profile's)."""

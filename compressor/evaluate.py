@@ -120,6 +120,8 @@ class Measurement:
     predictions: np.ndarray | None = field(default=None, repr=False)
     output_sqnr_db: float | None = None  # logits against the source row's; None for the source itself or exact
     logits: np.ndarray | None = field(default=None, repr=False)
+    timed_on: dict[str, Any] | None = None
+    """the node and device the row was timed on (measure.timed_here; a cluster's session actor)"""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -138,6 +140,7 @@ class Measurement:
             "threads": self.threads,
             "engine": self.engine,
             "runtime": self.runtime,
+            **({"timed_on": self.timed_on} if self.timed_on else {}),
         }
 
 

@@ -4,11 +4,12 @@ directory's layout and the rule for writing it are :mod:`compressor.run_dir`'s."
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .artifact import Form
 from .data import DataBundle, DataConfig, add_search_root, open_data
@@ -21,7 +22,7 @@ from .intake import load_model
 from .pass_cache import PassCache, ReadOnlyCache
 from .pipeline import Pipeline
 from .training import world
-from .recipe import Recipe, check_device_targets
+from .recipe import Recipe, check_pipeline_devices
 from .compare import save_samples
 from .fidelity.render import EXPLAIN_FILES
 from .fingerprints import file_fingerprint
@@ -47,6 +48,7 @@ class JobOptions:
     require_targets: bool = False
     device_profile: str | None = None  # --device: the device profile the engines are for; overrides the recipe's device
     overwrite: bool = False  # replace a previous run's output directory
+    cluster: str | None = None  # --cluster: auto, HOST:PORT or ray://HOST:PORT (compressor.cluster); None: this process
     hooks: list[Hook] = field(default_factory=list)
     extra_files: list[Path] = field(default_factory=list)  # copied into the output beside the report
 
@@ -112,13 +114,32 @@ def run_job(model_path: Path, recipe: Recipe, recipe_path: Path | None, options:
     """Run a recipe on a model file: plan -> load -> run -> write (engines, report.json, report.md)."""
     plan = plan_job(Path(model_path), recipe, recipe_path, options)
     artifact, data = load_inputs(plan)
-    with run_tempdir():
+    with cluster_for(options.cluster, plan), run_tempdir():
         if plan.rank != 0:
             # Under torchrun every process runs the passes (training passes train together with
             # DDP); only the first one writes the cache, builds engines, measures and reports.
             plan.pipeline.run(artifact, data=data, out_dir=None, evaluation=plan.evaluation)
             return JobResult(report={}, out_dir=plan.out_dir, exit_code=0)
         return run_and_write(plan, artifact, data)
+
+
+@contextlib.contextmanager
+def cluster_for(address: str | None, plan: JobPlan) -> Iterator[Any]:
+    """With ``--cluster``: the Ray cluster the plan's pipeline builds branches and times devices on, for
+    as long as the block runs (a local one started for it stops with it). Without: nothing."""
+    if address is None or plan.pipeline is None:
+        yield None
+        return
+    if plan.world_size > 1:
+        raise ConfigError("--cluster and torchrun are two ways of spreading one run: use one of them")
+    from .cluster import Cluster
+
+    with Cluster(address) as cluster:
+        plan.pipeline.cluster = cluster
+        try:
+            yield cluster
+        finally:
+            plan.pipeline.cluster = None
 
 
 def plan_job(model_path: Path, recipe: Recipe, recipe_path: Path | None, options: JobOptions) -> JobPlan:
@@ -135,8 +156,9 @@ def plan_job(model_path: Path, recipe: Recipe, recipe_path: Path | None, options
     hooks = [LoggingHook(), timing, *options.hooks] if rank == 0 else [LoggingHook()]
     pipeline = Pipeline(recipe.build_passes(), targets, baselines=recipe.build_targets("baselines"),
                         branches=recipe.build_branches(), hooks=hooks, cache=cache, seed=recipe.seed,
-                        device=resolve_device(options.device_profile or recipe.device))
-    check_device_targets(options.device_profile or recipe.device, pipeline.all_targets())
+                        device=resolve_device(options.device_profile or recipe.device),
+                        device_request=options.device_profile or recipe.device)
+    check_pipeline_devices(options.device_profile or recipe.device, pipeline)
     pipeline.check(guess_form(model_path))  # fail fast, before loading anything heavy
     pipeline.check_data(recipe.data is not None or options.data_root is not None)
     if options.require_targets:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
+import numpy as np
+
 from .artifact import Form, ModelArtifact, state_dict_bytes
 from .data import DataBundle
 from .errors import CompressorError
@@ -20,17 +22,29 @@ from .targets.onnxruntime import OrtRunner
 log = logging.getLogger(__name__)
 
 
+def timed_here(device: str) -> dict[str, Any]:
+    """Where a row is timed: this machine (its host name and CPU) and the device the run names."""
+    import socket
+
+    from .environment import cpu_model
+
+    return {"node": socket.gethostname(), "device": device, "cpu": cpu_model()}
+
+
 def measure_run(data: DataBundle, cfg: EvaluationConfig, threads: int, result: RunResult, *, hooks: HookList,
-                screen: Callable[[list[ResultRow], RunResult], list[ResultRow]] | None = None) -> None:
+                screen: Callable[[list[ResultRow], RunResult], list[ResultRow]] | None = None,
+                timed_on: dict[str, Any] | None = None, source_name: str = "source") -> None:
     """Every row in one measurement session: the source, the stages (if asked), the baselines
-    and the engines; batch-1 latency is timed in rounds interleaved over all of them."""
+    and the engines; batch-1 latency is timed in rounds interleaved over all of them. ``timed_on``
+    goes into every row (where it was timed); ``source_name`` names the source's row (a cluster's
+    second device session times the source again, as ``source@DEVICE``)."""
     source = result.source
     size = tuple(source.input_spec.sample_shape[1:])
     # streamed: decoded by worker processes (or read from the decoded-image store) batch by batch
     x = data.evaluation_images(size, source.preprocessing).preprocessed(source.preprocessing)  # type: ignore[arg-type]
     labels = x.labels
     rows = [ResultRow(
-        name="source",
+        name=source_name,
         target="torch" if source.form is not Form.ONNX else "onnxruntime",
         precision=source.precision,
         runner=source_runner(source, threads),
@@ -84,6 +98,7 @@ def measure_run(data: DataBundle, cfg: EvaluationConfig, threads: int, result: R
     if result.timing_load["under_load"]:
         log.warning("timing ran under load: %s", "; ".join(result.timing_load["reasons"]))
     for m in measured:
+        m.timed_on = timed_on
         result.measurements.append(m)
         hooks.on_measure_end(m)
 
@@ -100,3 +115,26 @@ def source_runner(source: ModelArtifact, threads: int) -> Any:
     if source.form is Form.ONNX:
         return OrtRunner(source.path, threads=threads)  # type: ignore[arg-type]
     return TorchRunner(source.torch_module(), threads=threads, fixed_batch=source.meta.get("fixed_batch"))
+
+
+def p50_at_threads(loaders: dict[str, Any], counts: list[int], one: np.ndarray,
+                   cfg: Any) -> tuple[dict[tuple[str, int], float], dict[str, Any]]:
+    """Batch-1 p50 (ms) of each ``loaders[name](threads)`` runner at each of ``counts`` threads, all
+    timed in one interleaved session (evaluate.latency) with the machine's load recorded
+    (load.LoadMonitor). Returns ({(name, threads): p50}, the load summary)."""
+    from .evaluate import latency
+
+    runners, keys = [], []
+    try:
+        for name, load in loaders.items():
+            for n in counts:
+                runners.append(load(n))
+                keys.append((name, n))
+        monitor = LoadMonitor()
+        monitor.before()
+        samples = latency(runners, one, cfg)
+        monitor.during()
+    finally:
+        for r in runners:
+            getattr(r, "close", lambda: None)()
+    return {k: float(np.median(s)) for k, s in zip(keys, samples)}, monitor.summary()

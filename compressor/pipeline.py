@@ -4,11 +4,12 @@ and every engine (:mod:`compressor.measure`)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .artifact import Form, ModelArtifact, quantized_input
 from .data import DataBundle
@@ -17,7 +18,7 @@ from .errors import CompressorError, DataError, PassError, PipelineOrderError, T
 from .environment import default_threads
 from .evaluate import EvaluationConfig, ResultRow
 from .hooks import Hook, HookList
-from .measure import measure_run
+from .measure import measure_run, timed_here
 from .pass_cache import PassCache
 from .staging import run_scratch
 from .config import require_data
@@ -92,11 +93,13 @@ def assign_engine_names(chains: Sequence[tuple[ModelArtifact, Sequence[Target], 
 
 @dataclass
 class BranchSpec:
-    """A side chain: passes from the main chain's output, then targets; engines named ``name-...``."""
+    """A side chain: passes from the main chain's output, then targets; engines named ``name-...``.
+    ``device``: where its engines are timed on a cluster (a device name; None: the recipe's device)."""
 
     name: str
     passes: list[Pass]
     targets: list[Target]
+    device: str | None = None
 
 
 class Pipeline:
@@ -118,6 +121,7 @@ class Pipeline:
         cache: PassCache | None = None,
         seed: int = 0,
         device: Device | None = None,
+        device_request: str | None = None,
     ) -> None:
         self.device = or_host(device)
         """the device the engines are for: it decides device-dependent settings (devices.py)"""
@@ -126,6 +130,11 @@ class Pipeline:
         candidates that miss the accuracy budget on validation images before any timing)"""
         self.deadline: float | None = None
         """time.monotonic() after which no further branch starts (compress tune --budget-min)"""
+        self.cluster: Any = None
+        """a :class:`compressor.cluster.Cluster`: branches are built as its tasks and each device's rows
+        timed by its session actor; None: everything in this process"""
+        self.device_request = device_request or "host"
+        """the device as the recipe names it (``host`` or a profile): the cluster resource its rows are timed on"""
         self.passes = list(passes)
         self.targets = list(targets)
         self.baselines = list(baselines)  # targets that take the source model, as fair references
@@ -221,37 +230,86 @@ class Pipeline:
         for index, p in enumerate(self.passes):
             artifact = self._run_pass(index, p, artifact, data, Path(tmp.name), threads, result)
         branch_outputs: list[ModelArtifact | None] = []
-        for b in self.branches:
+        remote = None
+        if self.cluster is not None and self.branches and out_dir is not None:
+            # every branch (its passes and engines) is a task on the cluster, built while this
+            # process builds the main chain's engines; gathered after them, in the recipe's order
+            remote = self.cluster.submit_branches(self, artifact, model, data, threads, Path(tmp.name))
+        for b in self.branches if remote is None else ():
             if self.deadline is not None and time.monotonic() > self.deadline:
                 result.skipped_branches.append(b.name)
                 branch_outputs.append(None)
                 continue
             out = artifact
-            for p in b.passes:
-                out = self._run_pass(len(result.records), p, out, data, Path(tmp.name), threads, result)
+            with self.on_device(self.branch_device(b)):
+                for p in b.passes:
+                    out = self._run_pass(len(result.records), p, out, data, Path(tmp.name), threads, result)
             branch_outputs.append(out)
         if out_dir is not None:
             chains = [(model, self.baselines, "source-"), (artifact, self.targets, ""),
                       *((out, b.targets, f"{b.name}-") for b, out in zip(self.branches, branch_outputs)
                         if out is not None)]
+            devices = [self.device, self.device, *(self.branch_device(b) for b, out in zip(self.branches, branch_outputs)
+                                                   if out is not None)]
             names = assign_engine_names(chains)
-            for art, targets, _ in chains:
-                converted: dict[str, ModelArtifact | TargetFailure] = {}  # one conversion per chain and kind
-                for t in targets:
-                    source = art
-                    conversion = self.conversions.get(id(t))
-                    if conversion is not None:
-                        if conversion.name not in converted:
-                            converted[conversion.name] = self._convert(conversion, art, data, Path(tmp.name),
-                                                                       threads, result)
-                        source = converted[conversion.name]
-                    if isinstance(source, TargetFailure):
-                        result.failures.append(TargetFailure(t.name, t.step, source.reason, unavailable=False))
-                        continue
-                    self._build_target(t, source, Path(out_dir), result, data, names[id(t)])
+            for (art, targets, _), device in zip(chains, devices):
+                with self.on_device(device):
+                    self._build_chain(art, targets, names, data, Path(tmp.name), threads, result, Path(out_dir))
+            if remote is not None:  # the branches built on the cluster meanwhile
+                self.cluster.gather_branches(self, remote, result, Path(out_dir), Path(tmp.name))
         if data is not None and out_dir is not None:
-            measure_run(data, evaluation, threads, result, hooks=self.hooks, screen=self.screen)
+            if self.cluster is not None:  # one timing session per device, on a node that carries it
+                self.cluster.measure(self, data, evaluation, threads, result, Path(out_dir))
+            else:
+                measure_run(data, evaluation, threads, result, hooks=self.hooks, screen=self.screen,
+                            timed_on=timed_here(self.device_request))
         self.hooks.on_run_end(result)
+        return result
+
+    def branch_device(self, b: BranchSpec) -> Device:
+        """The profile a branch's passes and engines are for: its own ``device``, or the run's."""
+        from .devices import resolve
+
+        return resolve(b.device) if b.device else self.device
+
+    @contextlib.contextmanager
+    def on_device(self, device: Device) -> Iterator[None]:
+        saved, self.device = self.device, device
+        try:
+            yield
+        finally:
+            self.device = saved
+
+    def _build_chain(self, art: ModelArtifact, targets: Sequence[Target], names: dict[int, str],
+                     data: DataBundle | None, tmp: Path, threads: int, result: RunResult, out_dir: Path) -> None:
+        """Build every target of one chain from ``art``: each conversion a target needs is run once per
+        chain and kind (a failed conversion fails the targets that needed it)."""
+        converted: dict[str, ModelArtifact | TargetFailure] = {}
+        for t in targets:
+            source: ModelArtifact | TargetFailure = art
+            conversion = self.conversions.get(id(t))
+            if conversion is not None:
+                if conversion.name not in converted:
+                    converted[conversion.name] = self._convert(conversion, art, data, tmp, threads, result)
+                source = converted[conversion.name]
+            if isinstance(source, TargetFailure):
+                result.failures.append(TargetFailure(t.name, t.step, source.reason, unavailable=False))
+                continue
+            self._build_target(t, source, out_dir, result, data, names[id(t)])
+
+    def build_branch(self, b: BranchSpec, artifact: ModelArtifact, source: ModelArtifact, data: DataBundle | None,
+                     out_dir: Path, threads: int) -> RunResult:
+        """One branch alone, as a cluster worker runs it: its passes from ``artifact`` (the main chain's
+        output; ``source``: the run's input model), then its targets built into ``out_dir/engines``.
+        The result holds the branch's pass records and outputs, its engines and failures."""
+        tmp = run_scratch()
+        result = RunResult(source=source, artifacts=[], records=[], threads=threads, _tmp=tmp)
+        out = artifact
+        for p in b.passes:
+            out = self._run_pass(len(result.records), p, out, data, Path(tmp.name), threads, result)
+        names = assign_engine_names([(out, b.targets, f"{b.name}-")])
+        self.conversions = {id(t): c for t in b.targets if (c := conversion_for(out.form, t)) is not None}
+        self._build_chain(out, b.targets, names, data, Path(tmp.name), threads, result, out_dir)
         return result
 
     def _run_pass(

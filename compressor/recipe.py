@@ -69,6 +69,14 @@ class AcceptanceConfig(BaseModel):
 Step = str | dict[str, dict[str, Any] | None]
 
 
+def known_device(name: str) -> str:
+    from .devices import NAMES
+
+    if name not in NAMES:
+        raise ValueError(f"unknown device {name!r}; known: {', '.join(NAMES)}")
+    return name
+
+
 class Branch(BaseModel):
     """More passes and targets that start from the main chain's output, so that one report puts
     several runtimes side by side (e.g. NNCF INT8 for OpenVINO beside ORT QDQ beside TFLite)."""
@@ -79,6 +87,14 @@ class Branch(BaseModel):
     """prefix of the branch's engine names"""
     passes: list[Step] = Field(default_factory=list)
     targets: list[Step] = Field(min_length=1)
+    device: str | None = None
+    """the device this branch's engines are for and, with ``--cluster``, timed on (a node that carries
+    the resource ``device:NAME``); None: the recipe's device"""
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, name: str | None) -> str | None:
+        return None if name is None else known_device(name)
 
 
 class Recipe(BaseModel):
@@ -106,11 +122,7 @@ class Recipe(BaseModel):
     @field_validator("device")
     @classmethod
     def _known_device(cls, name: str) -> str:
-        from .devices import NAMES
-
-        if name not in NAMES:
-            raise ValueError(f"unknown device {name!r}; known: {', '.join(NAMES)}")
-        return name
+        return known_device(name)
 
     @model_validator(mode="after")
     def _finite(self) -> Recipe:
@@ -156,7 +168,7 @@ class Recipe(BaseModel):
         if len(set(names)) != len(names):
             raise ConfigError(f"branches: names must differ, got {names}")
         return [BranchSpec(b.name, self.build_passes(b.passes, f"branches[{i}].passes"),
-                           self.build_targets(f"branches[{i}].targets", b.targets))
+                           self.build_targets(f"branches[{i}].targets", b.targets), device=b.device)
                 for i, b in enumerate(self.branches)]
 
     def pipeline(self, **kwargs: Any) -> Pipeline:
@@ -172,12 +184,19 @@ class Recipe(BaseModel):
         """Validate every pass/target config, the chain of forms, and that the device runs every
         target; return the forms after each pass."""
         pipeline = self.pipeline()
-        check_device_targets(self.device, pipeline.all_targets())
+        check_pipeline_devices(self.device, pipeline)
         return pipeline.check(input_form)  # the same checks as before a run
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_defaults=True)
         return yaml.safe_dump(data, sort_keys=False)
+
+
+def check_pipeline_devices(device: str | None, pipeline: Pipeline) -> None:
+    """:func:`check_device_targets` for every chain: a branch's targets against its own device."""
+    check_device_targets(device, [*pipeline.baselines, *pipeline.targets])
+    for b in pipeline.branches:
+        check_device_targets(b.device or device, b.targets)
 
 
 def check_device_targets(device: str | None, targets: list[Any]) -> None:

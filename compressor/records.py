@@ -54,6 +54,8 @@ class RunResult:
     timing_load: dict[str, Any] | None = None  # load.LoadMonitor.summary() of the timing rounds
     timing: dict[str, Any] | None = None  # evaluate.timing_method(): how batch-1 latency was timed
     skipped_branches: list[str] = field(default_factory=list)  # not started: Pipeline.deadline passed
+    cluster: dict[str, Any] | None = None  # cluster.Cluster.summary(): where each stage ran, each device's session
+    sessions: list[dict[str, Any]] = field(default_factory=list)  # a cluster's timing sessions, one per device
     _tmp: Any = field(default=None, repr=False)
 
     @property

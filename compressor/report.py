@@ -146,7 +146,9 @@ def build_report(
     for r in results:
         if source is not None:
             r["top1_delta"] = r["top1"] - source["top1"]
-            r["speedup"] = figure_ms(source, figure) / figure_ms(r, figure)
+            # timed in another device's session (a cluster's): against the source timed there too
+            there = next((q for q in results if q["name"] == f"source@{(r.get('timed_on') or {}).get('device')}"), source)
+            r["speedup"] = figure_ms(there, figure) / figure_ms(r, figure)
             r["compression"] = source["size_bytes"] / r["size_bytes"] if r["size_bytes"] else None
     load = result.timing_load
     if load and load.get("under_load") and source is not None:
@@ -201,6 +203,7 @@ def build_report(
         "timing_load": load,
         "timing": result.timing,
         "skipped_branches": result.skipped_branches,
+        **({"cluster": {**result.cluster, "timing_sessions": result.sessions}} if result.cluster else {}),
         "data": data_info,
         "passes": [r.to_json() for r in result.records],
         "engines": engines,
@@ -308,7 +311,14 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append("**Timing ran under load** (" + "; ".join(tl["reasons"]) + "): the speedups marked `(load)` "
                          "compare rows that a busy machine slows unequally (PyTorch eager most); time again on a "
                          "quiet machine before trusting them.")
-        if dev and not dev.get("host_is_device", True):
+        cl = report.get("cluster")
+        if cl:
+            lines += ["", f"Built and timed on a Ray cluster (`--cluster {cl['address']}`"
+                      + (", a local instance for this command" if cl.get("started_local") else "") + "): "
+                      + "; ".join(f"rows for device {s['device']} timed on node {s['node']} ({s.get('ip', '-')}, "
+                                  f"{s['cpu']}), {len(s['engines'])} engine(s)" for s in cl.get("timing_sessions", []))
+                      + ". Each row's `timed_on` in report.json names its node; the stages: `cluster.stages`."]
+        if dev and not dev.get("host_is_device", True) and not cl:
             lines.append("")
             lines.append(f"**Latency was measured on this machine ({dev['host']}), not on the device the engines are "
                          f"for ({dev['name']}): the latency columns are the host's, not the device's.**")

@@ -29,7 +29,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import yaml
@@ -38,6 +38,7 @@ from .bound import (DEFAULT_CONFIDENCE, IMAGES_CAP, DropBound, fixed_count_probl
                     paired, too_few_line)
 from .devices import Device
 from .evaluate import ResultRow, accuracy, figure_ms
+from .measure import p50_at_threads
 from .registry import get_target
 from .run_dir import engines_of_run
 from .staging import atomic_write, json_text
@@ -532,6 +533,14 @@ def render(summary: dict[str, Any], command: str) -> str:
             lines += ["", f"The chosen engine runs at {ch['threads']} thread(s); tuned.yaml pins it."]
         if sweep.get("note"):
             lines += ["", sweep["note"] + "."]
+    cl = summary.get("cluster")
+    if cl:
+        lines += ["", f"On a Ray cluster (`--cluster {cl['address']}`"
+                  + (", a local instance for this command" if cl.get("started_local") else "")
+                  + "): where each stage ran and how long it took:", "",
+                  "| stage | node | worker pid | seconds |", "|---|---|---|---|"]
+        lines += [f"| {s['stage']} | {s['node']} ({s.get('ip', '-')}) | {s['pid']} | {s['seconds']:.1f} |"
+                  for s in cl.get("stages", [])]
     if summary["left_out"]:
         lines += ["", "Left out of the search space:", ""]
         lines += [f"- {x['what']}: {x['why']}" for x in summary["left_out"]]
@@ -567,41 +576,18 @@ def thread_counts(cores: int) -> list[int]:
     return sorted({1, max(1, cores // 2), cores})
 
 
-def p50_at_threads(loaders: dict[str, Any], counts: list[int], one: np.ndarray,
-                   cfg: Any) -> tuple[dict[tuple[str, int], float], dict[str, Any]]:
-    """Batch-1 p50 (ms) of each ``loaders[name](threads)`` runner at each of ``counts`` threads, all
-    timed in one interleaved session (evaluate.latency) with the machine's load recorded
-    (load.LoadMonitor). Returns ({(name, threads): p50}, the load summary)."""
-    from .evaluate import latency
-    from .machine_load import LoadMonitor
-
-    runners, keys = [], []
-    try:
-        for name, load in loaders.items():
-            for n in counts:
-                runners.append(load(n))
-                keys.append((name, n))
-        monitor = LoadMonitor()
-        monitor.before()
-        samples = latency(runners, one, cfg)
-        monitor.during()
-    finally:
-        for r in runners:
-            getattr(r, "close", lambda: None)()
-    return {k: float(np.median(s)) for k, s in zip(keys, samples)}, monitor.summary()
-
-
 def thread_sweep(engines: list[Any], summary: dict[str, Any], one: np.ndarray, cfg: Any,
-                 counts: list[int]) -> dict[str, Any]:
-    """Batch-1 p50 of every Pareto-front engine at each of ``counts`` threads (``p50_at_threads``);
-    the chosen engine's fastest count. Updates ``summary["chosen"]`` with ``threads`` (and that
-    count's p50 in this session)."""
+                 counts: list[int], timer: Callable[..., tuple[dict, dict]] | None = None) -> dict[str, Any]:
+    """Batch-1 p50 of every Pareto-front engine at each of ``counts`` threads (``p50_at_threads``;
+    ``timer(names, counts, one, cfg)``: the same elsewhere, e.g. in a cluster's device session); the
+    chosen engine's fastest count. Updates ``summary["chosen"]`` with ``threads`` (and that count's p50
+    in this session)."""
     front = [r["engine"] for r in summary["candidates"] if r.get("pareto") and r.get("engine")]
     by_name = {e.name: e for e in engines if e.built}
     loaders = {name: (lambda n, e=by_name[name]: e.builder.load(e, threads=n)) for name in front if name in by_name}
     if not loaders:
         return {"counts": counts, "rows": [], "note": "no built engine on the Pareto front"}
-    p50, load = p50_at_threads(loaders, counts, one, cfg)
+    p50, load = p50_at_threads(loaders, counts, one, cfg) if timer is None else timer(list(loaders), counts, one, cfg)
     rows = [{"engine": name, "p50_ms": {str(n): round(p50[(name, n)], 4) for n in counts},
              "fastest_threads": min(counts, key=lambda n: p50[(name, n)])} for name in loaders]
     out: dict[str, Any] = {"counts": counts, "rows": rows, "timing_load": load}
@@ -652,7 +638,7 @@ def run_tune(model_path: Path, options: Any, *, max_drop: float, device_name: st
     from .artifact import Form
     from .devices import resolve
     from .errors import ConfigError
-    from .job import guess_form, load_inputs, plan_job, run_and_write
+    from .job import cluster_for, guess_form, load_inputs, plan_job, run_and_write
     from .recipe import parse_recipe
     from .staging import run_tempdir
 
@@ -677,17 +663,22 @@ def run_tune(model_path: Path, options: Any, *, max_drop: float, device_name: st
         plan.pipeline.deadline = started + 60 * budget_min
     artifact, bundle = load_inputs(plan)
     opened.append(bundle)
-    with run_tempdir():
-        job = run_and_write(plan, artifact, bundle)
-    summary = summarise(job.report, candidates, left_out, screen, device, max_drop, time.monotonic() - started)
-    if summary["chosen"] is not None:
-        from .environment import default_threads
-        from .fidelity.explain import held_out_images
+    with cluster_for(options.cluster, plan) as cluster:
+        with run_tempdir():
+            job = run_and_write(plan, artifact, bundle)
+        summary = summarise(job.report, candidates, left_out, screen, device, max_drop, time.monotonic() - started)
+        if summary["chosen"] is not None:
+            from .environment import default_threads
+            from .fidelity.explain import held_out_images
 
-        one = held_out_images(artifact, bundle, 1)[0]
-        summary["threads"] = thread_sweep(engines_of_run(job.out_dir, job.report), summary, one, plan.evaluation,
-                                          thread_counts(default_threads()))
-        summary["seconds"] = round(time.monotonic() - started, 1)
+            one = held_out_images(artifact, bundle, 1)[0]
+            timer = None if cluster is None else (
+                lambda names, counts, x, cfg: cluster.p50_at_threads(plan.pipeline.device_request, names, counts, x, cfg))
+            summary["threads"] = thread_sweep(engines_of_run(job.out_dir, job.report), summary, one, plan.evaluation,
+                                              thread_counts(default_threads()), timer=timer)
+            summary["seconds"] = round(time.monotonic() - started, 1)
+        if cluster is not None:
+            summary["cluster"] = cluster.summary()
     chosen = chosen_candidate(summary, candidates)
     section = {k: v for k, v in (("arch", options.arch), ("num_classes", options.num_classes)) if v is not None}
     tuned = None if chosen is None else tuned_recipe(chosen, device, {**data, "root": bundle.config.root}, max_drop,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import yaml
 
@@ -16,24 +15,6 @@ from compressor.tune import (TIE_MARGIN, pareto, search_space, thread_counts, tu
                              validation_images_default)
 
 from .conftest import cli, one_error_line
-
-
-@pytest.fixture(scope="module")
-def digits_folder(tmp_path_factory):
-    """The bundled digits as an ImageFolder tree (train/ and test/, classes 0-9)."""
-    from PIL import Image
-
-    from compressor.data import DataConfig, open_data
-
-    bundle = open_data(DataConfig(source="digits"))
-    root = tmp_path_factory.mktemp("digits")
-    for split, src in (("train", bundle.calibration_source), ("test", bundle.evaluation_source)):
-        images = src.load_images(np.arange(len(src)), (16, 16), "RGB")
-        for i, (img, label) in enumerate(zip(images, src.labels)):
-            d = root / split / str(int(label))
-            d.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(d / f"{i:04d}.png")
-    return root
 
 
 def test_the_search_space_follows_the_device():
