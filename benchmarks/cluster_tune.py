@@ -33,11 +33,16 @@ MODEL = SHARED / "models" / "mobilenet_v2_cifar10.pt"
 MODES = ("in-process", "cluster")
 
 
-def engine_hashes(run: Path) -> dict[str, str]:
+def engine_hashes(run: Path, model_files: bool = True) -> dict[str, str]:
+    """One hash per engine of its model files (``model.*``: what the runtime loads), or, with
+    ``model_files=False``, of its other files but engine.json (its record, with wall times): ExecuTorch's
+    program.pt2, the torch.export program kept beside the .pte for taps, holds Python object ids
+    (graph_id) and a random serialization id, so two processes never write it alike."""
     out = {}
     for d in sorted((run / "engines").iterdir()):
         h = hashlib.sha256()
-        for f in sorted(p for p in d.rglob("*") if p.is_file() and p.name != "engine.json"):
+        files = [p for p in d.rglob("*") if p.is_file() and p.name != "engine.json"]
+        for f in sorted(p for p in files if p.name.startswith("model.") == model_files):
             h.update(f.name.encode() + f.read_bytes())
         out[d.name] = h.hexdigest()[:16]
     return out
@@ -58,9 +63,12 @@ def tune(mode: str, args: argparse.Namespace) -> dict:
     if code not in (0, 1):
         sys.exit(code)
     summary = json.loads((out / "tune.json").read_text())
+    rows = json.loads((out / "report.json").read_text())["results"]
     return {"command": " ".join(cmd).replace(str(cache), "FRESH_CACHE"), "exit": code, "wall_s": round(seconds, 1),
             "tune_seconds": summary["seconds"], "chosen": summary["chosen"], "engines": engine_hashes(out),
-            "cluster": summary.get("cluster"), "out": str(out)}
+            "other_files": engine_hashes(out, model_files=False),
+            "cluster": summary.get("cluster"), "out": str(out),
+            "p50_ms": {r["name"]: r["latency_ms"]["p50"] for r in rows}}
 
 
 def main() -> int:
@@ -68,12 +76,20 @@ def main() -> int:
     ap.add_argument("--max-drop", type=float, default=0.5)
     ap.add_argument("--targets", help="comma-separated targets for tune [all the host runs]")
     ap.add_argument("--reuse", action="store_true", help="read the last runs again, run nothing")
+    ap.add_argument("--only", choices=MODES, help="run this mode again, keep the other's last run")
     args = ap.parse_args()
     env = environment(2)
     cpu = f"{env['cpu']} [{', '.join(env['isa_flags'])}]"
     dest = HERE / "results" / "cluster_tune"
-    if args.reuse:
+    if args.reuse or args.only:
         runs = json.loads((dest / "report.json").read_text())["runs"]
+        if args.only:  # one mode again (its code changed); the other's figures kept
+            runs[args.only] = tune(args.only, args)
+        for m in MODES:  # hashed again from the run directories (this script's hashing may have changed)
+            out = HERE / "work" / f"cluster_tune_{m}"
+            runs[m].update(engines=engine_hashes(out), other_files=engine_hashes(out, model_files=False),
+                           p50_ms={r["name"]: r["latency_ms"]["p50"]
+                                   for r in json.loads((out / "report.json").read_text())["results"]})
     else:
         runs = {m: tune(m, args) for m in MODES}  # one after the other: never two at once on the 2 cores
     here, there = runs["in-process"], runs["cluster"]
@@ -81,12 +97,13 @@ def main() -> int:
     differ = [n for n in same_names if here["engines"][n] != there["engines"][n]]
     ch_h, ch_c = (here["chosen"] or {}).get("engine"), (there["chosen"] or {}).get("engine")
     chosen_same_bytes = ch_c in here["engines"] and here["engines"].get(ch_c) == there["engines"].get(ch_c)
+    others = [n for n in same_names if here.get("other_files", {}).get(n) != there.get("other_files", {}).get(n)]
     ratio = there["wall_s"] / here["wall_s"]
     report = {"benchmark": "cluster_tune", "cpu": env["cpu"], "isa_flags": env["isa_flags"],
               "command": "python " + " ".join(["benchmarks/cluster_tune.py", *sys.argv[1:]]), "runs": runs,
               "figures": {"chosen_in_process": ch_h, "chosen_on_cluster": ch_c, "same_choice": ch_h == ch_c,
                           "chosen_same_bytes": chosen_same_bytes, "engines_compared": len(same_names),
-                          "engines_differing": differ, "engines_only_one_side":
+                          "engines_differing": differ, "other_files_differing": others, "engines_only_one_side":
                               sorted(set(here["engines"]) ^ set(there["engines"])),
                           "wall_ratio_cluster_over_in_process": round(ratio, 3)}}
     dest.mkdir(parents=True, exist_ok=True)
@@ -94,8 +111,8 @@ def main() -> int:
     f = report["figures"]
     lines = ["# compress tune in one process and on a local Ray cluster (issue 25)", "",
              f"- command: `{report['command']}`", f"- CPU: {cpu}; 2 threads per runtime",
-             f"- model: ../shared/models/mobilenet_v2_cifar10.pt; data: ../shared/datasets/cifar10 (validation from "
-             f"train/, figures on the 10,000 test images); each run from an empty pass cache", "",
+             "- model: ../shared/models/mobilenet_v2_cifar10.pt; data: ../shared/datasets/cifar10 (validation from "
+             "train/, figures on the 10,000 test images); each run from an empty pass cache", "",
              "| figure | in one process | on the cluster | verdict |", "|---|---|---|---|",
              f"| chosen engine | {ch_h} | {ch_c} | {'same' if ch_h == ch_c else 'differ (timing decides between ties)'} |",
              f"| chosen engine's files | - | {'byte-identical to the in-process build' if chosen_same_bytes else 'DIFFER'} "
@@ -103,6 +120,10 @@ def main() -> int:
              f"| every candidate's engine (model files) | {len(here['engines'])} | {len(there['engines'])} | "
              f"{len(same_names) - len(differ)} of {len(same_names)} byte-identical"
              + (f"; differ: {', '.join(differ)}" if differ else "") + " |",
+             f"| other files of the engine directories (engine.json aside) | - | - | differ for {', '.join(others) or 'none'}"
+             + (": ExecuTorch's program.pt2 (the torch.export program kept for taps) holds Python object ids and a "
+                "random serialization id, so no two processes write it alike, in one process or on a cluster"
+                if others else "") + " |",
              f"| wall time of `compress tune` | {here['wall_s']:.0f} s | {there['wall_s']:.0f} s | cluster / one process "
              f"= {ratio:.2f}x |", ""]
     cl = there.get("cluster") or {}
@@ -115,12 +136,21 @@ def main() -> int:
         lines.append(f"| {s['stage']} | {s.get('ip', s['node'])} | {s['pid']} | {s['seconds']:.1f} |")
     build_s = sum(s["seconds"] for s in cl.get("stages", []) if s["stage"].startswith("build "))
     pids = sorted({s["pid"] for s in cl.get("stages", []) if s["stage"].startswith("build ")})
+    faster = ratio < 1
     lines += ["", f"Branch builds: {build_s:.0f} s of worker time in {len(pids)} worker process(es), while the "
               "calling process built the main chain; the timing session and thread sweep ran in the actor that "
-              "holds `device:host`. On two cores the two workers and the caller share the same cores, so the "
-              "builds overlap rather than run faster; the cluster adds Ray's start, the workers' imports of "
-              "torch, OpenVINO, ONNX Runtime, LiteRT and ExecuTorch, and every engine and pass output sent "
-              "through the object store."]
+              "holds `device:host`. What the cluster costs: Ray's start, the workers' imports of torch, OpenVINO, "
+              "ONNX Runtime, LiteRT and ExecuTorch, and every engine and pass output sent through the object store. "
+              + ("It still finished sooner here: much of a build (calibration loops, graph conversions) keeps one "
+                 "core busy, so two builds at once use both cores where one process leaves one idle."
+                 if faster else "On two cores that cost is not won back: the builds share the same cores.")]
+    lines += ["", "## The timing session in one process and in the cluster's actor", "",
+              "Batch-1 p50 of every engine timed in both runs (each run's own interleaved session; the actor's "
+              f"niceness: {(there.get('cluster') or {}).get('sessions', {}).get('host', {}).get('nice', '-')}).", "",
+              "| engine | one process ms | actor ms | actor / one process |", "|---|---|---|---|"]
+    for name in sorted(set(here.get("p50_ms", {})) & set(there.get("p50_ms", {}))):
+        a, b = here["p50_ms"][name], there["p50_ms"][name]
+        lines.append(f"| {name} | {a:.3f} | {b:.3f} | {b / a:.2f}x |")
     write_text(dest / "report.md", "\n".join(lines) + "\n")
     print(f"wrote {dest.relative_to(HERE.parent)}/report.md")
     for k, v in f.items():

@@ -316,7 +316,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines += ["", f"Built and timed on a Ray cluster (`--cluster {cl['address']}`"
                       + (", a local instance for this command" if cl.get("started_local") else "") + "): "
                       + "; ".join(f"rows for device {s['device']} timed on node {s['node']} ({s.get('ip', '-')}, "
-                                  f"{s['cpu']}), {len(s['engines'])} engine(s)" for s in cl.get("timing_sessions", []))
+                                  f"{s['cpu']}, nice {s.get('nice', '-')}), {len(s['engines'])} engine(s)"
+                                  for s in cl.get("timing_sessions", []))
                       + ". Each row's `timed_on` in report.json names its node; the stages: `cluster.stages`."]
         if dev and not dev.get("host_is_device", True) and not cl:
             lines.append("")
