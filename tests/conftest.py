@@ -142,6 +142,12 @@ def open_digits(samples: int = 32, limit: int | None = None):
 
 
 @pytest.fixture(scope="module")
+def digits():
+    """The digits data set with 64 calibration images (a test module may define its own)."""
+    return open_digits(64)
+
+
+@pytest.fixture(scope="module")
 def tiny(model_files):
     """The trained tiny CNN loaded through the intake (the pickled form), once per test module."""
     from compressor.intake import load_model
@@ -217,3 +223,36 @@ def digits_folder(tmp_path_factory):
             d.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(d / f"{i:04d}.png")
     return root
+
+
+def usable_target_mark(module: str, cls: str, what: str):
+    """A skip mark for a test module whose target cannot run here: the target's own availability check
+    says why (and what to install); an import that fails outright says so too."""
+    import importlib
+
+    try:
+        avail = getattr(importlib.import_module(module), cls).availability()
+        ok, reason = avail.ok, avail.reason
+    except Exception as exc:  # pragma: no cover - only without the extra
+        ok, reason = False, f"{type(exc).__name__}: {exc}"
+    return pytest.mark.skipif(not ok, reason=f"{what}: {reason}")
+
+
+def build_engines(target_cls, configs: dict, model, data, out: Path) -> dict:
+    """{key: (target, engine)}: one engine of ``target_cls`` per config, built from ``model`` into
+    ``out/key`` (calibrated on ``data`` where the config needs it)."""
+    built = {}
+    for key, config in configs.items():
+        target = target_cls(config)
+        built[key] = (target, target.build(model, out / key, data=data if target.requires_data() else None))
+    return built
+
+
+def run_engine(engines: dict, key: str, x, threads: int = 2):
+    """(logits, runtime_info) of ``engines[key]`` on ``x``, from a fresh runner."""
+    target, engine = engines[key]
+    runner = target.load(engine, threads=threads)
+    try:
+        return runner(x), runner.runtime_info()
+    finally:
+        runner.close()

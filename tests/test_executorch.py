@@ -16,26 +16,13 @@ import torch
 from compressor import Form, get_target
 from compressor.errors import ConfigError, TargetError
 from compressor.intake import load_model
+from compressor.targets.executorch import ExecuTorchTarget
 
-from .conftest import open_digits, tiny_eval_set
+from .conftest import build_engines, run_engine, tiny_eval_set, usable_target_mark
 
-try:  # the target's own availability check says what to install
-    from compressor.targets.executorch import ExecuTorchTarget
-
-    _AVAIL = ExecuTorchTarget.availability()
-except Exception as exc:  # pragma: no cover - only without the extra
-    _AVAIL = None
-    _REASON = f"{type(exc).__name__}: {exc}"
-else:
-    _REASON = _AVAIL.reason
-pytestmark = pytest.mark.skipif(_AVAIL is None or not _AVAIL.ok, reason=f"executorch is not usable: {_REASON}")
+pytestmark = usable_target_mark("compressor.targets.executorch", "ExecuTorchTarget", "executorch is not usable")
 
 IMAGES = 200
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return open_digits(64)
 
 
 @pytest.fixture(scope="module")
@@ -45,21 +32,8 @@ def eval_set(tiny, digits):
 
 @pytest.fixture(scope="module")
 def engines(tiny, digits, tmp_path_factory):
-    out = tmp_path_factory.mktemp("executorch")
-    built = {}
-    for q in ("none", "int8"):
-        target = ExecuTorchTarget({"quantization": q})
-        built[q] = (target, target.build(tiny, out, data=digits if target.requires_data() else None))
-    return built
-
-
-def _run(engines, q, x, threads=2):
-    target, engine = engines[q]
-    runner = target.load(engine, threads=threads)
-    try:
-        return runner(x), runner.runtime_info()
-    finally:
-        runner.close()
+    return build_engines(ExecuTorchTarget, {q: {"quantization": q} for q in ("none", "int8")}, tiny, digits,
+                         tmp_path_factory.mktemp("executorch"))
 
 
 def test_registered_with_config_and_data_needs(tiny, tmp_path):
@@ -91,7 +65,7 @@ def test_tune_and_devices_take_it():
 
 def test_fp32_engine_equals_eager(engines, eval_set):
     x, _, ref = eval_set
-    got, info = _run(engines, "none", x)
+    got, info = run_engine(engines, "none", x)
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
     assert (got.argmax(1) == ref.argmax(1)).all()
     assert info["threads"] == 2 and info["delegate"] == "XNNPACK" and info["batch_capacity"] == 64
@@ -103,7 +77,7 @@ def test_fp32_engine_equals_eager(engines, eval_set):
 def test_runner_batch_sizes_and_threads(engines, eval_set):
     """Batch 1, an odd size and one above the program's bound (sliced) give the same logits."""
     x, _, _ = eval_set
-    whole, _ = _run(engines, "int8", x[:150])
+    whole, _ = run_engine(engines, "int8", x[:150])
     target, engine = engines["int8"]
     runner = target.load(engine, threads=1)
     try:
@@ -117,8 +91,8 @@ def test_runner_batch_sizes_and_threads(engines, eval_set):
 
 def test_int8_agrees_with_fp32(engines, eval_set):
     x, labels, ref = eval_set
-    got, _ = _run(engines, "int8", x)
-    fp32, _ = _run(engines, "none", x)
+    got, _ = run_engine(engines, "int8", x)
+    fp32, _ = run_engine(engines, "none", x)
     agree = float((got.argmax(1) == fp32.argmax(1)).mean())
     assert agree >= 0.95, f"INT8 agrees with FP32 on {agree:.1%}"
     assert float((got.argmax(1) == labels).mean()) >= float((ref.argmax(1) == labels).mean()) - 0.05

@@ -11,24 +11,11 @@ from torch import nn
 
 from compressor import Form, Pipeline, get_target
 from compressor.errors import ConfigError, TargetError
+from compressor.targets.tflite import TFLiteTarget
 
-from .conftest import open_digits, tiny_eval_set
+from .conftest import build_engines, run_engine, tiny_eval_set, usable_target_mark
 
-try:  # the target's own availability check says what to install
-    from compressor.targets.tflite import TFLiteTarget
-
-    _AVAIL = TFLiteTarget.availability()
-except Exception as exc:  # pragma: no cover - only without the extra
-    _AVAIL = None
-    _REASON = f"{type(exc).__name__}: {exc}"
-else:
-    _REASON = _AVAIL.reason
-pytestmark = pytest.mark.skipif(_AVAIL is None or not _AVAIL.ok, reason=f"litert is not importable: {_REASON}")
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return open_digits(64)
+pytestmark = usable_target_mark("compressor.targets.tflite", "TFLiteTarget", "litert is not importable")
 
 
 @pytest.fixture(scope="module")
@@ -39,23 +26,10 @@ def eval_set(tiny, digits):
 @pytest.fixture(scope="module")
 def engines(tiny, digits, tmp_path_factory):
     """One engine per quantization mode, built once for the module."""
-    out = tmp_path_factory.mktemp("tflite")
-    built = {}
     configs = {"none": {}, "int8": {}, "fp16": {}, "dynamic_int8": {},
                "int8-aeq": {"quantization": "int8", "int8_method": "ai_edge_quantizer", "io": "quantized"}}
-    for key, extra in configs.items():
-        target = TFLiteTarget({"quantization": key, **extra})
-        built[key] = (target, target.build(tiny, out / key, data=digits if target.requires_data() else None))
-    return built
-
-
-def _run(engines, q, x, threads=2):
-    target, engine = engines[q]
-    runner = target.load(engine, threads=threads)
-    try:
-        return runner(x), runner.runtime_info()
-    finally:
-        runner.close()
+    return build_engines(TFLiteTarget, {k: {"quantization": k, **extra} for k, extra in configs.items()}, tiny, digits,
+                         tmp_path_factory.mktemp("tflite"))
 
 
 def test_registered_with_config_and_data_needs():
@@ -80,7 +54,7 @@ def test_fp32_engine_agrees_with_torch(engines, eval_set):
     target, engine = engines["none"]
     assert engine.name == "tflite-fp32" and engine.precision == "fp32" and engine.path.name == "model.tflite"
     assert engine.info["flatbuffer"]["input"] == {"type": "FLOAT32", "shape": [1, 3, 16, 16]}
-    got, info = _run(engines, "none", x)
+    got, info = run_engine(engines, "none", x)
     np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3)
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.99
     assert info["threads"] == 2 and info["delegate"] == "XNNPACK" and info["input_dtype"] == "float32"
@@ -127,7 +101,7 @@ def test_runner_loops_at_batch_1_where_the_graph_cannot_be_resized(engines, eval
         info = runner.runtime_info()
     finally:
         runner.close()
-    np.testing.assert_allclose(got, _run(engines, "int8", x)[0], atol=1e-6)
+    np.testing.assert_allclose(got, run_engine(engines, "int8", x)[0], atol=1e-6)
     assert info["batch_sizes"] == [1] and "batch 1 loop for batch sizes [5]" in info["batching"]
 
 
@@ -148,7 +122,7 @@ def test_int8_is_full_integer_and_accurate(engines, eval_set, key):
 
     dtypes = [np.dtype(d["dtype"]) for d in Interpreter(model_path=str(engine.path)).get_tensor_details()]
     assert dtypes.count(np.dtype(np.int8)) > dtypes.count(np.dtype(np.float32)), dtypes
-    got, rt = _run(engines, key, x)
+    got, rt = run_engine(engines, key, x)
     if key == "int8":  # io: float, QUANTIZE / DEQUANTIZE ops inside the model
         assert rt["input_dtype"] == "float32" and rt["output_dtype"] == "float32"
         assert fb["op_dtypes"].get("QUANTIZE:FLOAT32->INT8") == 1 and fb["input"]["type"] == "FLOAT32"
@@ -163,14 +137,14 @@ def test_int8_is_full_integer_and_accurate(engines, eval_set, key):
 
 @pytest.mark.parametrize("q, weight_type, name", [("fp16", "FLOAT16", "tflite-fp16"),
                                                   ("dynamic_int8", "INT8", "tflite-dynamic_int8")])
-def test_fp16_and_dynamic_int8_build_and_run(engines, eval_set, q, weight_type, name):
+def test_fp16_and_dynamic_int8_build_andrun_engine(engines, eval_set, q, weight_type, name):
     x, labels, ref = eval_set
     target, engine = engines[q]
     assert engine.name == name and engine.info["quantization"] == q
     fb = engine.info["flatbuffer"]
     assert weight_type in fb["tensor_types"], fb
     assert fb["input"]["type"] == "FLOAT32"
-    got, info = _run(engines, q, x[:50])
+    got, info = run_engine(engines, q, x[:50])
     assert got.shape == (50, 10) and info["input_dtype"] == "float32"
     assert (got.argmax(1) == ref[:50].argmax(1)).mean() >= 0.94
     if q == "fp16":
