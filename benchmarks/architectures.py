@@ -382,6 +382,26 @@ def smooth_quant(row: dict[str, Any]) -> str:
     return "off" if row["smooth_quant_alpha"] is None else str(row["smooth_quant_alpha"])
 
 
+def earlier(archs: list[str], args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    """The rows and entries of the architectures the last report holds and this invocation does not run
+    (one invocation per architecture fits a session; each entry keeps its own CPU and command). Kept only
+    where they were made with the same settings (ViT size, calibration and evaluation images)."""
+    old_file = RESULTS / "report.json"
+    if not old_file.is_file():
+        return {"rows": [], "architectures": []}
+    old = json.loads(old_file.read_text())
+    same = all(old.get("settings", {}).get(k) == getattr(args, k) for k in ("vit", "calibration", "images"))
+    if not same:
+        return {"rows": [], "architectures": []}
+    keep = [a for a in old.get("architectures", []) if a["arch"] not in archs]
+    for a in keep:  # entries of reports written before each kept its own
+        a.setdefault("cpu", old["environment"]["cpu"])
+        a.setdefault("isa_flags", old["environment"]["isa_flags"])
+        a.setdefault("command", old.get("command"))
+    names = {a["arch"] for a in keep}
+    return {"rows": [r for r in old.get("rows", []) if r["arch"] in names], "architectures": keep}
+
+
 def markdown(payload: dict[str, Any]) -> str:
     env = payload["environment"]
     lines = ["# The architectures users bring: every CPU INT8 target at 224x224 (issue 23, part 4)", "",
@@ -389,6 +409,10 @@ def markdown(payload: dict[str, Any]) -> str:
              f"Seeded random weights, {NUM_CLASSES} classes; calibration: {payload['settings']['calibration']} "
              f"CIFAR-10 training images upscaled to 224; evaluation: {payload['settings']['images']} test images; "
              "top-1 means nothing with random weights and is left out.", "",
+             *(["Architectures measured by separate invocations (each timed alone, its own session): "
+                + "; ".join(f"{a['arch']}: `{a['command']}` on {a['cpu']} ({', '.join(a['isa_flags'])})"
+                            for a in payload["architectures"] if a.get("command")), ""]
+               if len({a.get("command") for a in payload["architectures"]}) > 1 else []),
              "## SQNR of the logits against FP32 (dB) and speedup over the same runtime's FP32", "",
              "| architecture | " + " | ".join(label for label, _ in INT8_TARGETS.values()) +
              " | FP32 with 40 dB input noise |",
@@ -502,8 +526,13 @@ def main() -> int:
         if "error" in res:
             entry["error"] = res["error"]
         architectures.append(entry)
-    payload = {"command": " ".join(["python", *sys.argv]), "environment": environment(2),
-               "settings": {k: v for k, v in vars(args).items()}, "rows": rows, "architectures": architectures}
+    env = environment(2)
+    command = " ".join(["python", *sys.argv])
+    for a in architectures:
+        a.update(cpu=env["cpu"], isa_flags=env["isa_flags"], command=command)
+    kept = earlier(archs, args)
+    payload = {"command": command, "environment": env, "settings": {k: v for k, v in vars(args).items()},
+               "rows": kept["rows"] + rows, "architectures": kept["architectures"] + architectures}
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_text(RESULTS / "report.json", json.dumps(payload, indent=1, default=str) + "\n")
     write_text(RESULTS / "report.md", markdown(payload))
