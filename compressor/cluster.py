@@ -1,7 +1,8 @@
 """``--cluster``: build on any node, time on the device. Ray runs the work; this module says what.
 
 - Every branch of a recipe (every candidate of ``compress tune``) is a Ray task on any node with a
-  CPU: its passes (through the pass cache), then its targets' engines. The main chain runs and builds
+  CPU: its passes (through the pass cache), then its targets' engines. compress tune's screen (each
+  engine's drop on validation images, no timing) is one more task; only what it keeps is timed. The main chain runs and builds
   in the calling process meanwhile. A task's engines and pass outputs come back whole, by Ray's object
   store, and are written into the run's staging directory only there (nothing half-written).
 - Each device's timing session (every engine for that device and the source, interleaved rounds, as in
@@ -181,6 +182,45 @@ def build_branch_task(payload: dict[str, Any], main_files: dict[str, bytes],
                 "stage": _stage(f"build {b.name}", started, passes=len(res.records), engines=len(engines))}
 
 
+def _engines_from(payloads: list[dict[str, Any]], out: Path) -> list[Any]:
+    """Engines sent by :meth:`Cluster._engine_payload`, their files written under ``out``."""
+    from .target_base import Engine
+
+    engines = []
+    for e in payloads:
+        unpack(e["data"], out)
+        engines.append(Engine(e["target"], e["name"], [out / f for f in e["files"]], e["precision"],
+                              relocate(e["info"], "{OUT}", str(out)), built=e["built"], builder=e["builder"]))
+    return engines
+
+
+def screen_task(payload: dict[str, Any], source_files: dict[str, bytes]) -> dict[str, Any]:
+    """compress tune's screen (validation accuracy, no timing) on any worker: which engines go on to the
+    device's timing session, and the screen's findings."""
+    from .measure import session_rows
+    from .records import RunResult
+    from .staging import run_tempdir
+
+    started = time.time()
+    with run_tempdir(), tempfile.TemporaryDirectory(prefix="compressor-screen-") as d:
+        source = unpack_artifact(source_files, Path(d) / "source")
+        result = RunResult(source=source, artifacts=[source], records=[], threads=payload["threads"])
+        result.engines = _engines_from(payload["engines"], Path(d) / "run")
+        rows, _ = session_rows(result, payload["cfg"], payload["threads"])
+        screen = payload["screen"]
+        screen.data_ref.append(payload["data"])
+        try:
+            kept = {r.name for r in screen(rows, result)}
+        finally:
+            for r in rows:
+                r.runner.close()
+    state = {k: v for k, v in vars(screen).items() if k != "data_ref"}
+    names = [e.name for e in result.engines
+             if e.name in kept or any(k.startswith(e.name + "-proxy-") for k in kept)]
+    return {"kept": names, "failures": result.failures, "screen": state,
+            "stage": _stage(f"screen {len(result.engines)} engine(s)", started)}
+
+
 class TimingSession:
     """A device's timing session, as a Ray actor on a node that carries ``device:NAME``: it receives
     the engines (files packed), measures them with the source in one session (measure.measure_run)
@@ -200,29 +240,21 @@ class TimingSession:
         from .measure import measure_run
         from .records import RunResult
         from .staging import run_tempdir
-        from .target_base import Engine
 
         started = time.time()
         with run_tempdir():
             source = unpack_artifact(payload["source"], self.dir / "source")
             result = RunResult(source=source, artifacts=[source], records=[], threads=payload["threads"])
             out = self.dir / "run"
-            for e in payload["engines"]:
-                unpack(e["data"], out)
-                engine = Engine(e["target"], e["name"], [out / f for f in e["files"]], e["precision"],
-                                relocate(e["info"], "{OUT}", str(out)), built=e["built"], builder=e["builder"])
+            for engine in _engines_from(payload["engines"], out):
                 self.engines[engine.name] = engine
                 result.engines.append(engine)
-            screen = payload.get("screen")
-            if screen is not None:
-                screen.data_ref.append(payload["data"])
             measure_run(payload["data"], payload["cfg"], payload["threads"], result, hooks=HookList([]),
-                        screen=screen, timed_on=where_am_i(self.device), source_name=payload["source_name"])
+                        timed_on=where_am_i(self.device), source_name=payload["source_name"])
         for m in result.measurements:
             m.engine = relocate(m.engine, str(out), "{OUT}")
-        state = None if screen is None else {k: v for k, v in vars(screen).items() if k != "data_ref"}
         return {"measurements": result.measurements, "failures": result.failures, "timing_load": result.timing_load,
-                "timing": result.timing, "screen": state,
+                "timing": result.timing,
                 "stage": _stage(f"time {len(payload['engines'])} engine(s) for {self.device}", started)}
 
     def p50_at_threads(self, names: list[str], counts: list[int], one: Any, cfg: Any) -> tuple[Any, Any, dict]:
@@ -396,12 +428,10 @@ class Cluster:
         for device, engines in by_device.items():
             if not engines and not first:
                 continue
+            if first and pipeline.screen is not None and engines:
+                engines = self._screen(pipeline, engines, src, lean, cfg, threads, result, out_dir)
             actor = self.session(device)
-            screen = None
-            if first and pipeline.screen is not None:
-                screen = copy.copy(pipeline.screen)
-                screen.data_ref = []
-            payload = {"source": src, "data": lean, "cfg": cfg, "threads": threads, "screen": screen,
+            payload = {"source": src, "data": lean, "cfg": cfg, "threads": threads,
                        "source_name": "source" if first else f"source@{device}",
                        "engines": [self._engine_payload(e, out_dir) for e in engines]}
             try:
@@ -426,15 +456,48 @@ class Cluster:
             result.failures.extend(got["failures"])
             if first:
                 result.timing_load, result.timing = got["timing_load"], got["timing"]
-                if screen is not None and got["screen"] is not None:
-                    for k, v in got["screen"].items():
-                        setattr(pipeline.screen, k, v)
             st = got["stage"]
             self.session_nodes[device] = {k: st[k] for k in ("node", "pid", "cpu", "node_id", "ip", "nice") if k in st}
             result.sessions.append({"device": device, **self.session_nodes[device], "seconds": st["seconds"],
                                     "engines": [e.name for e in engines], "load": got["timing_load"]})
             first = False
         result.cluster = self.summary()
+
+    def _screen(self, pipeline: Any, engines: list[Any], src: dict[str, bytes], data: Any, cfg: Any, threads: int,
+                result: Any, out_dir: Path) -> list[Any]:
+        """compress tune's screen as a task on any worker (retried once where it dies): the engines it
+        keeps for the device's session; its findings go back into ``pipeline.screen``. Where it cannot
+        run, every engine fails with one line."""
+        from .records import TargetFailure
+
+        ray = self.ray
+        screen = copy.copy(pipeline.screen)
+        screen.data_ref = []
+        payload = {"engines": [self._engine_payload(e, out_dir) for e in engines], "screen": screen, "data": data,
+                   "cfg": cfg, "threads": threads}
+        task = ray.remote(num_cpus=1, max_retries=RETRIES, retry_exceptions=False)(screen_task)
+        pipeline.hooks.on_message(f"cluster: screening {len(engines)} engine(s) on validation images")
+        try:
+            got = ray.get(task.remote(payload, src))
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else None
+            if isinstance(cause, CompressorError):
+                raise cause from None
+            why = f"the screen failed: {first_line(cause or exc)}"
+        except ray.exceptions.RayError as exc:
+            why = f"the screen's worker died twice (retried {RETRIES}x): {first_line(exc)}"
+        else:
+            self.stages.append(got["stage"])
+            result.failures.extend(got["failures"])
+            for k, v in got["screen"].items():
+                setattr(pipeline.screen, k, v)
+            kept = set(got["kept"])
+            return [e for e in engines if e.name in kept]
+        for e in engines:
+            result.failures.append(TargetFailure(e.builder.name if e.builder else e.target,
+                                                 e.builder.step if e.builder else e.name,
+                                                 f"engine {e.name!r} was not screened: {why}", unavailable=False))
+        return []
 
     @staticmethod
     def _engine_payload(e: Any, root: Path) -> dict[str, Any]:

@@ -31,18 +31,12 @@ def timed_here(device: str) -> dict[str, Any]:
     return {"node": socket.gethostname(), "device": device, "cpu": cpu_model()}
 
 
-def measure_run(data: DataBundle, cfg: EvaluationConfig, threads: int, result: RunResult, *, hooks: HookList,
-                screen: Callable[[list[ResultRow], RunResult], list[ResultRow]] | None = None,
-                timed_on: dict[str, Any] | None = None, source_name: str = "source") -> None:
-    """Every row in one measurement session: the source, the stages (if asked), the baselines
-    and the engines; batch-1 latency is timed in rounds interleaved over all of them. ``timed_on``
-    goes into every row (where it was timed); ``source_name`` names the source's row (a cluster's
-    second device session times the source again, as ``source@DEVICE``)."""
+def session_rows(result: RunResult, cfg: EvaluationConfig, threads: int,
+                 source_name: str = "source") -> tuple[list[ResultRow], dict[str, Target]]:
+    """The rows of a session, each with a fresh runner: the source, the stages (``cfg.stages``) and every
+    engine of ``result`` (an engine that cannot load is a failure of the run, not a row). Returns the rows
+    and the target of each engine row."""
     source = result.source
-    size = tuple(source.input_spec.sample_shape[1:])
-    # streamed: decoded by worker processes (or read from the decoded-image store) batch by batch
-    x = data.evaluation_images(size, source.preprocessing).preprocessed(source.preprocessing)  # type: ignore[arg-type]
-    labels = x.labels
     rows = [ResultRow(
         name=source_name,
         target="torch" if source.form is not Form.ONNX else "onnxruntime",
@@ -77,6 +71,22 @@ def measure_run(data: DataBundle, cfg: EvaluationConfig, threads: int, result: R
         targets[name] = target
         rows.append(ResultRow(name=name, target=engine.target, precision=engine.precision, runner=runner,
                                 size_bytes=engine.size_bytes, engine=str(engine.path), runtime=runtime))
+    return rows, targets
+
+
+def measure_run(data: DataBundle, cfg: EvaluationConfig, threads: int, result: RunResult, *, hooks: HookList,
+                screen: Callable[[list[ResultRow], RunResult], list[ResultRow]] | None = None,
+                timed_on: dict[str, Any] | None = None, source_name: str = "source") -> None:
+    """Every row in one measurement session: the source, the stages (if asked), the baselines
+    and the engines; batch-1 latency is timed in rounds interleaved over all of them. ``timed_on``
+    goes into every row (where it was timed); ``source_name`` names the source's row (a cluster's
+    second device session times the source again, as ``source@DEVICE``)."""
+    source = result.source
+    size = tuple(source.input_spec.sample_shape[1:])
+    # streamed: decoded by worker processes (or read from the decoded-image store) batch by batch
+    x = data.evaluation_images(size, source.preprocessing).preprocessed(source.preprocessing)  # type: ignore[arg-type]
+    labels = x.labels
+    rows, targets = session_rows(result, cfg, threads, source_name)
 
     def failed(row: ResultRow, exc: Exception) -> None:
         runtime_failure(result, targets.get(row.name), row.name, exc)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import sys
 
 import pytest
@@ -28,6 +29,43 @@ def local_ray():
         yield ray
     finally:
         ray.shutdown()
+
+
+def test_cluster_auto_starts_a_local_instance_and_stops_it(model_files, tmp_path):
+    """The first test of the module, before its own instance starts: ``--cluster auto`` with no cluster
+    starts Ray for the command and stops it at the end."""
+    import subprocess
+    import time
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS") or _ray_processes():
+        pytest.skip("a Ray instance runs already: --cluster auto would join it")
+    recipe = tmp_path / "two.yaml"
+    recipe.write_text(TWO_DEVICES.replace("x86-avx2", "host").replace("x86-avx512-vnni", "host"))
+    proc = subprocess.run([sys.executable, "-m", "compressor", str(model_files["pickle"]), "--recipe", str(recipe),
+                           "--trust-model", "--out", str(tmp_path / "out"), "--eval-limit", "100", "--cluster", "auto",
+                           "-q"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode in (0, 1) and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["cluster"]["started_local"] is True
+    assert {s["device"] for s in report["cluster"]["timing_sessions"]} == {"host"}
+    deadline = time.time() + 30
+    while _ray_processes() and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _ray_processes()  # stopped with the command
+
+
+def _ray_processes() -> list[str]:
+    """Ray's own daemons running on this machine (raylet, the GCS server)."""
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/comm") as fh:
+                name = fh.read().strip()
+        except OSError:
+            continue
+        if name in ("raylet", "gcs_server"):
+            out.append(f"{d} {name}")
+    return out
 
 
 def _engine_bytes(run_dir) -> dict[str, list[bytes]]:
@@ -55,7 +93,6 @@ def test_tune_on_the_cluster_builds_the_same_engines(local_ray, model_files, dig
     builds = [s for s in stages if s["stage"].startswith("build ")]
     branches = {c["candidate"] for c in summary["candidates"]} - {"ort_fp32"}  # ort_fp32: the main chain
     assert {s["stage"][len("build "):] for s in builds} == branches
-    import os
 
     assert all(s["pid"] != os.getpid() for s in stages)
     # the timing session ran in the actor holding device:x86-avx2, and every row says so
@@ -65,6 +102,8 @@ def test_tune_on_the_cluster_builds_the_same_engines(local_ray, model_files, dig
     assert {r["timed_on"]["device"] for r in report["results"]} == {"x86-avx2"}
     assert {r["timed_on"]["pid"] for r in report["results"]} == {sessions[0]["pid"]} != {os.getpid()}
     assert any(s["stage"].startswith("thread sweep") for s in stages)  # the sweep ran on the device too
+    (screen,) = [s for s in stages if s["stage"].startswith("screen ")]  # the screen was a task of its own
+    assert screen["pid"] != sessions[0]["pid"]
     assert "Ray cluster" in (tmp_path / "cluster" / "report.md").read_text()
 
 
