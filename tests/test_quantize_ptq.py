@@ -169,3 +169,34 @@ def test_non_openvino_backends_take_onnx_only(sources):
         assert p.accepts(Form.ONNX) and not p.accepts(Form.TORCH)
         with pytest.raises(PipelineOrderError, match="put export_onnx before it"):
             p.check_input(Form.TORCH, "passes[0]")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("modelopt") is None, reason="nvidia-modelopt (tensorrt-qdq extra) is not installed")
+def test_ort_static_int8_is_the_same_after_the_tensorrt_path_ran_in_the_process(model_files, tmp_path):
+    """ModelOpt patches ONNX Runtime's quantizer and deletes Relu (and more) from its QDQ registry in
+    place; after a TensorRT QDQ build, ORT's own INT8 of the same model gave other bytes (the Relu after a
+    Conv kept a QDQ pair of its own), so a cluster worker and the caller built different engines."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization.registry import QDQRegistry
+
+    from compressor.passes._ptq.modelopt_qdq import quantize_for_tensorrt
+
+    x = np.random.default_rng(0).standard_normal((16, 3, 16, 16)).astype(np.float32)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input": x[i:i + 1]} for i in range(len(x))])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    def ort_int8(name):
+        quantize_static(str(model_files["onnx"]), str(tmp_path / name), Reader(), quant_format=QuantFormat.QDQ)
+        return hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+
+    registry = dict(QDQRegistry)
+    before = ort_int8("before.onnx")
+    quantize_for_tensorrt(model_files["onnx"], tmp_path / "trt.onnx", x, "minmax")
+    assert (tmp_path / "trt.onnx").is_file()
+    assert dict(QDQRegistry) == registry and "Relu" in QDQRegistry
+    assert ort_int8("after.onnx") == before

@@ -76,7 +76,7 @@ def quantize_for_tensorrt(src: Any, dst: Any, x: np.ndarray, calibration: str = 
     import modelopt.onnx.quantization as moq
 
     log_buffer = io.StringIO()
-    with contextlib.redirect_stdout(log_buffer), _ort_quantization_restored():
+    with contextlib.redirect_stdout(log_buffer), ort_quantization_restored():
         moq.quantize(
             str(src),
             quantize_mode="int8",
@@ -93,21 +93,28 @@ def quantize_for_tensorrt(src: Any, dst: Any, x: np.ndarray, calibration: str = 
 
 
 _ORT_QUANTIZATION_MODULES = ("onnxruntime.quantization.calibrate", "onnxruntime.quantization.onnx_quantizer",
-                             "onnxruntime.quantization.qdq_quantizer", "onnxruntime.quantization.base_quantizer")
+                             "onnxruntime.quantization.qdq_quantizer", "onnxruntime.quantization.base_quantizer",
+                             "onnxruntime.quantization.registry")
 
 
 @contextlib.contextmanager
-def _ort_quantization_restored() -> Iterator[None]:
-    """ModelOpt monkey-patches ONNX Runtime's quantization classes when it runs; put them back
-    afterwards, so that ORT's own ``quantize_static`` (backend onnxruntime) still works in the
-    same process."""
+def ort_quantization_restored() -> Iterator[None]:
+    """ModelOpt monkey-patches ONNX Runtime's quantization classes when it runs, and edits its operator
+    registries in place (``configure_ort`` deletes Relu, Reshape, Transpose, ... from QDQRegistry); put
+    both back afterwards, so that ORT's own ``quantize_static`` (backend onnxruntime) gives the same
+    graph in a process where the TensorRT path ran before as in a fresh one (it did not: the Relu after
+    a Conv kept its own QDQ pair, and a cluster worker that had not built a TensorRT engine wrote other
+    bytes)."""
     saved: list[tuple[Any, dict[str, Any]]] = []
+    tables: list[tuple[dict, dict]] = []
     for name in _ORT_QUANTIZATION_MODULES:
         mod = importlib.import_module(name)
         saved.append((mod, dict(vars(mod))))
-        for value in list(vars(mod).values()):
+        for key, value in list(vars(mod).items()):
             if isinstance(value, type) and value.__module__ == name:
                 saved.append((value, dict(vars(value))))
+            elif isinstance(value, dict) and not key.startswith("_"):  # a registry, edited in place
+                tables.append((value, dict(value)))
     try:
         yield
     finally:
@@ -118,3 +125,7 @@ def _ort_quantization_restored() -> Iterator[None]:
             for key, value in before.items():
                 if now.get(key) is not value and key not in ("__dict__", "__weakref__", "__doc__"):
                     setattr(owner, key, value)
+        for table, before in tables:
+            if table != before:
+                table.clear()
+                table.update(before)
