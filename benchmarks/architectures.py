@@ -404,14 +404,16 @@ def earlier(archs: list[str], args: argparse.Namespace) -> dict[str, list[dict[s
 
 def markdown(payload: dict[str, Any]) -> str:
     env = payload["environment"]
+    cpus = {a.get("command"): f"{a.get('cpu')} ({', '.join(a.get('isa_flags') or [])})" for a in payload["architectures"]}
     lines = ["# The architectures users bring: every CPU INT8 target at 224x224 (issue 23, part 4)", "",
              f"CPU: {env['cpu']} ({', '.join(env['isa_flags']) or 'no AVX flags'}), {env['threads']} threads. "
              f"Seeded random weights, {NUM_CLASSES} classes; calibration: {payload['settings']['calibration']} "
              f"CIFAR-10 training images upscaled to 224; evaluation: {payload['settings']['images']} test images; "
              "top-1 means nothing with random weights and is left out.", "",
-             *(["Architectures measured by separate invocations (each timed alone, its own session): "
-                + "; ".join(f"{a['arch']}: `{a['command']}` on {a['cpu']} ({', '.join(a['isa_flags'])})"
-                            for a in payload["architectures"] if a.get("command")), ""]
+             *(["Architectures measured by separate invocations (each timed alone, in sessions of its own): "
+                + "; ".join(f"{', '.join(a['arch'] for a in payload['architectures'] if a.get('command') == c)}: "
+                            f"`{c}` on {cpus[c]}" for c in dict.fromkeys(a.get("command") for a in payload["architectures"])
+                            if c), ""]
                if len({a.get("command") for a in payload["architectures"]}) > 1 else []),
              "## SQNR of the logits against FP32 (dB) and speedup over the same runtime's FP32", "",
              "| architecture | " + " | ".join(label for label, _ in INT8_TARGETS.values()) +
