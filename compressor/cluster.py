@@ -52,6 +52,27 @@ def resource(device: str) -> str:
     return f"device:{device}"
 
 
+def reachable(address: str, timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to ``HOST:PORT`` (or ``ray://HOST:PORT``) opens within ``timeout``."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _current_cluster() -> str | None:
+    """The GCS address ``ray start`` recorded on this machine (what ``address="auto"`` joins), if any."""
+    try:
+        from ray._private.utils import read_ray_address  # Ray's own reader (RAY_TMPDIR and all)
+
+        return read_ray_address() or None
+    except Exception:  # noqa: BLE001 - a private helper that moved: the default place
+        path = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        return path.read_text().strip() or None if path.is_file() else None
+
+
 # ---------------------------------------------------------------------- moving files
 def pack(root: Path, files: list[Path] | None = None) -> dict[str, bytes]:
     """Files under ``root`` (or only ``files``) as {path relative to root: bytes}."""
@@ -298,6 +319,9 @@ class Cluster:
             return self
         if self.address == "auto":
             try:
+                current = _current_cluster()  # a stale record of a cluster that is gone: start one
+                if current is not None and not reachable(current):
+                    raise ConnectionError(current)
                 ray.init(address="auto", **quiet)
             except ConnectionError:  # no cluster here: one for this command
                 from .devices import host_device
@@ -306,6 +330,9 @@ class Cluster:
                          include_dashboard=False, **quiet)
                 self.started_local = True
         else:
+            if not reachable(self.address):  # Ray itself would keep trying for minutes
+                raise ConfigError(f"--cluster {self.address}: nothing answers there (start the head with "
+                                  f"`ray start --head`, or give its HOST:PORT)")
             try:
                 ray.init(address=self.address, **quiet)
             except Exception as exc:  # noqa: BLE001 - Ray raises several kinds for an address it cannot reach

@@ -54,6 +54,20 @@ def test_cluster_auto_starts_a_local_instance_and_stops_it(model_files, tmp_path
     assert not _ray_processes()  # stopped with the command
 
 
+def test_a_cluster_address_nothing_answers_is_one_line(model_files, tmp_path, capsys):
+    """Ray would retry an address with no head for minutes; the tool says so at once. (Before the module's
+    own instance starts: a process already connected to Ray uses that connection.)"""
+    import time
+
+    recipe = tmp_path / "two.yaml"
+    recipe.write_text(TWO_DEVICES)
+    started = time.monotonic()
+    line = one_error_line(*cli(capsys, model_files["pickle"], "--recipe", recipe, "--trust-model", "--out",
+                               tmp_path / "out", "--cluster", "127.0.0.1:1", "-q"))
+    assert "--cluster 127.0.0.1:1: nothing answers there" in line
+    assert time.monotonic() - started < 60 and not (tmp_path / "out").exists()
+
+
 def _ray_processes() -> list[str]:
     """Ray's own daemons running on this machine (raylet, the GCS server)."""
     out = []
