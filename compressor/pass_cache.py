@@ -80,7 +80,12 @@ class PassCache:
         theirs = self.get(key)
         if theirs is not None:
             return theirs[0]
-        if final.exists():  # an entry that cannot be read (get said so): set aside, then written anew
+        if final.exists():
+            theirs = self.get(key)  # another process may have renamed its whole entry in since the get above
+            if theirs is not None:
+                return theirs[0]
+            # an entry that cannot be read: set aside, then written anew (no process can rename a whole
+            # entry over it meanwhile: a rename never replaces a directory that is there)
             stale = staging_path(final, "old")
             try:
                 os.replace(final, stale)
