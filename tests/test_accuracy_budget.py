@@ -18,6 +18,7 @@ import torch
 
 from compressor import get_pass
 from compressor.data import DataConfig, open_data, preprocess
+from compressor.errors import ConfigError
 from compressor.intake import load_model
 from compressor.pass_base import PassContext
 
@@ -124,6 +125,29 @@ def test_max_drop_holds_with_at_most_two_layers_in_float(backend, planted, digit
     x, labels = test_split
     test_drop = fp32_top1(planted["single"], x, labels) - top1(art, x, labels)
     assert test_drop < 3, f"{backend}: budgeted INT8 loses {test_drop:.1f} points on the test split"
+
+
+def test_openvino_keep_float_loop_meets_the_budget_like_the_onnx_backends(planted, digits, test_split, tmp_path):
+    """``accuracy_control: keep_float``: OpenVINO through the loop the ONNX backends run (ranked by output
+    NMSE with a layer's quantizers bypassed, nncf.quantize with the kept layers ignored): the planted
+    outlier's layer, the second conv, is ranked first and kept, and the budget holds."""
+    res = quantize("openvino", planted["single"], digits, tmp_path, max_drop=BUDGET, accuracy_control="keep_float")
+    budget = res.metrics["accuracy_budget"]
+    assert budget["met"] is True and budget["method"].startswith("keep-float loop"), budget
+    assert budget["drop_plain"] > 50 and budget["drop"] <= budget["drop_bound"] <= BUDGET
+    assert budget["ranking"][0]["node"] == budget["kept_in_float"][0]
+    assert 1 <= len(budget["kept_in_float"]) <= 2, budget["kept_layers"]
+    assert {k["op_type"] for k in budget["kept_layers"]} == {"Convolution"}
+    assert budget["tries"][-1]["met"] and budget["tries"][-1]["ignored_scope"] == budget["kept_in_float"]
+    assert isinstance(budget["kept_layers"][0]["latency_cost_ms"], float)
+    assert not (tmp_path / "openvino" / "plain").exists()  # its tries are not left in the pass's directory
+    x, labels = test_split
+    assert fp32_top1(planted["single"], x, labels) - top1(res.artifact, x, labels) < 3
+
+
+def test_accuracy_control_is_for_openvino_only():
+    with pytest.raises(ConfigError, match="accuracy_control is for backend openvino"):
+        get_pass("quantize_ptq")({"backend": "onnxruntime", "max_drop": 1.0, "accuracy_control": "keep_float"})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -71,6 +71,7 @@ def quantize(artifact: ModelArtifact, x: np.ndarray, config: QuantizePTQConfig, 
             quantized, extra["accuracy_budget"] = _within_budget(model, dataset, budget, config, arguments, work_dir)
     path = work_dir / "model.xml"
     ov.save_model(canonical_names(quantized), str(path), compress_to_fp16=False)
+    shutil.rmtree(work_dir / "plain", ignore_errors=True)  # the budget's float model and tries
     fq = sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ops())
     metrics = {"backend": "nncf/openvino", "calibration": config.calibration, "samples": len(x),
                "fake_quantize_nodes": fq,
@@ -271,6 +272,8 @@ def _within_budget(model: Any, dataset: Any, budget: Budget, config: QuantizePTQ
         return direct, accuracy_budget.metrics_block(
             budget, method="nncf quantize (plain PTQ met the budget)", plain=direct_verdict, final=direct_verdict,
             kept=[], tries=[])
+    if config.accuracy_control == "keep_float":
+        return _keep_float(model, dataset, budget, config, arguments, fp32_dir, direct_xml, direct_verdict)
     plain_dir = fp32_dir
     advanced = arguments.pop("advanced_parameters")
     quantized, tries = _accuracy_control(model, dataset, budget, config, arguments, advanced, plain_dir,
@@ -326,5 +329,115 @@ def _within_budget(model: Any, dataset: Any, budget: Budget, config: QuantizePTQ
     shutil.rmtree(plain_dir, ignore_errors=True)
     metrics = accuracy_budget.metrics_block(
         budget, method="nncf quantize_with_accuracy_control", plain=plain, final=final, kept=kept, tries=tries,
+        **extra)
+    return quantized, metrics
+
+
+# ---------------------------------------------------------------------- the shared keep-float loop
+
+
+def _source(value: Any, through: tuple[str, ...]) -> tuple[Any, Any]:
+    """(the input port fed by the FakeQuantize on ``value``'s path through ``through`` ops, that FakeQuantize),
+    or (None, None) where the path has none."""
+    node, port = value.get_node(), None
+    while node.get_type_name() in through:
+        port = node.input(0)
+        node = port.get_source_output().get_node()
+    return (port, node) if node.get_type_name() == "FakeQuantize" else (None, None)
+
+
+def float_layer(model: Any, names: list[str]) -> Any:
+    """A copy of ``model`` with the FakeQuantize nodes on the data and weight inputs of the layers ``names``
+    bypassed (each layer's own input port fed by the FakeQuantize's input): those layers computed in float,
+    every other quantizer as calibrated."""
+    copy = model.clone()
+    wanted = set(names)
+    for op in copy.get_ops():
+        if op.get_friendly_name() not in wanted:
+            continue
+        for i, through in ((0, _ACTIVATION_PATH), (1, _WEIGHT_PATH)):
+            if op.get_input_size() <= i:
+                continue
+            port, fq = _source(op.input_value(i), through)
+            target = port if port is not None else op.input(i)
+            if fq is not None:
+                target.replace_source_output(fq.input_value(0))
+    copy.validate_nodes_and_infer_types()
+    return copy
+
+
+def rank_layers(plain: Any, reference: np.ndarray, x: np.ndarray, threads: int,
+                skip: tuple[str, ...] = ()) -> list[tuple[str, float]]:
+    """(layer, output NMSE against the float model with that layer's quantizers bypassed) of every quantized
+    layer of ``plain``, most sensitive (lowest NMSE) first: the ONNX search's definition of sensitivity."""
+    from ...fidelity.metrics import nmse
+
+    core = ov_core()
+    scores = []
+    for name in quantized_layers(plain):
+        if name in skip:
+            continue
+        compiled = core.compile_model(float_layer(plain, [name]), "CPU",
+                                      {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
+        logits = np.concatenate([compiled(x[i : i + 64])[0] for i in range(0, len(x), 64)])
+        scores.append((name, nmse(reference, logits)))
+    return sorted(scores, key=lambda s: s[1])
+
+
+def _keep_float(model: Any, dataset: Any, budget: Budget, config: QuantizePTQConfig, arguments: dict[str, Any],
+                work: Path, plain_xml: Path, plain_verdict: Any) -> tuple[Any, dict[str, Any]]:
+    """``accuracy_control: keep_float``: the budget met by the one keep-float loop every backend runs
+    (:func:`compressor.fidelity.budget.keep_float_loop`): the plain model's quantized layers ranked by the
+    output NMSE left with each one's quantizers bypassed, then ``nncf.quantize`` with the top 1, 2, ... of
+    them in the ignored scope, each validated against the budget; re-ranked on a try's model where a step
+    gains little."""
+    import nncf
+    import openvino as ov
+
+    from ...fidelity.budget import Candidate, keep_float_loop
+    from ...targets.openvino import OVRunner
+
+    core = ov_core()
+    plain = core.read_model(str(plain_xml))
+    x = np.asarray(budget.x[: accuracy_budget.RANKING_IMAGES], dtype=np.float32)
+    reference = np.asarray(budget.reference(x))
+    made: dict[tuple[str, ...], Path] = {(): plain_xml}
+
+    def build(layers: list[str]) -> Path:
+        key = tuple(sorted(layers))
+        if key not in made:
+            scope = nncf.IgnoredScope(names=[*config.ignored_nodes, *layers], validate=True)
+            quantized = nncf.quantize(model, dataset, ignored_scope=scope, **arguments)
+            made[key] = work / f"keep-{len(made)}.xml"
+            ov.save_model(quantized, str(made[key]), compress_to_fp16=False)
+        return made[key]
+
+    def candidate(layers: list[str]) -> Candidate:
+        path = build(layers)
+        return Candidate(path, _runs(path, budget.threads), {"ignored_scope": list(layers)})
+
+    ranking = rank_layers(plain, reference, x, budget.threads)
+    found = keep_float_loop(
+        budget, Candidate(plain_xml, _runs(plain_xml, budget.threads)), plain_verdict, ranking, candidate,
+        rerank=lambda c: rank_layers(core.read_model(str(c.model)), reference, x, budget.threads,
+                                     skip=tuple(c.fields["ignored_scope"])),
+        noun="layers")
+    plain_verdict = budget.current(plain_verdict, _runs(plain_xml, budget.threads))
+    final = budget.current(found.verdict, _runs(found.best.model, budget.threads))
+    types = quantized_layers(plain)
+    extra: dict[str, Any] = {"ranking": [{"node": n, "nmse_in_float": e} for n, e in ranking[:10]]}
+    latencies: dict[str, float] = {}
+    if found.kept and budget.layer_latency:
+        variants = {layer: build([o for o in found.kept if o != layer]) for layer in found.kept}
+        final_ms, latencies = accuracy_budget.latency_costs(
+            OVRunner(found.best.model, threads=budget.threads),
+            {k: OVRunner(v, threads=budget.threads) for k, v in variants.items()}, budget.x[:1])
+        extra["latency_ms"] = {"budgeted": final_ms, "runtime": "openvino CPU", "threads": budget.threads}
+    kept = [{"node": name, "op_type": types.get(name), "source_module": module_name(name),
+             "nmse_in_float": found.scores.get(name), "latency_cost_ms": latencies.get(name)} for name in found.kept]
+    quantized = core.read_model(str(found.best.model))
+    metrics = accuracy_budget.metrics_block(
+        budget, method="keep-float loop (ranked by output NMSE with a layer's quantizers bypassed; nncf.quantize "
+        "with the kept layers in the ignored scope)", plain=plain_verdict, final=final, kept=kept, tries=found.tries,
         **extra)
     return quantized, metrics

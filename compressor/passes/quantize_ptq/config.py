@@ -50,6 +50,11 @@ class QuantizePTQConfig(NNCFQuantizationConfig):
     never the test split); where plain PTQ loses more, the most sensitive layers stay in float
     until it holds (openvino: NNCF quantize_with_accuracy_control; onnxruntime, tensorrt: ranked
     layers in the quantizer's excluded nodes). None: plain PTQ"""
+    accuracy_control: Literal["nncf", "keep_float"] = "nncf"
+    """max_drop, openvino: how the budget is met. nncf: NNCF's quantize_with_accuracy_control (its own
+    ranking and loop); keep_float: the loop the ONNX backends run (layers ranked by the output NMSE left
+    with each one's quantizers bypassed, re-quantized by nncf.quantize with the top ones in the ignored
+    scope until the budget holds). benchmarks/accuracy_control.py compares them"""
     validation_samples: int | None = Field(default=None, ge=10)
     """max_drop: class-balanced validation images of the training split that calibration does not use;
     None: what the confidence bound needs (at least 500, grown where a setting's bound misses for lack
@@ -83,6 +88,13 @@ class QuantizePTQConfig(NNCFQuantizationConfig):
                 f"calibration {self.calibration!r} is not available with backend {self.backend} "
                 f"(choose: {', '.join(allowed)})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _accuracy_control_is_openvino(self) -> QuantizePTQConfig:
+        if "accuracy_control" in self.model_fields_set and self.backend != "openvino":
+            raise ValueError(f"accuracy_control is for backend openvino; backend {self.backend} always meets "
+                             "max_drop by the keep-float loop")
         return self
 
     @field_validator("smooth_quant", mode="before")
