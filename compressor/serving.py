@@ -355,18 +355,23 @@ def stream(blobs: list[bytes], decode: Callable[[bytes], np.ndarray], pool: Pool
 
 
 def inference_only(inputs: list[np.ndarray], pool: Pool, *, seconds: float, warm: float, batch: int = 1) -> float:
-    """Frames per second of ``pool`` fed, as fast as it takes them, with inputs decoded beforehand."""
+    """Frames per second of ``pool`` fed, as fast as it takes them, with inputs decoded beforehand (given to
+    each request once where the runtime lets it, as OpenVINO's benchmark_app does; else with each call)."""
     clock = time.perf_counter
     done: list[float] = []
 
     def finished(y: np.ndarray) -> None:
         done.append(clock())
 
+    bound = pool.bind(inputs)
     start = clock()
     t_from, i = start + warm, 0
     t_to = t_from + seconds
     while clock() < t_to:
-        pool.start(inputs[i % len(inputs)], finished)
+        if bound:
+            pool.start_bound(finished)
+        else:
+            pool.start(inputs[i % len(inputs)], finished)
         i += 1
     pool.wait()
     return sum(1 for t in done if t_from <= t <= t_to) * batch / seconds
@@ -677,8 +682,16 @@ def goals(section: dict[str, Any]) -> list[dict[str, Any]]:
     for r in section.get("engines", []):
         a = r.get("async") or {}
         if a.get("e2e_best_share") is not None:
+            ceiling = (a["cpu_bound_fps"] / a["inference_only_fps"]) if a.get("cpu_bound_fps") and \
+                a.get("inference_only_fps") else None
             out.append({"engine": r["engine"], "goal": f"end-to-end >= {GOAL_E2E_SHARE}x inference-only",
-                        "value": round(a["e2e_best_share"], 3), "passed": bool(a["e2e_best_share"] >= GOAL_E2E_SHARE)})
+                        "value": round(a["e2e_best_share"], 3), "passed": bool(a["e2e_best_share"] >= GOAL_E2E_SHARE),
+                        **({"note": f"the cores allow at most {ceiling:.2f}x with host preprocessing (CPU bound)"}
+                           if ceiling is not None and ceiling < GOAL_E2E_SHARE else {})})
+        if a.get("e2e_share_of_cpu_bound") is not None:
+            share = a["e2e_share_of_cpu_bound"]
+            out.append({"engine": r["engine"], "goal": f"end-to-end (host preprocessing) >= {GOAL_E2E_SHARE}x what "
+                        "the cores allow (CPU bound)", "value": round(share, 3), "passed": bool(share >= GOAL_E2E_SHARE)})
         ref = r.get("referee") or {}
         if "ratio" in ref:
             out.append({"engine": r["engine"], "goal": f"async inference-only within {GOAL_REFEREE:.0%} of benchmark_app",
@@ -781,7 +794,8 @@ def render_markdown(section: dict[str, Any] | None, *, heading: str = "##") -> l
     if goals_:
         lines += ["", f"{sub} Goals", "", "| engine | goal | value | verdict |", "|---|---|---|---|"]
         for g in goals_:
-            lines.append(f"| {g['engine']} | {g['goal']} | {g['value']} | {'pass' if g['passed'] else '**FAIL**'} |")
+            note = f" ({g['note']})" if g.get("note") else ""
+            lines.append(f"| {g['engine']} | {g['goal']} | {g['value']}{note} | {'pass' if g['passed'] else '**FAIL**'} |")
     lines += ["", f"{sub} Requests in flight", "",
               "| engine | how | N | decode threads | e2e fps | e2e p50 / p99 ms | inference-only fps |",
               "|---|---|---|---|---|---|---|"]

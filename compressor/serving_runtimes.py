@@ -56,6 +56,15 @@ class Pool(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
+    def bind(self, inputs: list[np.ndarray]) -> bool:
+        """Give each request its own input from ``inputs`` once, for :meth:`start_bound` (inference only, as
+        OpenVINO's benchmark_app feeds its requests); False where the runtime takes the input with every call."""
+        return False
+
+    def start_bound(self, done: Done) -> None:
+        """Run the next free request on the input :meth:`bind` gave it; blocks while ``in_flight`` are running."""
+        raise NotImplementedError
+
 
 class ThreadPool(Pool):
     """N worker threads, worker k calling ``calls[k]`` (the same callable for all where the runtime
@@ -290,6 +299,17 @@ class OVPool(Pool):
     def start(self, x: np.ndarray, done: Done) -> None:
         # the request reads x in place (no copy): the userdata keeps it alive until the request is done
         self._queue.start_async({0: x}, (done, x), share_inputs=True)
+
+    def bind(self, inputs: list[np.ndarray]) -> bool:
+        import openvino as ov
+
+        self._bound = [np.ascontiguousarray(inputs[k % len(inputs)]) for k in range(self.in_flight)]
+        for request, x in zip(self._queue, self._bound):
+            request.set_input_tensor(ov.Tensor(x, shared_memory=True))
+        return True
+
+    def start_bound(self, done: Done) -> None:
+        self._queue.start_async(userdata=(done, None))
 
     def wait(self) -> None:
         self._queue.wait_all()

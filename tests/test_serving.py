@@ -116,6 +116,11 @@ def test_a_run_serves_every_engine(served_run):
     md = (out / "report.md").read_text()
     assert "## Serving: from image bytes to class index" in md and "### Dynamic batching" in md
     assert {g["engine"] for g in serving["goals"]} == set(rows)
+    for name, r in rows.items():  # both e2e goals: against inference only, and against what the cores allow
+        kinds = {g["goal"].split(" >= ")[0] for g in serving["goals"] if g["engine"] == name}
+        assert {"end-to-end", "end-to-end (host preprocessing)"} <= kinds, (name, kinds)
+        share = next(g for g in serving["goals"] if g["engine"] == name and "CPU bound" in g["goal"])["value"]
+        assert share == round(r["async"]["fps"] / r["async"]["cpu_bound_fps"], 3)
 
 
 def test_folded_preprocessing_gives_the_host_classes(served_run):
