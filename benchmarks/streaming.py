@@ -308,6 +308,18 @@ def finetune(got: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def kept_evaluation(path: Path, n: int) -> dict[str, Any]:
+    """``--keep-evaluation``: the evaluation runs and the data path's figures of an earlier report of this script."""
+    old = json.loads(path.read_text())
+    if old.get("images") != n or not {"eval-small", "eval-n"} <= set(old.get("runs", {})):
+        raise SystemExit(f"--keep-evaluation {path}: no evaluation runs of {n} images in it")
+    runs = {k: {**old["runs"][k], "report": {"results": old["runs"][k]["results"]}} for k in ("eval-small", "eval-n")}
+    d = old["data_path"]
+    reader = {"workers": d["workers"], "decoded by the workers": d["decoded_by_workers_ips"],
+              "read from the store": d["read_from_store_ips"]}
+    return {"runs": runs, "reader": reader}
+
+
 def row(report: dict[str, Any], name: str) -> dict[str, Any]:
     return next(r for r in report["results"] if r["name"] == name)
 
@@ -363,6 +375,9 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="keep the figures of earlier runs of the same commands "
                     "(benchmarks/work/streaming/state/); run the others")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "streaming")
+    ap.add_argument("--keep-evaluation", type=Path, metavar="REPORT",
+                    help="take the evaluation runs and the data path's figures from an earlier report.json of this "
+                    "script (same --images) instead of running them again; run the training runs")
     ap.add_argument("--note", default="", help="a line for the report (e.g. what else ran on the machine)")
     args = ap.parse_args()
     from compressor.environment import environment
@@ -374,25 +389,30 @@ def main() -> None:
     photos = sizes_of(items[:n])
     print(f"photos: {photos}", flush=True)
     val_n, val_small = min(2000, tn // 5), min(2000, SMALL // 5)
-    folders = {"eval-small": folder(f"eval-{SMALL}", items, CALIBRATION_SPLIT, SMALL),
-               "eval-n": folder(f"eval-{n}", items, CALIBRATION_SPLIT, n)}
+    folders = {} if args.keep_evaluation else {
+        "eval-small": folder(f"eval-{SMALL}", items, CALIBRATION_SPLIT, SMALL),
+        "eval-n": folder(f"eval-{n}", items, CALIBRATION_SPLIT, n)}
     if not args.skip_training:
         folders["train-small"] = folder(f"train-{SMALL}", items, SMALL, SMALL)
         folders["train-n"] = folder(f"train-{tn}", items, tn, SMALL)
 
     runs: dict[str, dict[str, Any]] = {}
     recipes = {"evaluation": evaluation_recipe()}
-    runs["eval-small"] = run(f"eval-{SMALL}", recipes["evaluation"], folders["eval-small"], args.threads,
-                             CALIBRATION_SPLIT, reuse=args.reuse)
-    runs["eval-n"] = run(f"eval-{n}", recipes["evaluation"], folders["eval-n"], args.threads, CALIBRATION_SPLIT,
-                         reuse=args.reuse)
+    kept = kept_evaluation(args.keep_evaluation, n) if args.keep_evaluation else None
+    if kept:
+        runs.update(kept["runs"])
+    else:
+        runs["eval-small"] = run(f"eval-{SMALL}", recipes["evaluation"], folders["eval-small"], args.threads,
+                                 CALIBRATION_SPLIT, reuse=args.reuse)
+        runs["eval-n"] = run(f"eval-{n}", recipes["evaluation"], folders["eval-n"], args.threads, CALIBRATION_SPLIT,
+                             reuse=args.reuse)
     if not args.skip_training:
         recipes["training-small"], recipes["training-n"] = training_recipe(val_small), training_recipe(val_n)
         runs["train-small"] = run(f"train-{SMALL}", recipes["training-small"], folders["train-small"], args.threads,
                                   SMALL, reuse=args.reuse)
         runs["train-n"] = run(f"train-{tn}", recipes["training-n"], folders["train-n"], args.threads, tn,
                               reuse=args.reuse)
-    reader = data_path(folders["eval-n"], min(args.data_path_images, n), args.threads)
+    reader = kept["reader"] if kept else data_path(folders["eval-n"], min(args.data_path_images, n), args.threads)
 
     engine = row(runs["eval-n"]["report"], "openvino-int8")
     source = row(runs["eval-n"]["report"], "source")
