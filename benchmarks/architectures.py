@@ -311,6 +311,32 @@ def failure_of(report: dict[str, Any], engine: str) -> str | None:
     return next((f["reason"] for f in report.get("failures", []) if f["step"].startswith(prefix)), None)
 
 
+INTEGER_KERNELS = ("QLinear", "ConvInteger", "MatMulInteger", "DynamicQuantize", "QGemm", "QAttention")
+LAYOUT_OPS = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Shape", "Gather", "Concat", "Slice",
+              "Identity", "Constant"}
+
+
+def runtime_note(result: dict[str, Any]) -> str | None:
+    """Where an INT8 engine leaves its runtime's fast path, from the runtime's own record (report.json
+    runtime): LiteRT's XNNPACK partitions and the operators left to the built-in kernels; ONNX
+    Runtime's optimized graph: the QuantizeLinear / DequantizeLinear it kept and the float operators
+    between them."""
+    rt = result.get("runtime") or {}
+    if "xnnpack_partitions" in rt:
+        outside = ", ".join(f"{k} x{v}" for k, v in (rt.get("undelegated_ops") or {}).items())
+        return f"XNNPACK: {rt['xnnpack_partitions']} partition(s)" + (f"; built-in kernels: {outside}" if outside else "")
+    kernels = rt.get("kernels")
+    if kernels:
+        qdq = {k: v for k, v in kernels.items() if k in ("QuantizeLinear", "DequantizeLinear")}
+        floats = {k: v for k, v in kernels.items() if k not in qdq and k not in LAYOUT_OPS
+                  and not k.startswith(INTEGER_KERNELS)}
+        integer = sum(v for k, v in kernels.items() if k.startswith(INTEGER_KERNELS))
+        return (f"integer kernels x{integer}; Q/DQ kept: " + (", ".join(f"{k} x{v}" for k, v in qdq.items()) or "none")
+                + ("; float: " + ", ".join(f"{k} x{v}" for k, v in sorted(floats.items(), key=lambda kv: -kv[1]))
+                   if floats else ""))
+    return None
+
+
 def rows_of(result: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per INT8 target (and comparison) of an architecture: SQNR, latency, speedup, or the one
     line that says why not."""
@@ -333,6 +359,7 @@ def rows_of(result: dict[str, Any]) -> list[dict[str, Any]]:
                        int8_p50_ms=_round(r["latency_ms"]["p50"], 3), fp32_p50_ms=_round(f["latency_ms"]["p50"], 3),
                        speedup=_round(f["latency_ms"]["p50"] / r["latency_ms"]["p50"], 2),
                        agreement=r.get("agreement"), explained=engine in explained["engines"],
+                       runtime_note=runtime_note(r), fp32_runtime_note=runtime_note(f),
                        worst_layer=worst(e), **pass_metrics(report, branch))
         elif branch in result["dropped"]:
             row["failure"] = result["dropped"][branch]
@@ -450,6 +477,19 @@ def markdown(payload: dict[str, Any]) -> str:
         lines.append(f"| {labels.get(r['arch'], r['arch'])} | {r['target']} | {_fmt(r['sqnr_db'])} | "
                      f"{_fmt(r['explain_sqnr_db'])} | {_fmt(r['int8_p50_ms'])} | {_fmt(r['fp32_p50_ms'])} | "
                      f"{_fmt(r['speedup'], 'x')} | {kept} | {smooth_quant(r)} | {_fmt(r.get('worst_layer'))} |")
+    slow = [r for r in payload["rows"] if "failure" not in r and r.get("speedup") is not None and r["speedup"] < 1]
+    if slow:
+        lines += ["", "## INT8 slower than the same runtime's FP32: where the graph leaves the fast path", "",
+                  "From each engine's runtime record (report.json `runtime`): LiteRT's XNNPACK partitions and the "
+                  "operators it left to TFLite's built-in kernels (each boundary a hand-over between XNNPACK and the "
+                  "interpreter; the built-in INT8 kernels run on one thread); ONNX Runtime's optimized graph: its "
+                  "integer kernels, the Q/DQ nodes it kept and the float operators between them (each one a "
+                  "dequantize, a float op and a quantize where FP32 runs one fused op).", "",
+                  "| architecture | target | INT8 p50 ms | FP32 p50 ms | INT8 engine | FP32 engine |",
+                  "|---|---|---|---|---|---|"]
+        for r in slow:
+            lines.append(f"| {labels.get(r['arch'], r['arch'])} | {r['target']} | {_fmt(r['int8_p50_ms'])} | "
+                         f"{_fmt(r['fp32_p50_ms'])} | {_fmt(r.get('runtime_note'))} | {_fmt(r.get('fp32_runtime_note'))} |")
     lines += ["", "## Per architecture", "",
               "| architecture | GMACs | run s | whole s | FP32 SQNR dB (OpenVINO / ORT / TFLite) | explained |",
               "|---|---|---|---|---|---|"]
