@@ -332,7 +332,7 @@ class OpenVINOBackend(Backend):
 
         self._ov = ov
         self.core = core()
-        self.device = self.target.config.device
+        self.plugin = self.target.config.device  # the OpenVINO plugin ("CPU")
         self.precision_hint = self.target.config.precision_hint
         self._compiled: dict[tuple[int, str], Any] = {}
 
@@ -351,7 +351,7 @@ class OpenVINOBackend(Backend):
     def compiled(self, batch: int = 1) -> Any:
         key = (batch, "")
         if key not in self._compiled:
-            self._compiled[key] = self.core.compile_model(self._model(batch), self.device, self.compile_config())
+            self._compiled[key] = self.core.compile_model(self._model(batch), self.plugin, self.compile_config())
         return self._compiled[key]
 
     def optimal_requests(self) -> int:
@@ -388,7 +388,7 @@ class OpenVINOBackend(Backend):
         return ppp.build()
 
     def folded_sync(self, prep: Preprocessing, what: str) -> Callable[[np.ndarray], np.ndarray]:
-        compiled = self.core.compile_model(self._folded_model(prep, what), self.device, self.compile_config("LATENCY"))
+        compiled = self.core.compile_model(self._folded_model(prep, what), self.plugin, self.compile_config("LATENCY"))
         request = compiled.create_infer_request()
 
         def run(u8: np.ndarray) -> np.ndarray:
@@ -400,7 +400,7 @@ class OpenVINOBackend(Backend):
     def folded_pool(self, prep: Preprocessing, n: int, what: str) -> Pool:
         key = (1, what)
         if key not in self._compiled:
-            self._compiled[key] = self.core.compile_model(self._folded_model(prep, what), self.device,
+            self._compiled[key] = self.core.compile_model(self._folded_model(prep, what), self.plugin,
                                                           self.compile_config())
         return OVPool(self._compiled[key], n)
 
@@ -419,9 +419,9 @@ class OpenVINOBackend(Backend):
             return {"error": "benchmark_app not found (it ships with the openvino pip package)"}
         with tempfile.TemporaryDirectory(prefix="serving-referee-") as tmp:
             cfg = Path(tmp) / "config.json"
-            cfg.write_text(json.dumps({self.device: {k: str(v) for k, v in self.compile_config().items()}}))
+            cfg.write_text(json.dumps({self.plugin: {k: str(v) for k, v in self.compile_config().items()}}))
             shape = "[" + ",".join(str(d) for d in self.input_shape) + "]"
-            cmd = [exe, "-m", str(self.engine.path), "-d", self.device, "-api", "async", "-load_config", str(cfg),
+            cmd = [exe, "-m", str(self.engine.path), "-d", self.plugin, "-api", "async", "-load_config", str(cfg),
                    "-shape", shape, "-nireq", str(in_flight), "-t", str(int(seconds))]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120 + 2 * seconds)

@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 
 class OpenVINOConfig(TargetConfig):
     device: str = "CPU"
-    """OpenVINO device"""
+    """the OpenVINO plugin the engine is compiled for ("CPU", "GPU"; OpenVINO calls it a device): in code
+    ``plugin``, so as not to be read as the deployment device profile (devices.py) the recipe's ``device:``
+    names, or the torch device training runs on (``torch_device``)"""
     precision_hint: Literal["f32", "bf16", "f16"] = "f32"
     """INFERENCE_PRECISION_HINT for layers that are not quantized"""
     compress_to_fp16: bool = False
@@ -102,7 +104,7 @@ class OpenVINOTarget(Target):
         return {"device": self.config.device, "precision_hint": self.config.precision_hint}
 
     def load(self, engine: Engine, *, threads: int) -> Runner:
-        return OVRunner(engine.path, threads=threads, device=self.config.device, precision_hint=self.config.precision_hint)
+        return OVRunner(engine.path, threads=threads, plugin=self.config.device, precision_hint=self.config.precision_hint)
 
     @classmethod
     def reference_runner(cls, path: Path, *, threads: int) -> Runner:
@@ -117,13 +119,13 @@ class OpenVINOTarget(Target):
 class OVRunner(Runner):
     """Compiles one static-shape model per batch size, with a latency hint and fixed threads."""
 
-    def __init__(self, xml: Path, *, threads: int, device: str = "CPU", precision_hint: str | None = "f32") -> None:
+    def __init__(self, xml: Path, *, threads: int, plugin: str = "CPU", precision_hint: str | None = "f32") -> None:
         """``precision_hint`` None: OpenVINO's own default for the CPU (bf16 where it has AMX/AVX512-BF16)."""
         self.name = "openvino"
         self.core = core()
         self.xml = xml
         self.threads = threads
-        self.device = device
+        self.plugin = plugin
         self.precision_hint = precision_hint
         self._compiled: dict[int, Any] = {}
         self._requests: dict[int, Any] = {}
@@ -140,7 +142,7 @@ class OVRunner(Runner):
         config: dict[str, Any] = {"INFERENCE_NUM_THREADS": self.threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
         if self.precision_hint is not None:
             config["INFERENCE_PRECISION_HINT"] = self.precision_hint
-        compiled = self.core.compile_model(model, self.device, config)
+        compiled = self.core.compile_model(model, self.plugin, config)
         self._compiled[batch] = compiled
         self._requests[batch] = compiled.create_infer_request()
 
@@ -168,7 +170,7 @@ class OVRunner(Runner):
                 precisions[f"{layer}:{rt['runtimePrecision'].astype(str)}"] += 1
         return {
             "runtime": f"openvino {ov.get_version()}",
-            "device": self.device,
+            "device": self.plugin,
             "threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
             "inference_precision": _type_name(compiled.get_property("INFERENCE_PRECISION_HINT")),
             "layer_precisions": dict(precisions.most_common()),
