@@ -313,8 +313,10 @@ def kept_evaluation(path: Path, n: int) -> dict[str, Any]:
     old = json.loads(path.read_text())
     if old.get("images") != n or not {"eval-small", "eval-n"} <= set(old.get("runs", {})):
         raise SystemExit(f"--keep-evaluation {path}: no evaluation runs of {n} images in it")
-    runs = {k: {**old["runs"][k], "report": {"results": old["runs"][k]["results"]}} for k in ("eval-small", "eval-n")}
     d = old["data_path"]
+    runs = {k: {**old["runs"][k], "report": {"results": [
+        {**r, "throughput_batch": d.get("engine_throughput_batch")} if r["name"] == d["engine"] else r
+        for r in old["runs"][k]["results"]]}} for k in ("eval-small", "eval-n")}
     reader = {"workers": d["workers"], "decoded by the workers": d["decoded_by_workers_ips"],
               "read from the store": d["read_from_store_ips"]}
     return {"runs": runs, "reader": reader}
