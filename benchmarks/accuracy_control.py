@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 from compressor.bound import drop_interval  # noqa: E402
 
 MODEL = SHARED / "models" / "mobilenet_v2_cifar10.pt"
-WORK = HERE / "work" / "accuracy_control"
+WORK = HERE / "work" / "accuracy_control_inputs"  # the planted model and the recipe (the run's --out is work/accuracy_control)
 SCALE = 500.0
 CHANNEL = 3
 MAX_DROP = 1.0

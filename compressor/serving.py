@@ -787,7 +787,7 @@ def render_markdown(section: dict[str, Any] | None, *, heading: str = "##") -> l
               "time on one thread (decode and resize by the model's preprocessing, normalize, infer, arg-max). "
               "`async`: N requests in flight, decoding threads filling a bounded queue while the engine runs "
               "(double buffering); best N by end-to-end fps. `inference-only`: the same requests fed with frames "
-              "decoded beforehand. `best e2e`: the best end-to-end fps with host preprocessing or with a step "
+              "decoded beforehand (OpenVINO: given to each request once, as benchmark_app feeds its requests). `best e2e`: the best end-to-end fps with host preprocessing or with a step "
               "folded into the engine. `CPU bound`: what the cores allow when each frame costs its host "
               "preprocessing (one core) plus its share of the engine's inference-only throughput."]
     goals_ = section.get("goals") or []
