@@ -65,7 +65,7 @@ def quantize(artifact: ModelArtifact, x: np.ndarray, config: QuantizePTQConfig, 
             alpha = alphas[0]
         arguments = transformer.nncf_arguments(config, arguments, alpha)
         if budget is None:
-            quantized = built[alpha] if alpha in built else nncf.quantize(model, dataset, ignored_scope=ignored,
+            quantized = built[alpha] if alpha in built else _fenced(nncf.quantize, model, dataset, ignored_scope=ignored,
                                                                            **arguments)
         else:
             quantized, extra["accuracy_budget"] = _within_budget(model, dataset, budget, config, arguments, work_dir)
@@ -78,6 +78,14 @@ def quantize(artifact: ModelArtifact, x: np.ndarray, config: QuantizePTQConfig, 
                **transformer.record(config, alpha, preset=_preset_name(arguments["preset"]),
                                     int8_inputs=transformer.openvino_int8_inputs(quantized)), **extra}
     return PassResult(artifact.derive(Form.OPENVINO, path=path, precision="int8"), metrics)
+
+
+def _fenced(call: Any, *args: Any, **kwargs: Any) -> Any:
+    """An NNCF call, after which this thread's signal stack is the one it had before: NNCF compiles through
+    Cores of its own, and one dropped before another leaves the thread on a stack it unmapped; our code
+    goes on to run DataLoader workers, whose SIGCHLD would then kill the process (:mod:`compressor.ov_core`)."""
+    with kept_signal_stack():
+        return call(*args, **kwargs)
 
 
 def _smooth_quant_choice(model: Any, dataset: Any, x: Any, config: QuantizePTQConfig, arguments: dict[str, Any],
@@ -100,7 +108,7 @@ def _smooth_quant_choice(model: Any, dataset: Any, x: Any, config: QuantizePTQCo
     reference = logits(model)
     built, scores = {}, {}
     for alpha in alphas:
-        built[alpha] = nncf.quantize(model.clone(), dataset, ignored_scope=ignored,
+        built[alpha] = _fenced(nncf.quantize, model.clone(), dataset, ignored_scope=ignored,
                                      **transformer.nncf_arguments(config, arguments, alpha))
         db = sqnr_db(reference, logits(built[alpha]))
         scores[alpha] = float("inf") if db is None else db
@@ -227,7 +235,8 @@ def _accuracy_control(model: Any, dataset: Any, budget: Budget, config: Quantize
     logger.setLevel(logging.INFO)
     logger.addHandler(nncf_log)
     try:
-        quantized = nncf.quantize_with_accuracy_control(
+        quantized = _fenced(
+            nncf.quantize_with_accuracy_control,
             model, dataset, nncf.Dataset(items, lambda item: item[0]), _validation_fn(budget.labels),
             max_drop=max_drop / 100.0,  # NNCF's metric is our top-1 as a fraction
             drop_type=nncf.DropType.ABSOLUTE,
@@ -262,7 +271,7 @@ def _within_budget(model: Any, dataset: Any, budget: Budget, config: QuantizePTQ
     fp32_dir.mkdir(exist_ok=True)
     fp32_xml, direct_xml = fp32_dir / "float.xml", fp32_dir / "direct.xml"
     ov.save_model(model, str(fp32_xml), compress_to_fp16=False)
-    direct = nncf.quantize(model, dataset, ignored_scope=nncf.IgnoredScope(names=config.ignored_nodes, validate=True)
+    direct = _fenced(nncf.quantize, model, dataset, ignored_scope=nncf.IgnoredScope(names=config.ignored_nodes, validate=True)
                            if config.ignored_nodes else None, **arguments)
     ov.save_model(direct, str(direct_xml), compress_to_fp16=False)
     budget.set_reference(_runs(fp32_xml, budget.threads))
@@ -317,7 +326,7 @@ def _within_budget(model: Any, dataset: Any, budget: Budget, config: QuantizePTQ
                 variants[layer] = plain_xml
                 continue
             scope = nncf.IgnoredScope(names=[*config.ignored_nodes, *others], validate=False)
-            variant = nncf.quantize(model, dataset, ignored_scope=scope, advanced_parameters=advanced, **arguments)
+            variant = _fenced(nncf.quantize, model, dataset, ignored_scope=scope, advanced_parameters=advanced, **arguments)
             variants[layer] = plain_dir / f"without-{i}.xml"
             ov.save_model(variant, str(variants[layer]), compress_to_fp16=False)
         final_ms, latencies = accuracy_budget.latency_costs(
@@ -407,7 +416,7 @@ def _keep_float(model: Any, dataset: Any, budget: Budget, config: QuantizePTQCon
         key = tuple(sorted(layers))
         if key not in made:
             scope = nncf.IgnoredScope(names=[*config.ignored_nodes, *layers], validate=True)
-            quantized = nncf.quantize(model, dataset, ignored_scope=scope, **arguments)
+            quantized = _fenced(nncf.quantize, model, dataset, ignored_scope=scope, **arguments)
             made[key] = work / f"keep-{len(made)}.xml"
             ov.save_model(quantized, str(made[key]), compress_to_fp16=False)
         return made[key]
