@@ -128,7 +128,7 @@ def test_max_drop_holds_with_at_most_two_layers_in_float(backend, planted, digit
 
 
 def test_openvino_keep_float_loop_meets_the_budget_like_the_onnx_backends(planted, digits, test_split, tmp_path):
-    """``accuracy_control: keep_float``: OpenVINO through the loop the ONNX backends run (ranked by output
+    """``accuracy_control: keep_float`` (the default): OpenVINO through the loop the ONNX backends run (ranked by output
     NMSE with a layer's quantizers bypassed, nncf.quantize with the kept layers ignored): the planted
     outlier's layer, the second conv, is ranked first and kept, and the budget holds."""
     res = quantize("openvino", planted["single"], digits, tmp_path, max_drop=BUDGET, accuracy_control="keep_float")
@@ -143,6 +143,16 @@ def test_openvino_keep_float_loop_meets_the_budget_like_the_onnx_backends(plante
     assert not (tmp_path / "openvino" / "plain").exists()  # its tries are not left in the pass's directory
     x, labels = test_split
     assert fp32_top1(planted["single"], x, labels) - top1(res.artifact, x, labels) < 3
+
+
+def test_openvino_nncf_accuracy_control_meets_the_budget(planted, digits, tmp_path):
+    """``accuracy_control: nncf``: NNCF's quantize_with_accuracy_control, judged by the same bound."""
+    res = quantize("openvino", planted["single"], digits, tmp_path, max_drop=BUDGET, accuracy_control="nncf",
+                   kept_layer_latency=False)
+    budget = res.metrics["accuracy_budget"]
+    assert budget["met"] is True and budget["method"] == "nncf quantize_with_accuracy_control", budget
+    assert budget["drop_plain"] > 50 and budget["drop"] <= budget["drop_bound"] <= BUDGET
+    assert budget["kept_in_float"] and {k["op_type"] for k in budget["kept_layers"]} == {"Convolution"}
 
 
 def test_accuracy_control_is_for_openvino_only():

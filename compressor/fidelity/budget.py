@@ -10,8 +10,10 @@ validate, stop when met.
 * ONNX (onnxruntime, tensorrt): :func:`compressor.passes._ptq.accuracy_budget.search_onnx`,
   sensitivity = the output NMSE left with one node in float, rebuilt by the backend's quantizer with
   ``nodes_to_exclude``;
-* openvino: NNCF's ``quantize_with_accuracy_control`` (its own ranking and loop, in
-  :mod:`compressor.passes._ptq.openvino_nncf`), given the same :class:`Budget` and metrics block.
+* openvino: the same loop (:mod:`compressor.passes._ptq.openvino_nncf`), sensitivity = the output NMSE
+  left with one layer's FakeQuantize nodes bypassed, rebuilt by ``nncf.quantize`` with the kept layers in
+  its ignored scope; or, with ``accuracy_control: nncf``, NNCF's ``quantize_with_accuracy_control`` (its
+  own ranking and loop), given the same :class:`Budget` and metrics block.
 """
 
 from __future__ import annotations

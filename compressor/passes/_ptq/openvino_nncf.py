@@ -1,6 +1,8 @@
 """quantize_ptq backend openvino: NNCF ``nncf.quantize`` on an OpenVINO model (converted from torch
 or ONNX), producing an IR with FakeQuantize nodes that the CPU plugin runs as INT8 (VNNI/AMX).
-Under an accuracy budget, ``nncf.quantize_with_accuracy_control`` instead, on the validation images."""
+Under an accuracy budget, the keep-float loop every backend runs (``nncf.quantize`` again with the most
+sensitive layers in the ignored scope), or, with ``accuracy_control: nncf``, NNCF's
+``quantize_with_accuracy_control``, on the validation images."""
 
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ log = logging.getLogger(__name__)
 
 def quantize(artifact: ModelArtifact, x: np.ndarray, config: QuantizePTQConfig, work_dir: Path,
              step: str, budget: Budget | None = None) -> PassResult:
-    """``nncf.quantize``; with ``budget``, ``nncf.quantize_with_accuracy_control`` on the validation
-    images (NNCF reverts the most sensitive layers to float until the drop holds)."""
+    """``nncf.quantize``; with ``budget``, plain INT8 first, then (where it misses) the most sensitive layers
+    kept in float until the drop holds on the validation images (``config.accuracy_control``)."""
     import nncf
     import openvino as ov
     from nncf.quantization.advanced_parameters import QuantizationParameters
