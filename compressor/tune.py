@@ -118,7 +118,7 @@ def search_space(device: Device, input_form: str, max_drop: float,
                                      [{"quantize_ptq": {"backend": "openvino", "preset": preset, "calibration": method}}],
                                      ov))
             out.append(Candidate("ov_int8_budget", t, "int8",
-                                 f"NNCF INT8 with accuracy control (max_drop {max_drop} on validation images)",
+                                 f"NNCF INT8, sensitive layers kept in float (max_drop {max_drop} on validation images)",
                                  [{"quantize_ptq": {"backend": "openvino", "max_drop": max_drop}}], ov))
             if device.native_bf16:
                 out.append(Candidate("ov_int8_bf16", t, "int8", "NNCF INT8, float layers in bf16",
