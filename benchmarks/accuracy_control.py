@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 from compressor.bound import drop_interval  # noqa: E402
 
 MODEL = SHARED / "models" / "mobilenet_v2_cifar10.pt"
-WORK = HERE / "work" / "accuracy_control_inputs"  # the planted model and the recipe (the run's --out is work/accuracy_control)
+WORK = HERE / "work" / "accuracy_control_inputs"  # the planted model and recipe (the run: work/accuracy_control)
 SCALE = 500.0
 CHANNEL = 3
 MAX_DROP = 1.0
@@ -168,10 +168,12 @@ def markdown(f: dict) -> str:
         kept = ", ".join(f"{k['node']} ({_ms(k['latency_cost_ms'])})" for k in r["kept"]) or "none"
         bound = "-" if r["validation_drop_bound"] is None else f"{r['validation_drop_bound']:.2f}"
         lines.append(f"| {r['label']} | {'yes' if r['met'] else '**no**'} | {r['validation_drop_plain']:.2f} → "
-                     f"{r['validation_drop']:.2f} ({bound}; {r['validation_images']:,} images) | {_iv(r['test_plain'])} → "
+                     f"{r['validation_drop']:.2f} ({bound}; {r['validation_images']:,} images) | "
+                     f"{_iv(r['test_plain'])} → "
                      f"{_iv(r['test'])} | {kept} | {r['models_validated']} | {r['p50_plain_ms']:.3f} → "
                      f"{r['p50_ms']:.3f} | {r['pass_seconds']} |")
-    lines += ["", f"Command: `{f['command']}` (the model and recipe are written by `python benchmarks/accuracy_control.py`)."]
+    lines += ["", f"Command: `{f['command']}` (the model and recipe are written by "
+              "`python benchmarks/accuracy_control.py`)."]
     return "\n".join(lines) + "\n"
 
 

@@ -324,7 +324,8 @@ def runtime_note(result: dict[str, Any]) -> str | None:
     rt = result.get("runtime") or {}
     if "xnnpack_partitions" in rt:
         outside = ", ".join(f"{k} x{v}" for k, v in (rt.get("undelegated_ops") or {}).items())
-        return f"XNNPACK: {rt['xnnpack_partitions']} partition(s)" + (f"; built-in kernels: {outside}" if outside else "")
+        return f"XNNPACK: {rt['xnnpack_partitions']} partition(s)" + (f"; built-in kernels: {outside}"
+                                                                        if outside else "")
     kernels = rt.get("kernels")
     if kernels:
         qdq = {k: v for k, v in kernels.items() if k in ("QuantizeLinear", "DequantizeLinear")}

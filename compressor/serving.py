@@ -690,8 +690,9 @@ def goals(section: dict[str, Any]) -> list[dict[str, Any]]:
                            if ceiling is not None and ceiling < GOAL_E2E_SHARE else {})})
         if a.get("e2e_share_of_cpu_bound") is not None:
             share = a["e2e_share_of_cpu_bound"]
-            out.append({"engine": r["engine"], "goal": f"end-to-end (host preprocessing) >= {GOAL_E2E_SHARE}x what "
-                        "the cores allow (CPU bound)", "value": round(share, 3), "passed": bool(share >= GOAL_E2E_SHARE)})
+            out.append({"engine": r["engine"],
+                        "goal": f"end-to-end (host preprocessing) >= {GOAL_E2E_SHARE}x what the cores allow (CPU bound)",
+                        "value": round(share, 3), "passed": bool(share >= GOAL_E2E_SHARE)})
         ref = r.get("referee") or {}
         if "ratio" in ref:
             out.append({"engine": r["engine"], "goal": f"async inference-only within {GOAL_REFEREE:.0%} of benchmark_app",
@@ -787,7 +788,8 @@ def render_markdown(section: dict[str, Any] | None, *, heading: str = "##") -> l
               "time on one thread (decode and resize by the model's preprocessing, normalize, infer, arg-max). "
               "`async`: N requests in flight, decoding threads filling a bounded queue while the engine runs "
               "(double buffering); best N by end-to-end fps. `inference-only`: the same requests fed with frames "
-              "decoded beforehand (OpenVINO: given to each request once, as benchmark_app feeds its requests). `best e2e`: the best end-to-end fps with host preprocessing or with a step "
+              "decoded beforehand (OpenVINO: given to each request once, as benchmark_app feeds its requests). "
+              "`best e2e`: the best end-to-end fps with host preprocessing or with a step "
               "folded into the engine. `CPU bound`: what the cores allow when each frame costs its host "
               "preprocessing (one core) plus its share of the engine's inference-only throughput."]
     goals_ = section.get("goals") or []
